@@ -1,0 +1,3 @@
+from deploycraft.cli import entrypoint
+
+entrypoint()

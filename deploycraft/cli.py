@@ -1,0 +1,170 @@
+"""Command line: parse, load the recipe, call the pipeline, print a summary. Nothing else lives here.
+
+Exit codes: 0 success, 1 a verification gate or an internal check failed, 2 bad input (one line on
+stderr naming the field and the fix, never a traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List
+
+import typer
+
+from deploycraft import __version__
+from deploycraft.errors import GateFailure, UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="deploycraft: skip-connection CNNs from a trained model to a verified INT8 artifact.",
+)
+
+SetOption = typer.Option(None, "--set", "-s", help="Override a recipe field: path=value (e.g. stages.train.epochs=3).")
+
+
+def _fail(exc: UserError) -> None:
+    typer.echo(f"error: {exc.one_line()}", err=True)
+    raise typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"deploycraft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """deploycraft: train or load -> quantize -> export -> verify, driven by one YAML recipe."""
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/resnet50_int8.yaml."),
+    set_: List[str] | None = SetOption,
+    output_dir: Path | None = typer.Option(
+        None, "--output-dir", "-o", help="Run folder (default artifacts/<name>/<run id>/)."
+    ),
+) -> None:
+    """Run every stage of RECIPE; a re-run resumes from the last completed stage."""
+    from deploycraft.pipeline import Pipeline
+    from deploycraft.recipe import load_recipe
+
+    try:
+        r = load_recipe(recipe, set_ or [])
+        pipeline = Pipeline(r, output_dir, source=str(recipe))
+        pipeline.execute()
+    except UserError as exc:
+        _fail(exc)
+    except GateFailure as exc:
+        typer.echo(f"verification failed: {exc}", err=True)
+        _summary(pipeline.run.root)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: run the same command again to resume from the last completed stage", err=True)
+        raise typer.Exit(130) from None
+    _summary(pipeline.run.root)
+
+
+def _summary(run_dir: Path) -> None:
+    report = run_dir / "report.md"
+    if report.is_file():
+        typer.echo(report.read_text())
+    typer.echo(f"run folder: {run_dir}")
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(..., help="Recipe YAML."), set_: List[str] | None = SetOption) -> None:
+    """Check a recipe without running it."""
+    from deploycraft.recipe import load_recipe
+
+    try:
+        r = load_recipe(recipe, set_ or [])
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(f"{recipe}: valid ({r.name}: {' -> '.join(s.type for s in r.stages if s.enabled)})")
+
+
+@app.command()
+def schema(output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file.")) -> None:
+    """Print the recipe's JSON Schema (every field, its type, default and description)."""
+    from deploycraft.recipe import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if output:
+        output.write_text(text + "\n")
+    else:
+        typer.echo(text)
+
+
+@app.command()
+def models(
+    family: str | None = typer.Option(None, help="Only this family (resnet, preact, densenet, ...)."),
+    size: int | None = typer.Option(None, help="Input resolution for MACs (default: 224 ImageNet, 32 CIFAR)."),
+) -> None:
+    """List the registered architectures with parameters and MACs."""
+    from deploycraft.models.profile import count_macs, count_params
+    from deploycraft.models.registry import create_model, list_models, model_info
+
+    typer.echo(f"{'model':<24}{'family':<12}{'input':<8}{'params (1000 cls)':>18}{'MACs':>12}")
+    for name in list_models(family):
+        info = model_info(name)
+        res = size or (32 if info.input_style == "cifar" else 224)
+        classes = 10 if info.input_style == "cifar" else 1000
+        m = create_model(name, num_classes=classes)
+        typer.echo(
+            f"{name:<24}{info.family:<12}{res:<8}{count_params(m) / 1e6:>15.2f} M"
+            f"{count_macs(m, (3, res, res)) / 1e9:>10.3f} G"
+        )
+
+
+@app.command()
+def inspect(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Print what a run folder holds: stages, model widths, MACs and params, deployables."""
+    from deploycraft.inspect import describe
+
+    try:
+        typer.echo(describe(run_dir))
+    except UserError as exc:
+        _fail(exc)
+
+
+@app.command()
+def bench(
+    models_: List[Path] = typer.Argument(..., metavar="MODEL.onnx...", help="ONNX files to compare."),
+    batch: List[int] = typer.Option([1], "--batch", "-b", help="Batch sizes."),
+    threads: int | None = typer.Option(None, help="Intra-op threads (default: physical cores)."),
+    repeats: int = typer.Option(100, help="Timed runs per model and batch size."),
+    warmup: int = typer.Option(10, help="Untimed runs first."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
+) -> None:
+    """Time ONNX models side by side on ONNX Runtime (interleaved; ratios are within one run)."""
+    from deploycraft.benchmarking import bench_onnx
+
+    try:
+        text, results = bench_onnx(models_, batch, threads, repeats, warmup)
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(text)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def entrypoint() -> None:
+    try:
+        app()
+    except UserError as exc:  # pragma: no cover - commands catch their own
+        typer.echo(f"error: {exc.one_line()}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    entrypoint()

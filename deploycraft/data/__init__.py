@@ -1,0 +1,198 @@
+"""Datasets behind one small interface: seeded training epochs, held-out batches, calibration images.
+
+Sources hand out uint8 NCHW images at their native size and channel count; `prepare_batch` turns
+them into the model's input. In-memory sources (Fashion-MNIST, synthetic) are sliced directly;
+ImageFolder sources decode lazily through a DataLoader.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from deploycraft.data import fashion_mnist
+from deploycraft.data.transforms import Augment, input_spec, prepare_batch
+from deploycraft.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_CALIBRATION = REPO_ROOT / "calibration" / "fashion-mnist-train-512.npz"
+
+
+@dataclass
+class TensorSource:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[idx], self.labels[idx]
+
+
+def _batches(
+    source, order: torch.Tensor, batch_size: int, num_workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(source, TensorSource):
+        for i in range(0, len(order), batch_size):
+            yield source.get(order[i : i + batch_size])
+        return
+    loader = DataLoader(Subset(source, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    yield from loader
+
+
+def synthetic_source(n: int, seed: int, size: int = 32, num_classes: int = 10) -> TensorSource:
+    """Learnable stand-in data: each class is a fixed random colour pattern plus per-image noise."""
+    gen = torch.Generator().manual_seed(seed)
+    protos = torch.randint(0, 256, (num_classes, 3, 4, 4), generator=gen).float()
+    protos = torch.nn.functional.interpolate(protos, size=(size, size), mode="nearest")
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=gen)]
+    noise = torch.randn(n, 3, size, size, generator=gen) * 40
+    images = (protos[labels] + noise).clamp(0, 255).to(torch.uint8)
+    return TensorSource(images, labels)
+
+
+def class_balanced_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n indices spread as evenly as possible over the classes, chosen with a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels).tolist()
+    base, extra = divmod(n, len(classes))
+    picked = []
+    for k, c in enumerate(classes):
+        members = torch.nonzero(labels == c).flatten()
+        take = min(len(members), base + (1 if k < extra else 0))
+        picked.append(members[torch.randperm(len(members), generator=gen)[:take]])
+    return torch.sort(torch.cat(picked)).values
+
+
+class DataModule:
+    def __init__(self, cfg, seed: int = 0):
+        self.cfg = cfg
+        self.seed = seed
+        self.name = cfg.dataset
+        if cfg.dataset == "fashion-mnist":
+            folder = fashion_mnist.locate(cfg.root, cfg.download)
+            self.location = str(folder)
+            self.train = TensorSource(*fashion_mnist.load_split(folder, "train"))
+            self.val = TensorSource(*fashion_mnist.load_split(folder, "test"))
+            self.class_names = list(fashion_mnist.CLASSES)
+            self.val_name = "test (10,000 images)"
+        elif cfg.dataset == "synthetic":
+            self.location = "generated"
+            self.train = synthetic_source(cfg.train_subset or 512, seed)
+            self.val = synthetic_source(cfg.val_subset or 256, seed + 1)
+            self.class_names = [f"class{i}" for i in range(10)]
+            self.val_name = "generated"
+        else:
+            from deploycraft.data.imagefolder import ImageFolderSource
+
+            root = Path(cfg.root)
+            self.location = str(root)
+            train_dir = root / cfg.train_split
+            self.train = (
+                ImageFolderSource(train_dir, cfg.image_size, cfg.crop_pct, field="data.train_split")
+                if train_dir.is_dir()
+                else None
+            )
+            classes = self.train.classes if self.train is not None else None
+            self.val = ImageFolderSource(
+                root / cfg.val_split, cfg.image_size, cfg.crop_pct, classes=classes, field="data.val_split"
+            )
+            self.class_names = self.val.classes
+            self.val_name = f"{cfg.val_split} ({len(self.val)} images)"
+
+        self.spec = input_spec(cfg)
+        self.num_classes = len(self.class_names)
+        gen = torch.Generator().manual_seed(seed)
+        self.train_index = None
+        if self.train is not None:
+            self.train_index = torch.arange(len(self.train))
+            if cfg.train_subset and cfg.dataset != "synthetic" and cfg.train_subset < len(self.train):
+                self.train_index = torch.sort(torch.randperm(len(self.train), generator=gen)[: cfg.train_subset]).values
+        self.val_index = torch.arange(len(self.val))
+        if cfg.val_subset and cfg.dataset != "synthetic" and cfg.val_subset < len(self.val):
+            self.val_index = torch.sort(torch.randperm(len(self.val), generator=gen)[: cfg.val_subset]).values
+            self.val_name = f"seeded subset of {cfg.val_subset} held-out images"
+
+    # --- training ------------------------------------------------------------------------------
+    @property
+    def num_train(self) -> int:
+        return 0 if self.train_index is None else len(self.train_index)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(self.num_train / batch_size)
+
+    def train_epoch(
+        self, batch_size: int, epoch: int, augment: Augment | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled, augmented batches of one epoch; the same (seed, epoch) gives the same batches."""
+        if self.train is None:
+            raise UserError(
+                f"{self.location} has no training split",
+                field="data.train_split",
+                fix="point data.train_split at the training images, or disable the train stage",
+            )
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = self.train_index[torch.randperm(len(self.train_index), generator=gen)]
+        for images, labels in _batches(self.train, order, batch_size, self.cfg.num_workers):
+            yield prepare_batch(images, self.spec, augment, gen), labels
+
+    # --- evaluation -----------------------------------------------------------------------------
+    @property
+    def num_val(self) -> int:
+        return len(self.val_index)
+
+    def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in _batches(self.val, self.val_index, batch_size, self.cfg.num_workers):
+            yield prepare_batch(images, self.spec), labels
+
+    def sample_input(self, batch_size: int = 2) -> torch.Tensor:
+        images, _ = next(_batches(self.val, self.val_index[:batch_size], batch_size))
+        return prepare_batch(images, self.spec)
+
+    # --- calibration ----------------------------------------------------------------------------
+    def calibration_images(self, n: int) -> tuple[torch.Tensor, str]:
+        """Up to n uint8 calibration images from outside the held-out split, and where they came from."""
+        if self.cfg.calibration is not None:
+            images, _ = load_calibration_file(Path(self.cfg.calibration))
+            return images[:n], f"{self.cfg.calibration} (first {min(n, len(images))})"
+        if self.name == "fashion-mnist" and SHIPPED_CALIBRATION.is_file() and n <= 512:
+            images, _ = load_calibration_file(SHIPPED_CALIBRATION)
+            return images[:n], f"calibration/{SHIPPED_CALIBRATION.name} (first {min(n, len(images))})"
+        source, idx, what = self.train, self.train_index, "training split"
+        if source is None:
+            source, idx, what = self.val, self.val_index, "held-out split (no training split: overlaps evaluation)"
+        labels = source.labels[idx]
+        pick = idx[class_balanced_indices(labels, min(n, len(idx)), self.seed)]
+        images = torch.cat([b for b, _ in _batches(source, pick, 256, self.cfg.num_workers)])
+        return images, f"class-balanced seeded sample of {len(pick)} images from the {what}"
+
+
+def load_calibration_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise UserError(
+            f"cannot read calibration file {path}: {exc}",
+            field="data.calibration",
+            fix="give an .npz with uint8 `images` (N,C,H,W) and `labels` (N,)",
+        ) from None
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise UserError(
+            f"{path}: `images` must be uint8 with shape (N, C, H, W), got {images.dtype} {images.shape}",
+            field="data.calibration",
+            fix="save the images as uint8 NCHW",
+        )
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def build_data(cfg, seed: int = 0) -> DataModule:
+    return DataModule(cfg, seed)

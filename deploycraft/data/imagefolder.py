@@ -1,0 +1,89 @@
+"""ImageFolder datasets (the ImageNet layout): ``root/<split>/<class>/<image>``.
+
+Images are decoded lazily with Pillow, resized so the shorter side is ``image_size / crop_pct`` and
+center-cropped to ``image_size`` (the standard ImageNet evaluation transform), and handed on as
+uint8 RGB tensors; channel conversion and normalization happen per batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from deploycraft.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
+
+
+def find_classes(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+class ImageFolderSource(Dataset):
+    def __init__(
+        self,
+        folder: Path,
+        image_size: int,
+        crop_pct: float = 0.875,
+        classes: list[str] | None = None,
+        field: str = "data.root",
+    ):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(
+                f"folder {folder} does not exist",
+                field=field,
+                fix="point it at an ImageFolder split: <split>/<class>/<image files>",
+            )
+        self.classes = classes if classes is not None else find_classes(folder)
+        if not self.classes:
+            raise UserError(
+                f"{folder} has no class sub-folders",
+                field=field,
+                fix="lay the images out as <split>/<class name>/<image files>",
+            )
+        samples: list[tuple[Path, int]] = []
+        for idx, name in enumerate(self.classes):
+            cdir = folder / name
+            if not cdir.is_dir():
+                continue  # a split may lack a class; the label index still follows the training split
+            files = sorted(p for p in cdir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            samples += [(p, idx) for p in files]
+        if not samples:
+            raise UserError(
+                f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})",
+                field=field,
+                fix="add images under <split>/<class name>/",
+            )
+        self.folder = folder
+        self.samples = samples
+        self.labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+        self.image_size = image_size
+        self.resize_to = int(round(image_size / crop_pct))
+        self.channels = 3
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image, UnidentifiedImageError
+
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                scale = self.resize_to / min(w, h)
+                im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+                w, h = im.size
+                left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
+                im = im.crop((left, top, left + self.image_size, top + self.image_size))
+                arr = np.asarray(im, dtype=np.uint8).copy()
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(
+                f"cannot decode image {path}: {exc}", field="data.root", fix="remove or replace the broken file"
+            ) from exc
+        return torch.from_numpy(arr).permute(2, 0, 1), label

@@ -1,0 +1,118 @@
+"""Batch-level input transforms: any dataset to any model input.
+
+Images travel as uint8 NCHW batches at their native channel count. `prepare_batch` resizes them to
+the model's resolution, applies the training augmentation (random crop with padding, horizontal
+flip), converts channels (grey replicated to RGB, RGB to luminance) and normalizes. Working on
+whole batches with an explicit generator keeps augmentation fast on CPU and exactly reproducible,
+which resuming a killed training run relies on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+# ITU-R BT.601 luma weights, as PIL's convert("L") uses.
+_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the deployed model expects; recorded in the manifest so users can feed it correctly."""
+
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layout"] = "NCHW"
+        d["dtype"] = "float32"
+        d["pixel_scale"] = "pixels / 255, then (x - mean) / std per channel"
+        return d
+
+
+@dataclass(frozen=True)
+class Augment:
+    crop_padding: int = 4
+    hflip: bool = True
+
+
+def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    c = x.shape[1]
+    if c == channels:
+        return x
+    if c == 1:
+        return x.expand(-1, channels, -1, -1).contiguous()
+    if c == 3 and channels == 1:
+        return (x * _LUMA.to(x.dtype)).sum(1, keepdim=True)
+    raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-2:] == (size, size):
+        return x
+    downsampling = x.shape[-1] > size or x.shape[-2] > size
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=downsampling)
+
+
+def random_crop_flip(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
+    n, _, h, w = x.shape
+    p = aug.crop_padding
+    if p > 0:
+        padded = F.pad(x, (p, p, p, p))  # zero padding: the background of the image after scaling
+        offs = torch.randint(0, 2 * p + 1, (n, 2), generator=gen)
+        x = torch.stack([padded[i, :, oy : oy + h, ox : ox + w] for i, (oy, ox) in enumerate(offs.tolist())])
+    if aug.hflip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+    return x
+
+
+def prepare_batch(
+    images: torch.Tensor,
+    spec: InputSpec,
+    augment: Augment | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """uint8 NCHW (any size, 1 or 3 channels) -> normalized float32 NCHW at ``spec``."""
+    x = images.float().div_(255.0)
+    x = resize(x, spec.image_size)
+    if augment is not None:
+        if generator is None:
+            raise ValueError("augmentation needs an explicit generator for reproducibility")
+        x = random_crop_flip(x, augment, generator)
+    x = convert_channels(x, spec.channels)
+    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+# Normalization statistics of each dataset (pixels in [0, 1]); ImageFolder data uses ImageNet's.
+NATIVE_STATS = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),  # of the 60,000 training images
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+
+def _fit_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    if len(values) == channels:
+        return tuple(values)
+    if len(values) == 1:
+        return tuple(values) * channels
+    return (sum(values) / len(values),) * channels
+
+
+def input_spec(cfg) -> InputSpec:
+    """The model input a data config produces: size, channels and normalization."""
+    mean, std = NATIVE_STATS[cfg.dataset]
+    return InputSpec(
+        image_size=cfg.image_size,
+        channels=cfg.channels,
+        mean=tuple(cfg.mean) if cfg.mean else _fit_channels(mean, cfg.channels),
+        std=tuple(cfg.std) if cfg.std else _fit_channels(std, cfg.channels),
+    )

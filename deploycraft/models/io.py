@@ -1,0 +1,226 @@
+"""Saving and rebuilding models without pickled modules.
+
+A saved model is ``spec.json`` (architecture name, constructor arguments, and the shapes of any
+layer whose width differs from the architecture's default, as after pruning) plus ``weights.pt``
+(a plain state dict). Rebuilding creates the registered architecture, resizes the recorded layers
+and loads the state dict with ``torch.load(weights_only=True)``: no code from a file is executed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from deploycraft.artifacts import atomic_path, read_json, write_json
+from deploycraft.errors import UserError
+from deploycraft.models.layers import PadShortcut
+from deploycraft.models.registry import create_model
+
+SPEC_FORMAT = "deploycraft.model/1"
+
+
+def layer_shape(m: nn.Module) -> dict[str, Any] | None:
+    """The constructor arguments that define a layer's width, for the layer types pruning changes."""
+    if isinstance(m, nn.Conv2d):
+        return {
+            "type": "Conv2d",
+            "in_channels": m.in_channels,
+            "out_channels": m.out_channels,
+            "kernel_size": list(m.kernel_size),
+            "stride": list(m.stride),
+            "padding": list(m.padding),
+            "dilation": list(m.dilation),
+            "groups": m.groups,
+            "bias": m.bias is not None,
+        }
+    if isinstance(m, nn.BatchNorm2d):
+        return {"type": "BatchNorm2d", "num_features": m.num_features, "eps": m.eps, "momentum": m.momentum}
+    if isinstance(m, nn.Linear):
+        return {
+            "type": "Linear",
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+        }
+    if isinstance(m, PadShortcut):
+        return {"type": "PadShortcut", "in_channels": m.in_channels, "out_channels": m.out_channels, "stride": m.stride}
+    return None
+
+
+def build_layer(shape: dict[str, Any]) -> nn.Module:
+    kind = shape["type"]
+    args = {k: v for k, v in shape.items() if k != "type"}
+    if kind == "Conv2d":
+        return nn.Conv2d(**args)
+    if kind == "BatchNorm2d":
+        return nn.BatchNorm2d(**args)
+    if kind == "Linear":
+        return nn.Linear(**args)
+    if kind == "PadShortcut":
+        return PadShortcut(**args)
+    raise ValueError(f"unknown layer type {kind!r} in model spec")
+
+
+def width_diff(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, Any]]:
+    """Layers of ``model`` whose shape differs from ``reference`` (the unpruned architecture)."""
+    ref = dict(reference.named_modules())
+    diff = {}
+    for name, m in model.named_modules():
+        shape = layer_shape(m)
+        if shape is None:
+            continue
+        ref_shape = layer_shape(ref[name]) if name in ref else None
+        if shape != ref_shape:
+            diff[name] = shape
+    return diff
+
+
+def apply_widths(model: nn.Module, widths: dict[str, dict[str, Any]]) -> nn.Module:
+    for name, shape in widths.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, build_layer(shape))
+    _sync_attributes(model)
+    return model
+
+
+def _sync_attributes(model: nn.Module) -> None:
+    """Keep derived attributes (num_features of the classifier input) in step with resized layers."""
+    fc = getattr(model, "fc", None)
+    if isinstance(fc, nn.Linear) and hasattr(model, "num_features"):
+        model.num_features = fc.in_features
+
+
+def make_spec(arch: str, kwargs: dict[str, Any], widths: dict | None = None, extra: dict | None = None) -> dict:
+    return {"format": SPEC_FORMAT, "arch": arch, "kwargs": kwargs, "widths": widths or {}, **(extra or {})}
+
+
+def build_from_spec(spec: dict) -> nn.Module:
+    if spec.get("format") != SPEC_FORMAT:
+        raise ValueError(f"not a deploycraft model spec: format {spec.get('format')!r}")
+    model = create_model(spec["arch"], **spec["kwargs"])
+    if spec.get("widths"):
+        apply_widths(model, spec["widths"])
+    return model
+
+
+def save_model(model: nn.Module, folder: Path, arch: str, kwargs: dict[str, Any], extra: dict | None = None) -> Path:
+    """Write spec.json and weights.pt into ``folder``; the widths are diffed against a fresh build."""
+    folder.mkdir(parents=True, exist_ok=True)
+    reference = create_model(arch, **kwargs)
+    spec = make_spec(arch, kwargs, width_diff(model, reference), extra)
+    with atomic_path(folder / "weights.pt") as tmp:
+        torch.save(model.state_dict(), tmp)
+    write_json(folder / "spec.json", spec)
+    return folder
+
+
+def load_model(folder: Path) -> nn.Module:
+    spec = read_json(Path(folder) / "spec.json")
+    model = build_from_spec(spec)
+    state = torch.load(Path(folder) / "weights.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def read_spec(folder: Path) -> dict:
+    return read_json(Path(folder) / "spec.json")
+
+
+# --------------------------------------------------------------------------------------------
+# user checkpoints (torchvision format, or a deploycraft weights file)
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "model_state_dict", "weights"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(
+            "the checkpoint holds no state dict of tensors",
+            field="model.weights",
+            fix="save it with torch.save(model.state_dict(), path)",
+        )
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _adapt_first_conv(state: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Sum RGB filters to one grey channel, or spread a grey filter over RGB (timm's adapt_input_conv)."""
+    for name, p in model.state_dict().items():
+        w = state.get(name)
+        if w is None or w.ndim != 4 or p.ndim != 4 or w.shape == p.shape:
+            continue
+        if w.shape[0] == p.shape[0] and w.shape[2:] == p.shape[2:] and w.shape[1] != p.shape[1]:
+            if p.shape[1] == 1:
+                state[name] = w.sum(1, keepdim=True)
+            elif w.shape[1] == 1:
+                state[name] = w.repeat(1, p.shape[1], 1, 1) / p.shape[1]
+        break  # only the first conv's input channels can legitimately differ
+
+
+def load_checkpoint(model: nn.Module, path: Path, strict: bool = True, reset_classifier: bool = False) -> nn.Module:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad user file
+        raise UserError(
+            f"cannot load checkpoint {path} with weights_only=True ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0][:200]})",
+            field="model.weights",
+            fix="save a plain state dict: torch.save(model.state_dict(), path)",
+        ) from None
+    if isinstance(obj, dict) and obj.get("format") == SPEC_FORMAT and "spec" in obj:
+        widths = obj["spec"].get("widths") or {}
+        if widths:
+            apply_widths(model, copy.deepcopy(widths))
+    state = _unwrap(obj)
+    _adapt_first_conv(state, model)
+    own = model.state_dict()
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_keys: set[str] = set()
+    if head is not None:
+        head_prefix = next((n for n, m in model.named_modules() if m is head), "")
+        head_keys = {k for k in own if k.startswith(head_prefix + ".")}
+    if reset_classifier:
+        state = {k: v for k, v in state.items() if k not in head_keys}
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        k = mismatched[0]
+        if k in head_keys:
+            raise UserError(
+                f"the checkpoint's classifier {k} has shape {tuple(state[k].shape)} but the model's "
+                f"is {tuple(own[k].shape)}",
+                field="model.num_classes",
+                fix="set model.num_classes to the checkpoint's class count, or model.reset_classifier=true",
+            )
+        raise UserError(
+            f"checkpoint {path} does not fit the model: {k} is {tuple(state[k].shape)}, the model has "
+            f"{tuple(own[k].shape)}",
+            field="model.arch",
+            fix="choose the architecture the checkpoint was trained with",
+        )
+    missing = [k for k in own if k not in state and not (reset_classifier and k in head_keys)]
+    unexpected = [k for k in state if k not in own]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(
+                f"{len(missing)} missing key(s) ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+            )
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} unexpected key(s) ({', '.join(unexpected[:3])}"
+                f"{', ...' if len(unexpected) > 3 else ''})"
+            )
+        raise UserError(
+            f"checkpoint {path} does not match {type(model).__name__}: {'; '.join(parts)}",
+            field="model.weights",
+            fix="check model.arch, or set model.strict=false to load what matches",
+        )
+    model.load_state_dict(state, strict=False)
+    return model

@@ -1,0 +1,293 @@
+"""ResNet and the variants that share its post-activation block (He et al. 2016).
+
+One `ResNet` class builds ResNet-18..152 (ImageNet layout), the CIFAR ResNets (6n+2 layers),
+ResNeXt (grouped 3x3, Xie et al. 2017), Wide ResNet-50-2 (wider bottleneck, Zagoruyko &
+Komodakis 2016), SE-ResNet/SE-ResNeXt (Hu et al. 2018) and stochastic depth (Huang et al. 2016):
+the variants are constructor arguments. State-dict keys follow torchvision (conv1, bn1,
+layer1.0.conv1, layer1.0.downsample.0, fc), so torchvision checkpoints load with strict=True.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from deploycraft.models.base import ClassifierNet
+from deploycraft.models.layers import (
+    PadShortcut,
+    ResidualAdd,
+    SqueezeExcite,
+    StochasticDepth,
+    he_init,
+    linear_survival_probs,
+)
+from deploycraft.models.registry import register_model
+
+Shortcut = Literal["A", "B", "C"]
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+def make_shortcut(cin: int, cout: int, stride: int, option: Shortcut) -> nn.Module | None:
+    """Shortcut options of He et al. 2016: A zero-pad, B project where the shape changes, C always project."""
+    changes_shape = stride != 1 or cin != cout
+    if option == "A":
+        return PadShortcut(cin, cout, stride) if changes_shape else None
+    if option == "B" and not changes_shape:
+        return None
+    return nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        shortcut: Shortcut = "B",
+        groups: int = 1,
+        base_width: int = 64,
+        se_reduction: int | None = None,
+        survival_prob: float = 1.0,
+    ):
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock supports only groups=1 and base_width=64 (use Bottleneck for ResNeXt/WRN)")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=False)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.se = SqueezeExcite(planes, se_reduction) if se_reduction else None
+        self.downsample = make_shortcut(inplanes, planes, stride, shortcut)
+        self.drop_path = StochasticDepth(survival_prob) if survival_prob < 1.0 else None
+        self.add = ResidualAdd(act=True)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.se is not None:
+            out = self.se(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        skip = self.downsample(x) if self.downsample is not None else x
+        return self.add(out, skip)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce -> 3x3 (grouped for ResNeXt) -> 1x1 expand; stride on the 3x3 (torchvision's "v1.5")."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        shortcut: Shortcut = "B",
+        groups: int = 1,
+        base_width: int = 64,
+        se_reduction: int | None = None,
+        survival_prob: float = 1.0,
+    ):
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups
+        outplanes = planes * self.expansion
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, outplanes)
+        self.bn3 = nn.BatchNorm2d(outplanes)
+        self.relu = nn.ReLU(inplace=False)
+        self.se = SqueezeExcite(outplanes, se_reduction) if se_reduction else None
+        self.downsample = make_shortcut(inplanes, outplanes, stride, shortcut)
+        self.drop_path = StochasticDepth(survival_prob) if survival_prob < 1.0 else None
+        self.add = ResidualAdd(act=True)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.se is not None:
+            out = self.se(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        skip = self.downsample(x) if self.downsample is not None else x
+        return self.add(out, skip)
+
+
+class ResNet(ClassifierNet):
+    """Post-activation ResNet.
+
+    Args:
+        block: BasicBlock or Bottleneck.
+        layers: blocks per stage.
+        widths: base widths per stage (64,128,256,512 ImageNet; 16,32,64 CIFAR).
+        stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "cifar" (3x3/1 conv, no pool).
+        shortcut: "A" zero-pad, "B" projection where the shape changes (default), "C" projection always.
+        groups, base_width: ResNeXt cardinality and width per group; WRN-50-2 is base_width=128.
+        se_reduction: add an SE gate to every block with this reduction (16 in the paper).
+        final_survival_prob: stochastic depth p_L; survival decays linearly over blocks to it.
+        zero_init_residual: zero the last BN of each residual branch so every block starts as the
+            identity ("improves the model by 0.2~0.3%", Goyal et al. 2017, torchvision).
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: tuple[int, ...],
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        widths: tuple[int, ...] = (64, 128, 256, 512),
+        stem: Literal["imagenet", "cifar"] = "imagenet",
+        shortcut: Shortcut = "B",
+        groups: int = 1,
+        base_width: int = 64,
+        se_reduction: int | None = None,
+        final_survival_prob: float = 1.0,
+        zero_init_residual: bool = True,
+    ):
+        super().__init__()
+        if len(widths) != len(layers):
+            raise ValueError(f"{len(layers)} stages need {len(layers)} widths, got {widths}")
+        if shortcut not in ("A", "B", "C"):
+            raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {shortcut!r}")
+        self.num_classes = num_classes
+        stem_width = widths[0]
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        elif stem == "cifar":
+            self.conv1 = conv3x3(in_chans, stem_width)
+            self.maxpool = None
+        else:
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu = nn.ReLU(inplace=False)
+
+        survival = linear_survival_probs(sum(layers), final_survival_prob)
+        inplanes, block_idx = stem_width, 0
+        self.stage_names: list[str] = []
+        for i, (n, planes) in enumerate(zip(layers, widths, strict=True)):
+            blocks = []
+            for j in range(n):
+                stride = 1 if i == 0 or j > 0 else 2
+                blocks.append(
+                    block(
+                        inplanes,
+                        planes,
+                        stride,
+                        shortcut=shortcut,
+                        groups=groups,
+                        base_width=base_width,
+                        se_reduction=se_reduction,
+                        survival_prob=survival[block_idx],
+                    )
+                )
+                inplanes = planes * block.expansion
+                block_idx += 1
+            name = f"layer{i + 1}"
+            self.add_module(name, nn.Sequential(*blocks))
+            self.stage_names.append(name)
+        self.num_features = inplanes
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+
+        he_init(self)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    m.zero_init_last()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        if self.maxpool is not None:
+            x = self.maxpool(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return x
+
+
+def _imagenet(block, layers, **kwargs) -> ResNet:
+    return ResNet(block, layers, **kwargs)
+
+
+def _cifar(depth: int, **kwargs) -> ResNet:
+    if (depth - 2) % 6 != 0:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+    kwargs.setdefault("widths", (16, 32, 64))
+    return ResNet(BasicBlock, (n, n, n), stem="cifar", **kwargs)
+
+
+# ImageNet layout (torchvision names and key format) -------------------------------------------
+
+
+@register_model("resnet")
+def resnet18(**kwargs) -> ResNet:
+    return _imagenet(BasicBlock, (2, 2, 2, 2), **kwargs)
+
+
+@register_model("resnet")
+def resnet34(**kwargs) -> ResNet:
+    return _imagenet(BasicBlock, (3, 4, 6, 3), **kwargs)
+
+
+@register_model("resnet")
+def resnet50(**kwargs) -> ResNet:
+    return _imagenet(Bottleneck, (3, 4, 6, 3), **kwargs)
+
+
+@register_model("resnet")
+def resnet101(**kwargs) -> ResNet:
+    return _imagenet(Bottleneck, (3, 4, 23, 3), **kwargs)
+
+
+@register_model("resnet")
+def resnet152(**kwargs) -> ResNet:
+    return _imagenet(Bottleneck, (3, 8, 36, 3), **kwargs)
+
+
+# CIFAR layout (He et al. 2016, section 4.2): 3 stages of 16/32/64 channels, depth 6n+2 ---------
+
+
+@register_model("resnet", input_style="cifar")
+def resnet20(**kwargs) -> ResNet:
+    return _cifar(20, **kwargs)
+
+
+@register_model("resnet", input_style="cifar")
+def resnet32(**kwargs) -> ResNet:
+    return _cifar(32, **kwargs)
+
+
+@register_model("resnet", input_style="cifar")
+def resnet44(**kwargs) -> ResNet:
+    return _cifar(44, **kwargs)
+
+
+@register_model("resnet", input_style="cifar")
+def resnet56(**kwargs) -> ResNet:
+    return _cifar(56, **kwargs)
+
+
+@register_model("resnet", input_style="cifar")
+def resnet110(**kwargs) -> ResNet:
+    return _cifar(110, **kwargs)

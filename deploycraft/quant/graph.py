@@ -1,0 +1,133 @@
+"""Graph capture and BatchNorm folding for deployment.
+
+The deployed graph is captured with torch.fx. Our own composite layers (residual adds, shortcuts,
+SE gates, stochastic depth) stay single nodes, so later passes see a residual add as one node with
+a known (branch, skip) argument order.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from deploycraft.models.layers import PadShortcut, ResidualAdd, SqueezeExcite, StochasticDepth
+
+LEAF_MODULES: tuple[type[nn.Module], ...] = (ResidualAdd, PadShortcut, SqueezeExcite, StochasticDepth)
+
+
+def register_leaf(cls: type[nn.Module]) -> type[nn.Module]:
+    """Families with composite layers that should stay one node register them here."""
+    global LEAF_MODULES
+    if cls not in LEAF_MODULES:
+        LEAF_MODULES = (*LEAF_MODULES, cls)
+    return cls
+
+
+class DeployTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, qualname)
+
+
+def capture(model: nn.Module) -> fx.GraphModule:
+    """Trace an eval-mode model into a GraphModule (eval-time control flow is what gets deployed)."""
+    model = model.eval()
+    graph = DeployTracer().trace(model)
+    return fx.GraphModule(model, graph, class_name=type(model).__name__ + "Graph")
+
+
+class ChannelAffine(nn.Module):
+    """y = x * scale + shift per channel: an eval-mode BatchNorm that no conv can absorb."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.view(1, -1, 1, 1).clone())
+        self.register_buffer("shift", shift.view(1, -1, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of an eval-mode BN, computed in float64 to keep folding exact to float32."""
+    var = bn.running_var.double()
+    mean = bn.running_mean.double()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - mean * scale
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
+    parent_name, _, child = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, child, new)
+
+
+def _bypass(gm: fx.GraphModule, node: fx.Node) -> None:
+    node.replace_all_uses_with(node.args[0])
+    gm.graph.erase_node(node)
+
+
+def fold_bn(model: nn.Module) -> fx.GraphModule:
+    """A copy of ``model`` with every eval-mode BatchNorm folded away.
+
+    - Conv -> BN: the BN's scale and shift go into the conv's weight and bias (standard folding).
+    - BN -> StochasticDepth (eval: multiply by the survival probability): the constant goes into
+      the BN first, so the branch ends in a plain conv and the residual add can fuse with it.
+    - Any other BN (pre-activation nets, DenseNet) becomes a ChannelAffine (Mul + Add in ONNX),
+      so the exported graph has no BatchNormalization node at all.
+    """
+    gm = capture(copy.deepcopy(model).eval())
+    graph = gm.graph
+    # 1) fold eval-time stochastic-depth scaling into the preceding BN.
+    for node in list(graph.nodes):
+        m = _module(gm, node)
+        if isinstance(m, StochasticDepth):
+            src = node.args[0]
+            bn = _module(gm, src) if isinstance(src, fx.Node) else None
+            if isinstance(bn, nn.BatchNorm2d) and len(src.users) == 1:
+                with torch.no_grad():
+                    bn.weight.mul_(m.survival_prob)
+                    bn.bias.mul_(m.survival_prob)
+                _bypass(gm, node)
+    # 2) conv -> bn.
+    for node in list(graph.nodes):
+        bn = _module(gm, node)
+        if not isinstance(bn, nn.BatchNorm2d):
+            continue
+        src = node.args[0]
+        conv = _module(gm, src) if isinstance(src, fx.Node) else None
+        if isinstance(conv, nn.Conv2d) and len(src.users) == 1 and conv.out_channels == bn.num_features:
+            scale, shift = _bn_affine(bn)
+            w = conv.weight.detach().double() * scale.view(-1, 1, 1, 1)
+            b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(shift)
+            folded = nn.Conv2d(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
+                bias=True,
+                padding_mode=conv.padding_mode,
+            )
+            with torch.no_grad():
+                folded.weight.copy_(w.float())
+                folded.bias.copy_((b * scale + shift).float())
+            _replace_module(gm, src.target, folded)
+            _bypass(gm, node)
+        else:
+            scale, shift = _bn_affine(bn)
+            _replace_module(gm, node.target, ChannelAffine(scale.float(), shift.float()))
+    graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm.eval()

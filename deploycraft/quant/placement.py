@@ -1,0 +1,152 @@
+"""Where the Q/DQ pairs go: a function of the deployment target.
+
+Both placements start from the BN-folded graph and quantize every Conv/Linear weight per output
+channel. They differ in the activations (see DESIGN.md, "one simulation, two placements"):
+
+onnxruntime-cpu (U8 asymmetric activations)
+    ONNX Runtime turns DQ -> Conv -> Q into QLinearConv and DQ, DQ -> Add -> Q into QLinearAdd; an
+    op whose output is not quantized stays in float. So every conv input, both inputs of each
+    residual add and the add's output are quantized. Max-pool and flatten share the quantizer of
+    their input, so ONNX Runtime drops their Q/DQ and runs them on uint8 directly.
+
+tensorrt (S8 symmetric everywhere, zero points 0)
+    TensorRT fuses Conv + Add + ReLU into one INT8 kernel when the *skip* input of the add carries
+    Q/DQ and the conv branch does not. So only the inputs of convs and linears and the skip input of
+    each residual add are quantized; outputs are left to TensorRT.
+
+One quantizer per tensor: a tensor read by several quantized consumers is quantized once and all of
+them read the same Q/DQ, which is what the deployed graph computes.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from deploycraft.models.layers import ResidualAdd
+from deploycraft.quant.graph import fold_bn
+from deploycraft.quant.modules import ActQuantizer, QuantConv2d, QuantLinear
+
+Target = Literal["onnxruntime-cpu", "tensorrt"]
+TARGETS: tuple[str, ...] = ("onnxruntime-cpu", "tensorrt")
+
+_PASSTHROUGH_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+_PASSTHROUGH_FUNCTIONS = {torch.flatten, torch.reshape}
+_PASSTHROUGH_METHODS = {"flatten", "view", "reshape"}
+
+
+def _module(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(n.target) if n.op == "call_module" else None
+
+
+def _is_passthrough(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(_module(gm, n), _PASSTHROUGH_MODULES)
+    if n.op == "call_function":
+        return n.target in _PASSTHROUGH_FUNCTIONS
+    if n.op == "call_method":
+        return n.target in _PASSTHROUGH_METHODS
+    return False
+
+
+def _is_concat(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target is torch.cat
+
+
+def _is_plain_add(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in (operator.add, torch.add)
+
+
+def _find(parent: dict, n: fx.Node) -> fx.Node:
+    while parent[n] is not n:
+        parent[n] = parent[parent[n]]
+        n = parent[n]
+    return n
+
+
+def plan(gm: fx.GraphModule, target: Target) -> list[list[fx.Node]]:
+    """Groups of graph nodes whose outputs are quantized; each group shares one quantizer."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown quantization target {target!r}; expected one of {TARGETS}")
+    need: dict[fx.Node, None] = {}
+
+    def want(x) -> None:
+        if isinstance(x, fx.Node):
+            need[x] = None
+
+    ort = target == "onnxruntime-cpu"
+    for n in gm.graph.nodes:
+        m = _module(gm, n)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            want(n.args[0])
+        elif isinstance(m, ResidualAdd):
+            if ort:
+                want(n.args[0])
+                want(n.args[1])
+                want(n)
+            else:
+                want(n.args[1])
+        elif ort and _is_concat(n):
+            for x in n.args[0]:
+                want(x)
+            want(n)
+        elif ort and _is_plain_add(n) and all(isinstance(a, fx.Node) for a in n.args[:2]):
+            want(n.args[0])
+            want(n.args[1])
+            want(n)
+
+    parent = {n: n for n in gm.graph.nodes}
+    if ort:
+        # Walk backwards so chains (pool -> flatten -> fc) share one quantizer end to end.
+        for n in reversed(list(gm.graph.nodes)):
+            if n in need and _is_passthrough(gm, n) and isinstance(n.args[0], fx.Node):
+                src = n.args[0]
+                need[src] = None
+                parent[_find(parent, n)] = _find(parent, src)
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for n in gm.graph.nodes:  # graph order keeps names deterministic
+        if n in need:
+            groups.setdefault(_find(parent, n), []).append(n)
+    return list(groups.values())
+
+
+def insert_quantizers(
+    float_model: nn.Module, target: Target, per_channel: bool = True, reduce_range: bool = False
+) -> fx.GraphModule:
+    """BN-folded copy of ``float_model`` with weight and activation quantizers placed for ``target``."""
+    gm = fold_bn(float_model)
+    groups = plan(gm, target)
+    graph = gm.graph
+    unsigned = target == "onnxruntime-cpu"
+    for i, group in enumerate(groups):
+        name = f"act_quant_{i}"
+        gm.add_module(name, ActQuantizer(unsigned=unsigned))
+        for n in group:
+            with graph.inserting_after(n):
+                q = graph.call_module(name, args=(n,))
+            n.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
+    for n in list(graph.nodes):
+        m = _module(gm, n)
+        if type(m) is nn.Conv2d:
+            new = QuantConv2d.from_float(m, per_channel, reduce_range)
+        elif type(m) is nn.Linear:
+            new = QuantLinear.from_float(m, per_channel, reduce_range)
+        else:
+            continue
+        parent_name, _, child = n.target.rpartition(".")
+        setattr(gm.get_submodule(parent_name) if parent_name else gm, child, new)
+    gm.recompile()
+    return gm.eval()
+
+
+def act_quantizers(model: nn.Module) -> list[tuple[str, ActQuantizer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantizer)]
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    for _, q in act_quantizers(model):
+        q.mode = mode

@@ -1,0 +1,242 @@
+"""report.json (read by CI systems and our own checks), report.md (for people) and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deploycraft import artifacts as af
+from deploycraft.data.transforms import input_spec
+from deploycraft.models.io import load_model
+from deploycraft.models.profile import count_macs, count_params
+
+PRETTY = {"fp32_torch": "FP32 torch (reference)", "fp32_onnx": "FP32 ONNX", "int8_onnx": "INT8 ONNX"}
+
+
+def _model_entries(ctx, verify: dict[str, Any] | None, macs: int | None, params: int | None) -> dict[str, dict]:
+    entries: dict[str, dict] = {}
+    measured = (verify or {}).get("models", {})
+    bs = str((verify or {}).get("batch_sizes", [1])[0])
+    names = list(measured) or (["fp32_torch"] + list(ctx.artifacts))
+    for name in names:
+        m = measured.get(name)
+        art = ctx.artifacts.get(name, {})
+        entry: dict[str, Any] = {
+            "path": art.get("deploy_path") or (m or {}).get("path") or "deploy/torch/weights.pt",
+            "format": (m or art).get("format", "torch"),
+            "precision": (m or art).get("precision", "fp32"),
+            "backend": (m or art).get("backend", "torch"),
+            "target": (m or art).get("target"),
+            "top1": m.get("top1") if m else None,
+            "latency_ms": None,
+            "throughput_ips": None,
+            "batch_size": int(bs),
+            "macs": macs,
+            "params": params,
+            "bytes": (m or {}).get("bytes"),
+        }
+        if m and "latency" in m:
+            lat = m["latency"][bs]
+            entry["latency_ms"] = {k: lat[k] for k in ("p50", "p90", "p99", "mean")}
+            entry["throughput_ips"] = lat["throughput_ips"]
+            entry["latency_by_batch"] = m["latency"]
+            entry["threads"] = m.get("threads")
+        entries[name] = entry
+    ref = (verify or {}).get("reference")
+    if ref in entries and entries[ref]["top1"] is not None:
+        for e in entries.values():
+            if e["top1"] is not None:
+                e["top1_drop"] = round(entries[ref]["top1"] - e["top1"], 6)
+    for base in ("fp32_torch", "fp32_onnx"):
+        if base in entries and entries[base]["latency_ms"]:
+            for e in entries.values():
+                if e["latency_ms"]:
+                    e[f"speedup_vs_{base}"] = round(entries[base]["latency_ms"]["p50"] / e["latency_ms"]["p50"], 3)
+    return entries
+
+
+def build_report(ctx) -> dict[str, Any]:
+    recipe = ctx.recipe
+    verify = ctx.results.get("verify")
+    macs = params = None
+    if ctx.model_dir is not None:
+        model = load_model(ctx.model_dir)
+        params = count_params(model)
+        macs = count_macs(model, ctx.input_shape)
+    gates = (verify or {}).get("gates", [])
+    report = {
+        "recipe": recipe.name,
+        "description": recipe.description,
+        "status": "passed" if all(g["passed"] for g in gates) else "failed",
+        "run_dir": str(ctx.run.root),
+        "input": input_spec(recipe.data).to_dict(),
+        "dataset": recipe.data.dataset,
+        "held_out": (verify or {}).get("held_out"),
+        "held_out_images": (verify or {}).get("held_out_images"),
+        "models": _model_entries(ctx, verify, macs, params),
+        "gates": gates,
+        "reference": (verify or {}).get("reference"),
+        "main": (verify or {}).get("main"),
+        "stages": {k: v for k, v in ctx.results.items() if k != "verify"},
+        "hardware": af.hardware(),
+        "versions": af.versions(),
+    }
+    return report
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.2f} %"
+
+
+def _fmt_mb(b: int | None) -> str:
+    return "—" if not b else f"{b / 1e6:.2f} MB"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    hw = report["hardware"]
+    lines = [f"# deploycraft report: {report['recipe']}", ""]
+    if report["description"]:
+        lines += [report["description"], ""]
+    lines += [
+        f"**Status: {report['status']}** · run folder `{report['run_dir']}`",
+        "",
+        f"Hardware: {hw.get('cpu_model', '?')} ({hw.get('logical_cpus')} logical CPUs; "
+        f"flags {', '.join(hw.get('cpu_flags', [])) or '—'}); GPUs: "
+        f"{', '.join(g['name'] for g in hw.get('gpus', [])) or 'none'}. "
+        f"torch {report['versions']['torch']}, onnxruntime {report['versions']['onnxruntime']}.",
+        "",
+        f"Input: {report['input']['channels']}×{report['input']['image_size']}×{report['input']['image_size']}, "
+        f"mean {list(report['input']['mean'])}, std {list(report['input']['std'])}.",
+        "",
+    ]
+    train = report["stages"].get("train")
+    if train and train.get("epochs"):
+        lines += [
+            "## What was trained",
+            "",
+            f"{train['arch']} on {report['dataset']}: {train['epochs']} epoch(s) over {train['train_images']} "
+            f"images at {train['image_size']} px ({train['channels']} channels), batch {train['batch_size']}, "
+            f"{train['schedule']}; {train['seconds']:.0f} s. Final train loss {train['final_train_loss']:.4f}.",
+            "",
+        ]
+    init = report["stages"].get("init", {})
+    if init.get("source", "").startswith("checkpoint"):
+        lines += [f"Started from {init['source']}.", ""]
+    models = report["models"]
+    bs = next((m["batch_size"] for m in models.values()), 1)
+    threads = next((m.get("threads") for m in models.values() if m.get("threads")), None)
+    lines += [
+        "## Models",
+        "",
+        f"Top-1 on the held-out split ({report.get('held_out') or 'not measured'}); latency at batch {bs}"
+        + (f", {threads} threads" if threads else "")
+        + ", medians of interleaved repeats.",
+        "",
+        "| model | precision | backend | top-1 | drop vs ref. | p50 ms | p99 ms | img/s | speed-up vs FP32 torch "
+        "| speed-up vs FP32 ONNX | size |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in models.items():
+        lat = m.get("latency_ms") or {}
+        drop = m.get("top1_drop")
+        lines.append(
+            f"| {PRETTY.get(name, name)} | {m['precision']} | {m['backend']}"
+            f"{' (' + m['target'] + ')' if m.get('target') else ''} | {_fmt_pct(m['top1'])} | "
+            f"{'—' if drop is None else f'{drop * 100:+.2f} pt'} | "
+            f"{lat.get('p50', float('nan')):.3f} | {lat.get('p99', float('nan')):.3f} | "
+            f"{m.get('throughput_ips') or 0:.0f} | "
+            f"{m.get('speedup_vs_fp32_torch', float('nan')):.2f}× | "
+            f"{m.get('speedup_vs_fp32_onnx', float('nan')):.2f}× | "
+            f"{_fmt_mb(m.get('bytes'))} |"
+        )
+    other_bs = sorted({b for m in models.values() for b in (m.get("latency_by_batch") or {})} - {str(bs)}, key=int)
+    for b in other_bs:
+        lines += [
+            "",
+            f"Batch {b}: "
+            + "; ".join(
+                f"{PRETTY.get(n, n)} p50 {m['latency_by_batch'][b]['p50']:.3f} ms "
+                f"({m['latency_by_batch'][b]['throughput_ips']:.0f} img/s)"
+                for n, m in models.items()
+                if m.get("latency_by_batch") and b in m["latency_by_batch"]
+            ),
+        ]
+    first = next(iter(models.values()), {})
+    if first.get("macs"):
+        lines += ["", f"Model: {first['params'] / 1e6:.2f} M parameters, {first['macs'] / 1e6:.1f} M MACs per image."]
+    if report["gates"]:
+        lines += ["", "## Gates", "", "| gate | result | detail |", "|---|---|---|"]
+        for g in report["gates"]:
+            lines.append(f"| {g['name']} | {'passed' if g['passed'] else '**FAILED**'} | {g['detail']} |")
+    q = report["stages"].get("quantize")
+    if q:
+        lines += [
+            "",
+            "## Quantization",
+            "",
+            f"PTQ for {q['target']}: {q['activation_dtype']} activations ({q['calibrator']} calibrator"
+            f"{', ' + str(q['percentile']) + ' %' if q.get('percentile') else ''}), S8 per-channel weights; "
+            f"{q['activation_quantizers']} activation and {q['weight_quantizers']} weight quantizers; "
+            f"calibration: {q['calibration']}.",
+        ]
+        if q.get("int8_conv_fraction") is not None:
+            opt = q["ort_optimized_ops"]
+            lines.append(
+                f"ONNX Runtime's optimized graph: {opt.get('QLinearConv', 0)} QLinearConv, "
+                f"{opt.get('QLinearAdd', 0)} QLinearAdd; {q['int8_conv_fraction'] * 100:.0f} % of convs in INT8."
+            )
+        lines.append(
+            f"Simulation vs deployed file: top-1 agreement {q['sim_vs_onnx_top1_agreement'] * 100:.1f} % "
+            f"on a check batch."
+        )
+    e = report["stages"].get("export")
+    if e:
+        lines += [
+            "",
+            "## Export",
+            "",
+            f"FP32 ONNX opset {e['opset']}: {e['batchnorm_nodes']} BatchNormalization nodes; ONNX Runtime vs "
+            f"torch max relative error {e['rel_error_vs_torch']:.1e} (limit {e['rtol']}).",
+        ]
+    if Path(report["run_dir"], "plots", "accuracy_vs_latency.png").is_file():
+        lines += ["", "## Accuracy vs latency", "", "![accuracy vs latency](plots/accuracy_vs_latency.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_latency(report: dict[str, Any], path: Path) -> bool:
+    points = [(n, m) for n, m in report["models"].items() if m.get("top1") is not None and m.get("latency_ms")]
+    if len(points) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, m in points:
+        ax.scatter(m["latency_ms"]["p50"], m["top1"] * 100, s=60)
+        ax.annotate(
+            PRETTY.get(name, name),
+            (m["latency_ms"]["p50"], m["top1"] * 100),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency, ms (batch {points[0][1]['batch_size']}, log scale)")
+    ax.set_ylabel("top-1, %")
+    ax.set_title(f"{report['recipe']}: accuracy vs latency")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_report(ctx) -> dict[str, Any]:
+    report = build_report(ctx)
+    plot_accuracy_latency(report, ctx.run.plots / "accuracy_vs_latency.png")
+    af.write_json(ctx.run.root / "report.json", report)
+    af.atomic_write_text(ctx.run.root / "report.md", render_markdown(report))
+    return report

@@ -1,0 +1,78 @@
+"""Latency and throughput: warm-up, then timed runs interleaved across models in rounds.
+
+Interleaving (model A, B, C, A, B, C, ...) spreads slow drifts of a shared machine evenly over the
+models compared, so the ratios between them hold even when absolute times wander.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from deploycraft.progress import bar
+
+
+@dataclass
+class Latency:
+    batch_size: int
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    throughput_ips: float  # images per second at this batch size: batch / mean latency
+    runs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def summarize(times_s: list[float], batch_size: int) -> Latency:
+    ms = np.asarray(times_s) * 1000.0
+    return Latency(
+        batch_size,
+        float(np.percentile(ms, 50)),
+        float(np.percentile(ms, 90)),
+        float(np.percentile(ms, 99)),
+        float(ms.mean()),
+        float(batch_size * 1000.0 / ms.mean()),
+        len(ms),
+    )
+
+
+def prepare_input(runner, x: torch.Tensor):
+    return runner.prepare(x) if hasattr(runner, "prepare") else x.numpy()
+
+
+def measure(
+    runners: dict[str, Callable],
+    make_input: Callable[[int], torch.Tensor],
+    batch_sizes: list[int],
+    warmup: int = 10,
+    repeats: int = 100,
+    rounds: int = 5,
+) -> dict[str, dict[int, Latency]]:
+    results: dict[str, dict[int, Latency]] = {name: {} for name in runners}
+    per_round = max(1, repeats // rounds)
+    with bar("latency", len(batch_sizes) * len(runners) * rounds) as b:
+        for bs in batch_sizes:
+            x = make_input(bs)
+            inputs = {name: prepare_input(r, x) for name, r in runners.items()}
+            times: dict[str, list[float]] = {name: [] for name in runners}
+            for name, r in runners.items():
+                for _ in range(warmup):
+                    r(inputs[name])
+            for _ in range(rounds):
+                for name, r in runners.items():
+                    inp = inputs[name]
+                    for _ in range(per_round):
+                        t0 = time.perf_counter()
+                        r(inp)
+                        times[name].append(time.perf_counter() - t0)
+                    b.advance()
+            for name in runners:
+                results[name][bs] = summarize(times[name], bs)
+    return results

@@ -1,0 +1,52 @@
+"""ONNX Runtime sessions on CPU, with the thread count fixed for fair timing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+
+def session(
+    path: Path, threads: int | None = None, optimized_path: Path | None = None, providers: list[str] | None = None
+):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+class OrtRunner:
+    """Runs an ONNX file on ONNX Runtime's CPU execution provider."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        self.path = Path(path)
+        self.sess = session(self.path, threads)
+        self.input_name = self.sess.get_inputs()[0].name
+
+    def prepare(self, x) -> np.ndarray:
+        return np.ascontiguousarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.sess.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def optimized_op_counts(path: Path, workdir: Path, threads: int | None = 1) -> dict[str, int]:
+    """Op types of the graph ONNX Runtime actually executes after its optimizations (QLinearConv etc.)."""
+    out = Path(workdir) / (Path(path).stem + ".ort-optimized.onnx")
+    session(path, threads, optimized_path=out)
+    counts = dict(Counter(n.op_type for n in onnx.load(str(out)).graph.node))
+    out.unlink(missing_ok=True)
+    return counts

@@ -1,0 +1,112 @@
+"""Fashion-MNIST lookup and checks, ImageFolder decoding, calibration subsets."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from deploycraft.data import (
+    SHIPPED_CALIBRATION,
+    DataModule,
+    class_balanced_indices,
+    fashion_mnist,
+    load_calibration_file,
+)
+from deploycraft.errors import UserError
+from deploycraft.recipe import DataConfig
+from tests.conftest import needs_fmnist
+
+
+@needs_fmnist
+def test_fashion_mnist_splits():
+    folder = fashion_mnist.locate()
+    x, y = fashion_mnist.load_split(folder, "test")
+    assert x.shape == (10_000, 1, 28, 28) and x.dtype == torch.uint8
+    assert torch.equal(torch.bincount(y), torch.full((10,), 1000))
+
+
+@needs_fmnist
+def test_corrupt_file_is_detected(tmp_path):
+    src = fashion_mnist.locate()
+    for name in fashion_mnist.FILES:
+        shutil.copy(src / name, tmp_path / name)
+    with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as fh:
+        fh.write(b"\x00" * 100)
+    with pytest.raises(UserError, match="checksum"):
+        fashion_mnist.load_split(tmp_path, "test")
+
+
+def test_missing_dataset_gives_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DEPLOYCRAFT_DATA", raising=False)
+    with pytest.raises(UserError) as info:
+        fashion_mnist.locate(None, download=False)
+    assert "apt-get install dataset-fashion-mnist" in info.value.fix
+    with pytest.raises(UserError, match="lacks"):
+        fashion_mnist.locate(tmp_path, download=False)
+
+
+def test_download_failure_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(fashion_mnist, "MIRROR", "http://127.0.0.1:9/")  # nothing listens on the discard port
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DEPLOYCRAFT_DATA", raising=False)
+    with pytest.raises(UserError, match="download failed"):
+        fashion_mnist.locate(None, download=True)
+
+
+def make_imagefolder(root, classes=("cat", "dog"), per_class=6, size=20, splits=("train", "val")):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for k, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.full((size, size + 4, 3), 60 + 120 * k, dtype=np.uint8)
+                noise = rng.integers(0, 40, base.shape, dtype=np.uint8)
+                Image.fromarray(base + noise).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_imagefolder_module(tmp_path):
+    make_imagefolder(tmp_path)
+    cfg = DataConfig(dataset="imagefolder", root=tmp_path, image_size=16, channels=1)
+    dm = DataModule(cfg, seed=0)
+    assert dm.class_names == ["cat", "dog"] and dm.num_val == 12 and dm.num_train == 12
+    x, y = next(dm.val_batches(5))
+    assert x.shape == (5, 1, 16, 16) and y.tolist() == [0, 0, 0, 0, 0]
+    images, provenance = dm.calibration_images(4)
+    assert images.shape == (4, 3, 16, 16) and "training split" in provenance
+    batches = list(dm.train_epoch(4, epoch=0, augment=None))
+    assert sum(len(b[1]) for b in batches) == 12
+
+
+def test_broken_image_is_a_user_error(tmp_path):
+    make_imagefolder(tmp_path)
+    (tmp_path / "val" / "cat" / "broken.png").write_bytes(b"not a png")
+    dm = DataModule(DataConfig(dataset="imagefolder", root=tmp_path, image_size=16), seed=0)
+    with pytest.raises(UserError, match="cannot decode"):
+        list(dm.val_batches(32))
+
+
+def test_class_balanced_indices():
+    labels = torch.arange(100) % 4
+    idx = class_balanced_indices(labels, 10, seed=0)
+    assert len(idx) == 10 and sorted(torch.bincount(labels[idx]).tolist()) == [2, 2, 3, 3]
+    assert torch.equal(idx, class_balanced_indices(labels, 10, seed=0))
+
+
+@needs_fmnist
+def test_shipped_calibration_file_is_what_its_provenance_says():
+    images, labels = load_calibration_file(SHIPPED_CALIBRATION)
+    with np.load(SHIPPED_CALIBRATION) as z:
+        indices = torch.from_numpy(z["indices"])
+    train_x, train_y = fashion_mnist.load_split(fashion_mnist.locate(), "train")
+    assert torch.equal(indices, class_balanced_indices(train_y, 512, seed=0))
+    assert torch.equal(images, train_x[indices]) and torch.equal(labels, train_y[indices])

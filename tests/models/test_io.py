@@ -1,0 +1,85 @@
+"""Model persistence without pickled modules, and user checkpoint loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from deploycraft.errors import UserError
+from deploycraft.models import create_model
+from deploycraft.models.io import apply_widths, load_checkpoint, load_model, read_spec, save_model, width_diff
+
+
+def test_save_load_roundtrip_identical_outputs(tmp_path, tiny_resnet):
+    save_model(tiny_resnet, tmp_path / "m", "resnet20", {"num_classes": 10, "in_chans": 3})
+    again = load_model(tmp_path / "m")
+    x = torch.randn(3, 3, 16, 16)
+    assert torch.equal(tiny_resnet(x), again(x))
+    assert read_spec(tmp_path / "m")["widths"] == {}
+
+
+def test_resized_layers_are_recorded_and_rebuilt(tmp_path):
+    model = create_model("resnet20", num_classes=10)
+    # Shrink one branch by hand, as pruning would: conv1 16 -> 8 output channels, bn1 and conv2 follow.
+    block = model.layer1[0]
+    block.conv1 = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+    block.bn1 = nn.BatchNorm2d(8)
+    block.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    diff = width_diff(model, create_model("resnet20", num_classes=10))
+    assert set(diff) == {"layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2"}
+    model.eval()
+    save_model(model, tmp_path / "m", "resnet20", {"num_classes": 10})
+    again = load_model(tmp_path / "m")
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(model(x), again(x))
+    rebuilt = apply_widths(create_model("resnet20", num_classes=10), diff)
+    assert rebuilt.layer1[0].conv1.out_channels == 8
+
+
+def _save(obj, path):
+    torch.save(obj, path)
+    return path
+
+
+def test_torchvision_style_checkpoint_loads(tmp_path):
+    src = create_model("resnet18", num_classes=10)
+    path = _save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "c.pth")
+    dst = load_checkpoint(create_model("resnet18", num_classes=10), path)
+    assert torch.equal(dst.conv1.weight, src.conv1.weight)
+
+
+def test_rgb_checkpoint_into_grey_model(tmp_path):
+    src = create_model("resnet18", num_classes=10, in_chans=3)
+    path = _save(src.state_dict(), tmp_path / "c.pth")
+    dst = load_checkpoint(create_model("resnet18", num_classes=10, in_chans=1), path)
+    assert torch.allclose(dst.conv1.weight, src.conv1.weight.sum(1, keepdim=True))
+
+
+def test_classifier_mismatch_and_reset(tmp_path):
+    path = _save(create_model("resnet18", num_classes=1000).state_dict(), tmp_path / "c.pth")
+    with pytest.raises(UserError) as info:
+        load_checkpoint(create_model("resnet18", num_classes=10), path)
+    assert info.value.field == "model.num_classes" and "reset_classifier" in info.value.fix
+    model = load_checkpoint(create_model("resnet18", num_classes=10), path, reset_classifier=True)
+    assert model.fc.out_features == 10
+
+
+def test_wrong_architecture(tmp_path):
+    path = _save(create_model("resnet18", num_classes=10).state_dict(), tmp_path / "c.pth")
+    with pytest.raises(UserError) as info:
+        load_checkpoint(create_model("resnet34", num_classes=10), path)
+    assert "missing key" in info.value.message and info.value.field == "model.weights"
+
+
+def test_pickled_module_is_refused(tmp_path):
+    path = _save(create_model("resnet20", num_classes=10), tmp_path / "module.pt")  # a whole pickled module
+    with pytest.raises(UserError, match="weights_only"):
+        load_checkpoint(create_model("resnet20", num_classes=10), path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot load"):
+        load_checkpoint(create_model("resnet20", num_classes=10), path)

@@ -1,0 +1,68 @@
+"""Histogram calibration: ranges match their definitions, whatever the batch order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deploycraft.quant.calibrators import HistogramCalibrator
+from deploycraft.quant.modules import ActQuantizer
+
+
+def _calib(*batches) -> HistogramCalibrator:
+    c = HistogramCalibrator()
+    for b in batches:
+        c.observe(b)
+    return c
+
+
+def test_max_is_exact_and_growth_keeps_counts():
+    g = torch.Generator().manual_seed(0)
+    small, big = torch.randn(10_000, generator=g), torch.randn(10_000, generator=g) * 50
+    c = _calib(small, big)
+    assert c.range("max", symmetric=False) == (
+        pytest.approx(float(torch.cat([small, big]).min())),
+        pytest.approx(float(torch.cat([small, big]).max())),
+    )
+    assert c.hist.sum() == 20_000
+
+
+def test_percentile_matches_quantile_within_a_bin():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=g)
+    x[:20] = 1000.0  # outliers the percentile calibrator should ignore
+    c = _calib(x[:100_000], x[100_000:])
+    lo, hi = c.range("percentile", symmetric=True, percentile=99.9)
+    expected = float(torch.quantile(x.abs()[:100_000].double(), 0.999))  # subsample: torch.quantile size limit
+    assert hi == -lo
+    assert abs(hi - expected) < 0.05
+    assert c.range("max", symmetric=True)[1] == pytest.approx(1000.0)
+
+
+def test_unsigned_percentile_after_relu_starts_at_zero():
+    x = torch.relu(torch.randn(100_000, generator=torch.Generator().manual_seed(1)))
+    lo, hi = _calib(x).range("percentile", symmetric=False, percentile=99.99)
+    assert lo == 0.0 and 3.0 < hi < 4.5
+
+
+def test_mse_clips_heavy_tails_but_not_uniform():
+    g = torch.Generator().manual_seed(0)
+    laplace = torch.distributions.Laplace(0.0, 1.0).sample((200_000,))
+    c = _calib(laplace)
+    amax = c.range("mse", symmetric=True, levels=254)[1]
+    assert amax < 0.8 * float(laplace.abs().max())
+    uniform = torch.rand(200_000, generator=g) * 2 - 1
+    amax_u = _calib(uniform).range("mse", symmetric=True, levels=254)[1]
+    assert amax_u > 0.95
+
+
+def test_quantizer_scale_and_zero_point():
+    q = ActQuantizer(unsigned=True)
+    q.set_range(-1.0, 3.0)
+    assert float(q.scale) == pytest.approx(4 / 255) and int(q.zero_point) == 64
+    s = ActQuantizer(unsigned=False)
+    s.set_range(-1.0, 3.0)
+    assert float(s.scale) == pytest.approx(3 / 127) and int(s.zero_point) == 0
+    s.mode = "quantize"
+    out = s(torch.tensor([3.0, -3.0, 0.0]))
+    assert torch.allclose(out, torch.tensor([3.0, -3.0, 0.0]), atol=1e-6)

@@ -1,0 +1,70 @@
+"""BatchNorm folding: same outputs, no BatchNorm left anywhere."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from deploycraft.models import create_model
+from deploycraft.models.layers import StochasticDepth
+from deploycraft.quant.graph import ChannelAffine, fold_bn
+from tests.conftest import randomize_bn
+
+
+def _no_bn(model: nn.Module) -> bool:
+    return not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_fold_resnet20_exact(tiny_resnet):
+    folded = fold_bn(tiny_resnet)
+    x = torch.randn(4, 3, 16, 16)
+    assert _no_bn(folded)
+    torch.testing.assert_close(folded(x), tiny_resnet(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_resnet50_exact():
+    model = create_model("resnet50", num_classes=10).eval()
+    randomize_bn(model, seed=1)
+    x = torch.randn(2, 3, 64, 64)
+    folded = fold_bn(model)
+    assert _no_bn(folded)
+    ref = model(x)
+    assert (folded(x) - ref).abs().max() / ref.abs().max() < 1e-5
+
+
+def test_original_model_untouched(tiny_resnet):
+    before = {k: v.clone() for k, v in tiny_resnet.state_dict().items()}
+    fold_bn(tiny_resnet)
+    after = tiny_resnet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class PreAct(nn.Module):
+    """BN -> ReLU -> Conv: the BN cannot go into a conv and must become a channel affine."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.bn(x)))
+
+
+def test_standalone_bn_becomes_affine():
+    model = PreAct().eval()
+    randomize_bn(model)
+    folded = fold_bn(model)
+    assert _no_bn(folded) and any(isinstance(m, ChannelAffine) for m in folded.modules())
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_stochastic_depth_scale_folds_into_bn():
+    model = create_model("resnet20", num_classes=10, final_survival_prob=0.5).eval()
+    randomize_bn(model)
+    assert any(isinstance(m, StochasticDepth) for m in model.modules())
+    folded = fold_bn(model)
+    assert not any(isinstance(m, StochasticDepth) for m in folded.modules())
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,123 @@
+"""Q/DQ placement per target, checked on the exported ONNX and on ONNX Runtime's optimized graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from deploycraft.onnx_io import export_onnx, op_counts, relative_error
+from deploycraft.quant.placement import act_quantizers, insert_quantizers
+from deploycraft.runtime.ort import OrtRunner, optimized_op_counts
+
+
+def _calibrated(model, target, size=16):
+    q = insert_quantizers(model, target)
+    for _, a in act_quantizers(q):
+        a.start_calibration()
+    with torch.no_grad():
+        q(torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    for _, a in act_quantizers(q):
+        a.finish_calibration("max", 100.0)
+    return q
+
+
+def _producers(proto):
+    return {o: n for n in proto.graph.node for o in n.output}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, request):
+    from deploycraft.models import create_model
+    from tests.conftest import randomize_bn
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).eval()
+    randomize_bn(model)
+    out = {}
+    folder = tmp_path_factory.mktemp("qdq")
+    for target in ("onnxruntime-cpu", "tensorrt"):
+        q = _calibrated(model, target)
+        path = folder / f"{target}.onnx"
+        export_onnx(q, torch.randn(2, 3, 16, 16), path)
+        out[target] = (q, path, onnx.load(str(path)))
+    return model, out, folder
+
+
+def test_ort_graph_runs_convs_and_adds_in_int8(exported):
+    _, out, folder = exported
+    _, path, proto = out["onnxruntime-cpu"]
+    ops = op_counts(proto)
+    assert ops.get("BatchNormalization", 0) == 0 and ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    opt = optimized_op_counts(path, folder)
+    assert opt.get("QLinearConv") == ops["Conv"] == 21
+    assert opt.get("QLinearAdd") == ops["Add"] == 9
+    assert opt.get("Conv", 0) == 0 and opt.get("FusedConv", 0) == 0
+
+
+def test_ort_activations_are_uint8(exported):
+    _, out, _ = exported
+    proto = out["onnxruntime-cpu"][2]
+    consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[2] in consts:
+            assert consts[n.input[2]].dtype == np.uint8
+
+
+def test_tensorrt_placement_symmetric_and_skip_only(exported):
+    _, out, _ = exported
+    proto = out["tensorrt"][2]
+    consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    for n in proto.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in consts:
+            zp = consts[n.input[2]]
+            assert zp.dtype == np.int8 and not zp.any(), "TensorRT needs symmetric INT8: zero points all 0"
+    producers = _producers(proto)
+    adds = [n for n in proto.graph.node if n.op_type == "Add"]
+    assert len(adds) == 9
+    for add in adds:
+        kinds = sorted(producers[i].op_type for i in add.input)
+        # branch straight from its conv (TensorRT fuses conv+add+relu), skip through Q/DQ
+        assert kinds == ["Conv", "DequantizeLinear"], kinds
+    for n in proto.graph.node:
+        if n.op_type == "Conv":
+            assert producers[n.input[0]].op_type == "DequantizeLinear"  # every conv input quantized
+            assert producers[n.input[1]].op_type == "DequantizeLinear"  # and its weight
+
+
+def test_weights_stored_as_int8(exported):
+    _, out, _ = exported
+    proto = out["onnxruntime-cpu"][2]
+    producers = _producers(proto)
+    inits = {t.name: t for t in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Conv":
+            w_dq = producers[n.input[1]]
+            assert w_dq.op_type == "DequantizeLinear"
+            w = inits[w_dq.input[0]]
+            assert w.data_type == onnx.TensorProto.INT8
+            assert numpy_helper.to_array(inits[w_dq.input[1]]).ndim == 1  # per-channel scales
+
+
+@pytest.mark.parametrize("target", ["onnxruntime-cpu", "tensorrt"])
+def test_deployed_file_matches_simulation(exported, target):
+    _, out, _ = exported
+    q, path, _ = out[target]
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sim = q(x).numpy()
+    ort = OrtRunner(path)(x.numpy())
+    assert relative_error(ort, sim) < 0.05
+    assert (ort.argmax(1) == sim.argmax(1)).mean() >= 0.85
+
+
+def test_dynamic_batch(exported):
+    _, out, _ = exported
+    runner = OrtRunner(out["onnxruntime-cpu"][1])
+    for bs in (1, 5):
+        assert runner(np.random.randn(bs, 3, 16, 16).astype(np.float32)).shape == (bs, 10)

@@ -1,0 +1,84 @@
+"""The command line as a user meets it: exit codes, one-line errors, no traceback, no run folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli, smoke_recipe, write_recipe
+
+
+def _one_line_error(proc) -> str:
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+BAD = {
+    "unknown_key": (lambda r: r["stages"][0].update(epochz=2), "stages.0.epochz"),
+    "wrong_type": (lambda r: r["stages"][0].update(epochs="many"), "stages.0.epochs"),
+    "unknown_model": (lambda r: r["model"].update(arch="resnet19"), "model.arch"),
+    "missing_weights": (lambda r: r["model"].update(weights="/nonexistent/w.pt"), "model.weights"),
+    "missing_folder": (lambda r: r["data"].update(dataset="imagefolder", root="/nonexistent/data"), "data.root"),
+    "bad_order": (lambda r: r["stages"].reverse(), "stages.1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_recipe_exits_2_without_run_folder(tmp_path, case):
+    mutate, field = BAD[case]
+    raw = smoke_recipe()
+    mutate(raw)
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    out = tmp_path / "run"
+    line = _one_line_error(run_cli("run", path, "--output-dir", out))
+    assert field in line and "fix:" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("", "empty"),
+        ("name: [x\n", "invalid YAML"),
+        ("name: !!python/object/apply:os.system ['touch PWNED']\nmodel: {arch: resnet20}\n", "not allowed"),
+    ],
+)
+def test_bad_yaml_exits_2_and_executes_nothing(tmp_path, text, needle):
+    path = write_recipe(tmp_path / "r.yaml", text)
+    line = _one_line_error(run_cli("run", path, "--output-dir", tmp_path / "run", cwd=tmp_path))
+    assert needle in line
+    assert not (tmp_path / "PWNED").exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_override_exits_2(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", smoke_recipe())
+    line = _one_line_error(run_cli("validate", path, "--set", "stages.7.epochs=1"))
+    assert "out of range" in line
+
+
+def test_validate_and_schema(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", smoke_recipe())
+    proc = run_cli("validate", path, "--set", "stages.train.epochs=2")
+    assert proc.returncode == 0 and "valid" in proc.stdout
+    proc = run_cli("schema")
+    assert proc.returncode == 0
+    schema = json.loads(proc.stdout)
+    assert "stages" in schema["properties"]
+
+
+def test_models_lists_params_and_macs():
+    proc = run_cli("models", "--family", "resnet")
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("resnet50 "))
+    assert "25.56 M" in row and "4.089 G" in row
+
+
+def test_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("deploycraft ")

@@ -1,0 +1,185 @@
+"""The staged pipeline: run folder contract, caching, resuming after a failure or a kill, gates."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from deploycraft.artifacts import sha256_file
+from deploycraft.errors import GateFailure
+from deploycraft.pipeline import Pipeline
+from deploycraft.recipe import build_recipe
+from deploycraft.stages import STAGES
+from tests.conftest import REPO, run_cli, smoke_recipe, write_recipe
+
+
+def _run(raw, out):
+    return Pipeline(build_recipe(raw), out).execute()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    ctx = _run(smoke_recipe(), out)
+    return ctx, out
+
+
+def test_run_folder_contract(smoke_run):
+    _, out = smoke_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"] == "smoke" and report["status"] == "passed"
+    assert set(report["models"]) == {"fp32_torch", "fp32_onnx", "int8_onnx"}
+    for name, m in report["models"].items():
+        for key in (
+            "path",
+            "format",
+            "precision",
+            "backend",
+            "top1",
+            "latency_ms",
+            "throughput_ips",
+            "batch_size",
+            "macs",
+            "params",
+        ):
+            assert key in m, (name, key)
+        assert 0 <= m["top1"] <= 1
+        assert set(m["latency_ms"]) >= {"p50", "p90", "p99"}
+        assert (out / m["path"]).is_file()
+    assert report["models"]["int8_onnx"]["precision"] == "int8"
+    assert all("passed" in g and "value" in g and "limit" in g for g in report["gates"])
+    md = (out / "report.md").read_text()
+    assert "| INT8 ONNX |" in md and "## Gates" in md
+    assert (out / "plots" / "accuracy_vs_latency.png").stat().st_size > 1000
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+
+
+def test_manifest_hashes_every_file(smoke_run):
+    _, out = smoke_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["versions"]) >= {"python", "torch", "onnx", "onnxruntime", "deploycraft"}
+    assert manifest["hardware"]["cpu_model"] and "cpu_flags" in manifest["hardware"]
+    listed = {f["path"]: f for f in manifest["files"]}
+    for rel in ("report.json", "report.md", "deploy/model_int8.onnx", "deploy/model_fp32.onnx", "recipe.yaml"):
+        assert rel in listed, rel
+        assert listed[rel]["sha256"] == sha256_file(out / rel)
+    assert manifest["input"]["image_size"] == 16
+
+
+def test_second_run_is_cached(smoke_run):
+    ctx, out = smoke_run
+    before = json.loads((out / "report.json").read_text())
+    started = time.time()
+    _run(smoke_recipe(), out)
+    status = json.loads((out / "run.json").read_text())
+    assert all(s["cached"] for s in status["stages"])
+    after = json.loads((out / "report.json").read_text())
+    assert after["models"]["int8_onnx"]["top1"] == before["models"]["int8_onnx"]["top1"]
+    assert time.time() - started < 30
+
+
+def test_changed_stage_reruns_only_what_follows(smoke_run):
+    _, out = smoke_run
+    raw = smoke_recipe()
+    raw["stages"][1]["calibrator"] = "max"
+    other = out.parent / "other"
+    _run(raw, other)  # a sibling run folder of the same recipe name
+    stages = {s["type"]: s["cached"] for s in json.loads((other / "run.json").read_text())["stages"]}
+    assert stages == {"init": True, "train": True, "quantize": False, "export": False, "verify": False}
+
+
+def test_failed_stage_resumes_from_last_completed(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+
+    def boom(self, ctx, workdir):
+        calls.append(1)
+        raise RuntimeError("simulated crash in export")
+
+    monkeypatch.setattr(STAGES["export"], "run", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(smoke_recipe(), out)
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "failed" and "simulated crash" in status["error"]
+    assert not (out / "report.json").exists()
+    monkeypatch.undo()
+    _run(smoke_recipe(), out)
+    stages = {s["type"]: s["cached"] for s in json.loads((out / "run.json").read_text())["stages"]}
+    assert stages == {"init": True, "train": True, "quantize": True, "export": False, "verify": False}
+    assert calls == [1]
+
+
+def test_gate_failure_exits_1_and_says_why(tmp_path):
+    raw = smoke_recipe()
+    raw["stages"][3]["min_speedup"] = 1000.0
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    proc = run_cli("run", path, "--output-dir", tmp_path / "run")
+    assert proc.returncode == 1, proc.stderr
+    assert "gate speedup" in proc.stderr and "limit 1000" in proc.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
+
+
+def test_gate_failure_raises_in_process(tmp_path):
+    raw = smoke_recipe()
+    raw["stages"][3]["max_latency_ms"] = 1e-6
+    with pytest.raises(GateFailure, match="latency_p50"):
+        _run(raw, tmp_path / "run")
+
+
+KILL_RECIPE = smoke_recipe(
+    data={"train_subset": 1536, "val_subset": 256},
+    stages=[{"type": "train", "epochs": 3, "batch_size": 64, "lr": 0.05, "eval_each_epoch": True}],
+)
+KILL_RECIPE["model"]["weights"] = None
+
+
+def _train_result(out):
+    stage = next((out / "stages").glob("*-train-*"))
+    record = json.loads((stage / "stage.json").read_text())
+    weights = torch.load(stage / "model" / "weights.pt", weights_only=True)
+    return record["output"]["metrics"]["history"], weights
+
+
+def test_killed_training_resumes_with_identical_result(tmp_path):
+    """SIGKILL after the first epoch checkpoint; the same command resumes and ends bit-identical."""
+    path = write_recipe(tmp_path / "r.yaml", KILL_RECIPE)
+    ref_out, out = tmp_path / "a" / "run", tmp_path / "b" / "run"  # separate parents: no sibling reuse
+    proc = run_cli("run", path, "--output-dir", ref_out)
+    assert proc.returncode == 0, proc.stderr
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "deploycraft", "run", str(path), "--output-dir", str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    ckpt = None
+    while time.time() < deadline and child.poll() is None:
+        found = list((out / "stages").glob("*-train-*/checkpoint.pt")) if (out / "stages").is_dir() else []
+        if found and torch.load(found[0], weights_only=True)["epoch"] >= 1:
+            ckpt = found[0]
+            break
+        time.sleep(0.2)
+    assert ckpt is not None and child.poll() is None, "training finished before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (ckpt.parent / "stage.json").exists()
+    proc = run_cli("run", path, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming train after epoch" in proc.stderr
+    ref_hist, ref_w = _train_result(ref_out)
+    hist, w = _train_result(out)
+    assert [h["val_top1"] for h in hist] == [h["val_top1"] for h in ref_hist]
+    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in ref_hist]
+    assert all(torch.equal(ref_w[k], w[k]) for k in ref_w)

@@ -1,0 +1,175 @@
+"""Recipe schema: valid recipes load, every kind of bad input becomes one UserError naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from deploycraft.errors import UserError
+from deploycraft.recipe import apply_override, build_recipe, json_schema, load_recipe
+from tests.conftest import REPO, smoke_recipe, write_recipe
+
+
+def test_shipped_recipes_are_valid():
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        r = load_recipe(path)
+        assert r.stages, path
+
+
+def test_defaults_fill_in():
+    r = build_recipe({"name": "x", "model": {"arch": "resnet20"}, "stages": [{"type": "train"}]})
+    assert r.data.dataset == "fashion-mnist"
+    assert r.stages[0].epochs == 1 and r.stages[0].momentum == 0.9
+
+
+def _error(raw) -> UserError:
+    with pytest.raises(UserError) as info:
+        build_recipe(raw, "r.yaml")
+    return info.value
+
+
+def test_unknown_key_names_the_field():
+    raw = smoke_recipe()
+    raw["stages"][0]["epoch"] = 3
+    err = _error(raw)
+    assert err.field == "stages.0.epoch"
+    assert "unknown key" in err.message and "remove it" in err.fix
+
+
+def test_wrong_type_names_the_field():
+    raw = smoke_recipe()
+    raw["stages"][0]["epochs"] = "three"
+    err = _error(raw)
+    assert err.field == "stages.0.epochs" and "'three'" in err.message
+
+
+def test_unknown_model_suggests():
+    err = _error(smoke_recipe(model={"arch": "resnet21"}))
+    assert err.field == "model.arch" and "resnet20" in err.message
+
+
+def test_missing_checkpoint(tmp_path):
+    err = _error(smoke_recipe(model={"arch": "resnet20", "weights": str(tmp_path / "nope.pt")}))
+    assert err.field == "model.weights" and "does not exist" in err.message
+
+
+def test_missing_imagefolder(tmp_path):
+    err = _error(smoke_recipe(data={"dataset": "imagefolder", "root": str(tmp_path / "none")}))
+    assert err.field == "data.root"
+
+
+def test_stage_order():
+    raw = smoke_recipe()
+    raw["stages"] = [raw["stages"][1], raw["stages"][0]]
+    err = _error(raw)
+    assert err.field == "stages.1" and "cannot come after quantize" in err.message and "train ->" in err.fix
+
+
+def test_verify_must_be_last():
+    raw = smoke_recipe()
+    raw["stages"] = [raw["stages"][0], raw["stages"][3], raw["stages"][2]]
+    assert "cannot come after verify" in _error(raw).message
+
+
+def test_duplicate_stage():
+    raw = smoke_recipe()
+    raw["stages"].insert(1, {"type": "train"})
+    assert "second train stage" in _error(raw).message
+
+
+def test_untrained_model_is_rejected():
+    raw = smoke_recipe()
+    raw["stages"] = raw["stages"][1:]
+    err = _error(raw)
+    assert err.field == "model.weights" and "untrained" in err.message
+
+
+def test_unknown_stage_type():
+    raw = smoke_recipe()
+    raw["stages"][1]["type"] = "quantise"
+    err = _error(raw)
+    assert err.field == "stages.1" and "quantize" in err.fix
+
+
+def test_literal_choices_listed():
+    raw = smoke_recipe()
+    raw["stages"][1]["target"] = "coreml"
+    err = _error(raw)
+    assert err.field == "stages.1.target" and "tensorrt" in err.fix
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("", "empty"),
+        ("# only a comment\n", "empty"),
+        ("name: [unclosed\n", "invalid YAML"),
+        ("- a\n- b\n", "mapping"),
+        ("name: x\nname: y\n", "duplicate key"),
+        ("name: !!python/object/apply:os.system ['echo pwned']\n", "not allowed"),
+        ("model: !!python/name:builtins.print\n", "not allowed"),
+    ],
+)
+def test_bad_yaml(tmp_path, text, needle):
+    path = write_recipe(tmp_path / "bad.yaml", text)
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    assert needle in info.value.one_line()
+    assert "\n" not in info.value.one_line()
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_overrides_by_index_and_type():
+    raw = smoke_recipe()
+    apply_override(raw, "stages.0.epochs=3")
+    apply_override(raw, "stages.quantize.calibrator=max")
+    apply_override(raw, "data.image_size=24")
+    apply_override(raw, "stages.verify.batch_sizes=[1, 4]")
+    apply_override(raw, "model.weights=null")
+    r = build_recipe(raw)
+    assert r.stages[0].epochs == 3
+    assert r.stages[1].calibrator == "max"
+    assert r.data.image_size == 24
+    assert r.stages[3].batch_sizes == [1, 4]
+    assert r.model.weights is None
+
+
+@pytest.mark.parametrize(
+    "assignment, needle",
+    [
+        ("stages.9.epochs=1", "out of range"),
+        ("stages.prune.amount=1", "no single stage"),
+        ("noequals", "has no '='"),
+        ("name.sub=1", "is a value"),
+    ],
+)
+def test_bad_overrides(assignment, needle):
+    with pytest.raises(UserError, match=needle):
+        apply_override(smoke_recipe(), assignment)
+
+
+def test_override_of_unknown_field_is_rejected_by_schema():
+    raw = smoke_recipe()
+    apply_override(raw, "stages.train.epochz=2")
+    assert _error(raw).field == "stages.0.epochz"
+
+
+def test_json_schema_documents_every_field():
+    schema = json_schema()
+    defs = {**schema["$defs"], "Recipe": schema}
+    for name, d in defs.items():
+        for field, prop in d.get("properties", {}).items():
+            if field == "type":
+                continue
+            assert prop.get("description"), f"{name}.{field} has no description"
+
+
+def test_recipe_reference_is_current():
+    from deploycraft.recipe_docs import render
+
+    assert (REPO / "docs" / "recipe.md").read_text() == render(), (
+        "run: python -m deploycraft.recipe_docs > docs/recipe.md"
+    )
