@@ -114,15 +114,21 @@ def models(
     from deploycraft.models.profile import count_macs, count_params
     from deploycraft.models.registry import create_model, list_models, model_info
 
-    typer.echo(f"{'model':<24}{'family':<12}{'input':<8}{'params (1000 cls)':>18}{'MACs':>12}")
-    for name in list_models(family):
+    names = list_models(family)
+    if not names:
+        _fail(
+            UserError(f"no models in family {family!r}", field="--family", fix="run `deploycraft models` to list all")
+        )
+    w = max(len(n) for n in names) + 2
+    typer.echo(f"{'model':<{w}}{'family':<12}{'input':>6}{'classes':>9}{'params':>12}{'MACs':>11}")
+    for name in names:
         info = model_info(name)
         res = size or (32 if info.input_style == "cifar" else 224)
         classes = 10 if info.input_style == "cifar" else 1000
         m = create_model(name, num_classes=classes)
         typer.echo(
-            f"{name:<24}{info.family:<12}{res:<8}{count_params(m) / 1e6:>15.2f} M"
-            f"{count_macs(m, (3, res, res)) / 1e9:>10.3f} G"
+            f"{name:<{w}}{info.family:<12}{res:>6}{classes:>9}{count_params(m) / 1e6:>10.2f} M"
+            f"{count_macs(m, (3, res, res)) / 1e9:>9.3f} G"
         )
 
 

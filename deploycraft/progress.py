@@ -54,7 +54,7 @@ class PlainBar:
         self.done += n
         now = time.monotonic()
         fraction = self.done / self.total
-        if (fraction >= self.next_fraction or now - self.last >= 30) and self.total >= 10 and fraction < 1:
+        if self.total >= 10 and fraction < 1 and (fraction >= self.next_fraction or now - self.last >= 30):
             self.next_fraction = (int(fraction * 10) + 1) / 10
             self.last = now
             console.print(
@@ -69,7 +69,7 @@ class PlainBar:
 
 @contextmanager
 def bar(description: str, total: int) -> Iterator[Bar | PlainBar]:
-    if not console.is_terminal:
+    if not console.is_terminal or total <= 0:  # total 0: silent
         yield PlainBar(description, total)
         return
     columns = (

@@ -18,6 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deploycraft.errors import UserError
 
 
+class FieldError(ValueError):
+    """A field validator's error with its fix; pydantic supplies where (the field path) it happened."""
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.fix = fix
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=False)
 
@@ -56,16 +64,18 @@ class ModelConfig(Strict):
     def _known_arch(cls, v: str) -> str:
         from deploycraft.models.registry import model_info
 
-        model_info(v)  # raises a UserError with suggestions
+        try:
+            model_info(v)
+        except UserError as exc:
+            raise FieldError(exc.message, exc.fix) from None
         return v
 
     @field_validator("weights")
     @classmethod
     def _weights_exist(cls, v: Path | None) -> Path | None:
         if v is not None and not Path(v).is_file():
-            raise UserError(
+            raise FieldError(
                 f"checkpoint {v} does not exist",
-                field="model.weights",
                 fix="give the path of a .pt/.pth state dict, or null to start from random init",
             )
         return v
@@ -156,10 +166,10 @@ class StageConfig(Strict):
     enabled: bool = Field(True, description="Set false to skip this stage (its inputs pass through).")
 
 
-class TrainConfig(StageConfig):
-    """Train from scratch, or fine-tune model.weights."""
+class OptimConfig(Strict):
+    """SGD with momentum, warm-up then decay, crop/flip augmentation: shared by train, distill and the
+    fine-tuning inside prune."""
 
-    type: Literal["train"] = "train"
     epochs: int = Field(1, ge=0, description="Epochs over the training split; 0 keeps the loaded weights.")
     batch_size: int = Field(128, ge=1, description="Mini-batch size.")
     lr: float = Field(0.1, gt=0, description="Peak learning rate of SGD (reached after the warm-up).")
@@ -178,6 +188,115 @@ class TrainConfig(StageConfig):
     crop_padding: int = Field(4, ge=0, description="Augmentation: zero-pad by this many pixels, then random-crop.")
     hflip: bool = Field(True, description="Augmentation: random horizontal flips.")
     eval_each_epoch: bool = Field(True, description="Evaluate top-1 on the held-out split after every epoch.")
+
+
+class TrainConfig(StageConfig, OptimConfig):
+    """Train from scratch, or fine-tune model.weights."""
+
+    type: Literal["train"] = "train"
+
+
+class FinetuneConfig(OptimConfig):
+    """Short recovery training after each pruning step (plain cross-entropy)."""
+
+    lr: float = Field(0.01, gt=0, description="Peak learning rate of SGD (reached after the warm-up).")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up length in epochs (fractions allowed).")
+    eval_each_epoch: bool = Field(False, description="Evaluate top-1 on the held-out split after every epoch.")
+
+
+class PruneConfig(StageConfig):
+    """Structured channel pruning on torch-pruning's dependency graph: channels coupled through residual
+    adds, concatenations, grouped convs and SE gates are removed together. Give exactly one target."""
+
+    type: Literal["prune"] = "prune"
+    channel_ratio: float | None = Field(
+        None, gt=0, lt=1, description="Target: remove this fraction of the channels of every prunable layer."
+    )
+    target_macs: float | None = Field(
+        None, gt=0, le=1, description="Target: keep at most this fraction of the MACs (0.5 = half), found by search."
+    )
+    target_params: float | None = Field(
+        None, gt=0, le=1, description="Target: keep at most this fraction of the parameters, found by search."
+    )
+    target_latency_ms: float | None = Field(
+        None, gt=0, description="Target: ONNX Runtime CPU p50 latency at latency_batch_size, pruned until met."
+    )
+    latency_batch_size: int = Field(1, ge=1, description="target_latency_ms: the batch size it is measured at.")
+    latency_precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="target_latency_ms: time the FP32 or the INT8 ONNX model; auto = int8 when a later "
+        "quantize stage targets onnxruntime-cpu, else fp32.",
+    )
+    latency_threads: int | None = Field(None, ge=1, description="target_latency_ms: threads; default all cores.")
+    importance: Literal["l1", "l2", "bn_scale", "taylor", "fpgm", "random"] = Field(
+        "l1",
+        description="Channel importance: group L1/L2 magnitude, BN scale (network slimming), first-order "
+        "Taylor (from taylor_batches batches), FPGM (geometric median), or random (a baseline).",
+    )
+    taylor_batches: int = Field(8, ge=1, description="taylor: batches whose loss gradients score the channels.")
+    round_to: int | None = Field(
+        None,
+        ge=1,
+        description="Keep every pruned width a multiple of this. Default: 16 before an INT8 "
+        "onnxruntime-cpu quantize stage (measured faster than 8 there), else 8.",
+    )
+    max_layer_ratio: float = Field(
+        0.8, gt=0, le=1, description="No layer loses more than this fraction of its channels (global pruning)."
+    )
+    global_pruning: bool = Field(
+        False, description="Rank channels across layers (widths differ per layer) instead of the same ratio per layer."
+    )
+    prune_stem: bool = Field(False, description="Also prune the stem conv (and the channels coupled to it).")
+    steps: int = Field(1, ge=1, description="Iterative schedule: prune in this many steps, fine-tuning in between.")
+    finetune: FinetuneConfig | None = Field(
+        None, description="Fine-tune after each pruning step (null: none; use a distill stage after prune)."
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneConfig:
+        targets = [
+            n
+            for n in ("channel_ratio", "target_macs", "target_params", "target_latency_ms")
+            if getattr(self, n) is not None
+        ]
+        if len(targets) != 1:
+            raise ValueError(
+                f"give exactly one of channel_ratio, target_macs, target_params, target_latency_ms "
+                f"(got {', '.join(targets) or 'none'})"
+            )
+        return self
+
+    @property
+    def target(self) -> tuple[str, float]:
+        for n in ("channel_ratio", "target_macs", "target_params", "target_latency_ms"):
+            if getattr(self, n) is not None:
+                return n, getattr(self, n)
+        raise AssertionError("validated to have one target")
+
+
+class TeacherConfig(ModelConfig):
+    weights: Path = Field(description="The teacher's trained checkpoint (required).")
+
+
+class DistillConfig(StageConfig, OptimConfig):
+    """Knowledge distillation (Hinton et al. 2015): the student (the current model) learns from the teacher's
+    softened outputs and, optionally, its stage features."""
+
+    type: Literal["distill"] = "distill"
+    epochs: int = Field(2, ge=1, description="Epochs of distillation.")
+    lr: float = Field(0.02, gt=0, description="Peak learning rate of SGD (reached after the warm-up).")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up length in epochs (fractions allowed).")
+    teacher: TeacherConfig | None = Field(
+        None, description="Teacher model; default: the model before pruning (the train stage's output)."
+    )
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of the soft targets.")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft (KD) loss; 1 - alpha weights the labels.")
+    feature_weight: float = Field(
+        0.0, ge=0, description="Weight of feature distillation on stage outputs (1x1 adapters where widths differ)."
+    )
+    control: bool = Field(
+        False, description="Also fine-tune a copy with plain cross-entropy for the same epochs and report it."
+    )
 
 
 class QuantizeConfig(StageConfig):
@@ -240,9 +359,17 @@ class VerifyConfig(StageConfig):
     min_speedup: float | None = Field(
         None, gt=0, description="Gate: smallest p50 speed-up of the main deployable over the FP32 torch model."
     )
+    compare_unpruned: bool = Field(
+        True,
+        description="After a prune stage, also export and time the unpruned model the same way (FP32 "
+        "ONNX, and INT8 with the quantize stage's settings) so the report shows what pruning bought.",
+    )
 
 
-StageUnion = Annotated[Union[TrainConfig, QuantizeConfig, ExportConfig, VerifyConfig], Field(discriminator="type")]
+StageUnion = Annotated[
+    Union[TrainConfig, PruneConfig, DistillConfig, QuantizeConfig, ExportConfig, VerifyConfig],
+    Field(discriminator="type"),
+]
 
 # Where each stage may stand in the chain; equal ranks may come in either order.
 STAGE_RANK = {"train": 0, "prune": 1, "distill": 2, "quantize": 3, "export": 3, "tensorrt": 4, "verify": 5}
@@ -280,6 +407,14 @@ class Recipe(Strict):
                     )
             seen[st.type] = i
         active = {s.type for s in self.stages if s.enabled}
+        for i, st in enumerate(self.stages):
+            if isinstance(st, DistillConfig) and st.enabled and st.teacher is None and "prune" not in active:
+                raise UserError(
+                    "distill has no teacher: without a prune stage before it the model before pruning is the "
+                    "student itself",
+                    field=f"stages.{i}.teacher",
+                    fix="add a prune stage before distill, or set stages.distill.teacher to a trained checkpoint",
+                )
         trains = any(isinstance(s, TrainConfig) and s.enabled and s.epochs > 0 for s in self.stages)
         if not trains and self.model.weights is None and active & {"quantize", "export", "verify"}:
             raise UserError(
@@ -460,6 +595,9 @@ def validation_error(exc: ValidationError, raw: Any, source: str) -> UserError:
             return cause
     err = errors[0]
     path = _loc_to_path(tuple(err["loc"]), raw) or "recipe"
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        return UserError(str(cause), field=path, fix=cause.fix, source=source)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"

@@ -10,7 +10,21 @@ from deploycraft.data.transforms import input_spec
 from deploycraft.models.io import load_model
 from deploycraft.models.profile import count_macs, count_params
 
-PRETTY = {"fp32_torch": "FP32 torch (reference)", "fp32_onnx": "FP32 ONNX", "int8_onnx": "INT8 ONNX"}
+PRETTY = {
+    "fp32_torch": "FP32 torch (reference)",
+    "pruned_fp32_torch": "pruned FP32 torch",
+    "distilled_fp32_torch": "distilled FP32 torch",
+    "unpruned_fp32_onnx": "unpruned FP32 ONNX",
+    "unpruned_int8_onnx": "unpruned INT8 ONNX",
+    "fp32_onnx": "FP32 ONNX",
+    "int8_onnx": "INT8 ONNX",
+}
+# (before, after) pairs whose speed-up pruning is responsible for.
+PRUNING_PAIRS = (
+    ("fp32_torch", "pruned_fp32_torch"),
+    ("unpruned_fp32_onnx", "fp32_onnx"),
+    ("unpruned_int8_onnx", "int8_onnx"),
+)
 
 
 def _model_entries(ctx, verify: dict[str, Any] | None, macs: int | None, params: int | None) -> dict[str, dict]:
@@ -31,8 +45,8 @@ def _model_entries(ctx, verify: dict[str, Any] | None, macs: int | None, params:
             "latency_ms": None,
             "throughput_ips": None,
             "batch_size": int(bs),
-            "macs": macs,
-            "params": params,
+            "macs": (m or {}).get("macs", macs),
+            "params": (m or {}).get("params", params),
             "bytes": (m or {}).get("bytes"),
         }
         if m and "latency" in m:
@@ -53,6 +67,30 @@ def _model_entries(ctx, verify: dict[str, Any] | None, macs: int | None, params:
                 if e["latency_ms"]:
                     e[f"speedup_vs_{base}"] = round(entries[base]["latency_ms"]["p50"] / e["latency_ms"]["p50"], 3)
     return entries
+
+
+def pruning_summary(models: dict[str, dict], batch_sizes: list[int]) -> list[dict[str, Any]]:
+    """Predicted (MACs ratio) against measured speed-up for each before/after pair, per batch size."""
+    rows = []
+    for before, after in PRUNING_PAIRS:
+        a, b = models.get(before), models.get(after)
+        if not a or not b or not a.get("latency_by_batch") or not b.get("latency_by_batch"):
+            continue
+        row = {
+            "before": before,
+            "after": after,
+            "macs_before": a["macs"],
+            "macs_after": b["macs"],
+            "predicted_speedup": round(a["macs"] / b["macs"], 3),
+            "measured_speedup": {},
+            "throughput_ratio": {},
+        }
+        for bs in map(str, batch_sizes):
+            la, lb = a["latency_by_batch"][bs], b["latency_by_batch"][bs]
+            row["measured_speedup"][bs] = round(la["p50"] / lb["p50"], 3)
+            row["throughput_ratio"][bs] = round(lb["throughput_ips"] / la["throughput_ips"], 3)
+        rows.append(row)
+    return rows
 
 
 def build_report(ctx) -> dict[str, Any]:
@@ -78,9 +116,12 @@ def build_report(ctx) -> dict[str, Any]:
         "reference": (verify or {}).get("reference"),
         "main": (verify or {}).get("main"),
         "stages": {k: v for k, v in ctx.results.items() if k != "verify"},
+        "pruning": [],
         "hardware": af.hardware(),
         "versions": af.versions(),
     }
+    if "prune" in ctx.results:
+        report["pruning"] = pruning_summary(report["models"], (verify or {}).get("batch_sizes", [1]))
     return report
 
 
@@ -133,8 +174,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         + ", medians of interleaved repeats.",
         "",
         "| model | precision | backend | top-1 | drop vs ref. | p50 ms | p99 ms | img/s | speed-up vs FP32 torch "
-        "| speed-up vs FP32 ONNX | size |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| speed-up vs FP32 ONNX | MACs | size |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in models.items():
         lat = m.get("latency_ms") or {}
@@ -147,7 +188,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{m.get('throughput_ips') or 0:.0f} | "
             f"{m.get('speedup_vs_fp32_torch', float('nan')):.2f}× | "
             f"{m.get('speedup_vs_fp32_onnx', float('nan')):.2f}× | "
-            f"{_fmt_mb(m.get('bytes'))} |"
+            f"{(m.get('macs') or 0) / 1e6:.1f} M | {_fmt_mb(m.get('bytes'))} |"
         )
     other_bs = sorted({b for m in models.values() for b in (m.get("latency_by_batch") or {})} - {str(bs)}, key=int)
     for b in other_bs:
@@ -168,6 +209,58 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Gates", "", "| gate | result | detail |", "|---|---|---|"]
         for g in report["gates"]:
             lines.append(f"| {g['name']} | {'passed' if g['passed'] else '**FAILED**'} | {g['detail']} |")
+    p = report["stages"].get("prune")
+    if p:
+        lines += [
+            "",
+            "## Pruning",
+            "",
+            f"{p['target']} = {p['target_value']}: channel ratio {p['ratio']:.3f}, importance {p['importance']}, "
+            f"widths rounded to {p['round_to']}, {p['steps']} step(s). MACs {p['macs_before'] / 1e6:.2f} M → "
+            f"{p['macs_after'] / 1e6:.2f} M ({p['macs_ratio']:.3f}×), params {p['params_before'] / 1e6:.3f} M → "
+            f"{p['params_after'] / 1e6:.3f} M; widths now {p['distinct_widths_after']}.",
+        ]
+        if p.get("latency_after_ms") is not None:
+            lines.append(
+                f"Latency target {p['target_value']} ms ({p['latency_precision']}, batch "
+                f"{p['latency_batch_size']}): measured {p['latency_after_ms']:.3f} ms "
+                f"({p['latency_error'] * 100:+.1f} %), unpruned {p['latency_before_ms']:.3f} ms."
+            )
+        trail = [f"after pruning {_fmt_pct(p.get('top1_after_prune'))}"]
+        if p.get("top1_after_finetune") is not None:
+            trail.append(f"after fine-tuning {_fmt_pct(p['top1_after_finetune'])}")
+        d = report["stages"].get("distill")
+        if d:
+            trail.append(f"after distillation {_fmt_pct(d['top1_kd'])}")
+            if d.get("top1_control") is not None:
+                trail.append(
+                    f"plain fine-tuning control {_fmt_pct(d['top1_control'])} "
+                    f"(KD {d['kd_minus_control'] * 100:+.2f} points)"
+                )
+        lines.append("Top-1: " + "; ".join(trail) + ".")
+        if report.get("pruning"):
+            bss = list(report["pruning"][0]["measured_speedup"])
+            lines += [
+                "",
+                "| before → after | predicted (MACs ratio) | " + " | ".join(f"measured batch {b}" for b in bss) + " |",
+                "|---|---|" + "---|" * len(bss),
+            ]
+            for r in report["pruning"]:
+                lines.append(
+                    f"| {PRETTY.get(r['before'], r['before'])} → {PRETTY.get(r['after'], r['after'])} | "
+                    f"{r['predicted_speedup']:.2f}× | "
+                    + " | ".join(f"{r['measured_speedup'][b]:.2f}×" for b in bss)
+                    + " |"
+                )
+    d = report["stages"].get("distill")
+    if d and not p:
+        lines += [
+            "",
+            "## Distillation",
+            "",
+            f"Teacher {d['teacher']} (top-1 {_fmt_pct(d['top1_teacher'])}): student "
+            f"{_fmt_pct(d['top1_student_before'])} → {_fmt_pct(d['top1_kd'])}.",
+        ]
     q = report["stages"].get("quantize")
     if q:
         lines += [

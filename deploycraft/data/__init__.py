@@ -48,10 +48,13 @@ def _batches(
 
 
 def synthetic_source(n: int, seed: int, size: int = 32, num_classes: int = 10) -> TensorSource:
-    """Learnable stand-in data: each class is a fixed random colour pattern plus per-image noise."""
-    gen = torch.Generator().manual_seed(seed)
-    protos = torch.randint(0, 256, (num_classes, 3, 4, 4), generator=gen).float()
+    """Learnable stand-in data: each class is a fixed random colour pattern plus per-image noise.
+
+    The class patterns are the same for every split; ``seed`` only draws the images of this split.
+    """
+    protos = torch.randint(0, 256, (num_classes, 3, 4, 4), generator=torch.Generator().manual_seed(20_17)).float()
     protos = torch.nn.functional.interpolate(protos, size=(size, size), mode="nearest")
+    gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=gen)]
     noise = torch.randn(n, 3, size, size, generator=gen) * 40

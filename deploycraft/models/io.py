@@ -90,9 +90,9 @@ def apply_widths(model: nn.Module, widths: dict[str, dict[str, Any]]) -> nn.Modu
 
 def _sync_attributes(model: nn.Module) -> None:
     """Keep derived attributes (num_features of the classifier input) in step with resized layers."""
-    fc = getattr(model, "fc", None)
-    if isinstance(fc, nn.Linear) and hasattr(model, "num_features"):
-        model.num_features = fc.in_features
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
+    if isinstance(head, nn.Linear) and hasattr(model, "num_features"):
+        model.num_features = head.in_features
 
 
 def make_spec(arch: str, kwargs: dict[str, Any], widths: dict | None = None, extra: dict | None = None) -> dict:

@@ -79,23 +79,24 @@ def fold_bn(model: nn.Module) -> fx.GraphModule:
     """A copy of ``model`` with every eval-mode BatchNorm folded away.
 
     - Conv -> BN: the BN's scale and shift go into the conv's weight and bias (standard folding).
-    - BN -> StochasticDepth (eval: multiply by the survival probability): the constant goes into
-      the BN first, so the branch ends in a plain conv and the residual add can fuse with it.
+    - BN or conv -> StochasticDepth (eval: multiply by the survival probability): the constant goes
+      into that layer first, so the branch ends in a plain conv and the residual add can fuse with it.
     - Any other BN (pre-activation nets, DenseNet) becomes a ChannelAffine (Mul + Add in ONNX),
       so the exported graph has no BatchNormalization node at all.
     """
     gm = capture(copy.deepcopy(model).eval())
     graph = gm.graph
-    # 1) fold eval-time stochastic-depth scaling into the preceding BN.
+    # 1) fold eval-time stochastic-depth scaling into the BN or conv that ends the branch.
     for node in list(graph.nodes):
         m = _module(gm, node)
         if isinstance(m, StochasticDepth):
             src = node.args[0]
-            bn = _module(gm, src) if isinstance(src, fx.Node) else None
-            if isinstance(bn, nn.BatchNorm2d) and len(src.users) == 1:
+            prev = _module(gm, src) if isinstance(src, fx.Node) else None
+            if isinstance(prev, (nn.BatchNorm2d, nn.Conv2d)) and len(src.users) == 1:
                 with torch.no_grad():
-                    bn.weight.mul_(m.survival_prob)
-                    bn.bias.mul_(m.survival_prob)
+                    prev.weight.mul_(m.survival_prob)
+                    if prev.bias is not None:
+                        prev.bias.mul_(m.survival_prob)
                 _bypass(gm, node)
     # 2) conv -> bn.
     for node in list(graph.nodes):

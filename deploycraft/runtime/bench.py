@@ -54,10 +54,11 @@ def measure(
     warmup: int = 10,
     repeats: int = 100,
     rounds: int = 5,
+    show: bool = True,
 ) -> dict[str, dict[int, Latency]]:
     results: dict[str, dict[int, Latency]] = {name: {} for name in runners}
     per_round = max(1, repeats // rounds)
-    with bar("latency", len(batch_sizes) * len(runners) * rounds) as b:
+    with bar("latency", len(batch_sizes) * len(runners) * rounds if show else 0) as b:
         for bs in batch_sizes:
             x = make_input(bs)
             inputs = {name: prepare_input(r, x) for name, r in runners.items()}

@@ -21,11 +21,11 @@ from deploycraft.data.transforms import Augment
 from deploycraft.evaluate import top1, torch_predictor
 from deploycraft.models.io import read_spec, save_model
 from deploycraft.progress import bar, log
-from deploycraft.recipe import TrainConfig
+from deploycraft.recipe import OptimConfig, TrainConfig
 from deploycraft.stages.base import Stage, StageOutput, register_stage
 
 
-def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, total: int, warmup: int, cfg: OptimConfig) -> float:
     """Learning rate at a global step: linear warm-up, then the chosen decay."""
     if warmup and step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -47,14 +47,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train_epochs(
-    model: nn.Module, data, cfg: TrainConfig, workdir: Path, seed: int, loss_fn=None, label: str = "train"
+    model: nn.Module,
+    data,
+    cfg: OptimConfig,
+    workdir: Path,
+    seed: int,
+    loss_fn=None,
+    label: str = "train",
+    extra: nn.Module | None = None,
 ) -> list[dict]:
     """Train ``model`` in place for cfg.epochs, resuming from ``workdir/checkpoint.pt``; returns the history.
 
-    ``loss_fn(model, x, y) -> (loss, logits)`` replaces plain cross-entropy (distillation uses it).
+    ``loss_fn(model, x, y) -> (loss, logits)`` replaces plain cross-entropy (distillation uses it);
+    ``extra`` holds trainable helpers of the loss (distillation adapters), optimized and checkpointed
+    with the model.
     """
+    groups = param_groups(model, cfg.weight_decay)
+    if extra is not None:
+        extra_groups = param_groups(extra, cfg.weight_decay)
+        groups = [{**g, "params": g["params"] + e["params"]} for g, e in zip(groups, extra_groups, strict=True)]
     optimizer = torch.optim.SGD(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -65,6 +78,8 @@ def train_epochs(
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
+        if extra is not None:
+            extra.load_state_dict(state["extra"])
         optimizer.load_state_dict(state["optimizer"])
         history, start = state["history"], state["epoch"]
         log(f"  resuming {label} after epoch {start}/{cfg.epochs}")
@@ -119,6 +134,7 @@ def train_epochs(
                 {
                     "epoch": epoch + 1,
                     "model": model.state_dict(),
+                    "extra": extra.state_dict() if extra is not None else {},
                     "optimizer": optimizer.state_dict(),
                     "history": history,
                 },

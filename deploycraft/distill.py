@@ -1,0 +1,134 @@
+"""Knowledge distillation losses: Hinton's soft targets and feature matching on stage outputs.
+
+Soft targets (Hinton, Vinyals & Dean 2015): alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) plus
+(1 - alpha) * cross-entropy on the labels; the T^2 keeps the soft gradients on the scale of the hard
+ones. Feature distillation (FitNets, Romero et al. 2015) matches the student's stage outputs to the
+teacher's through 1x1 adapters where the widths differ (as after pruning).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    t = temperature
+    soft = F.kl_div(
+        F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True
+    ) * (t * t)
+    hard = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+    return alpha * soft + (1 - alpha) * hard
+
+
+def stage_modules(model: nn.Module) -> list[str]:
+    """Names of the modules whose outputs are the model's stage features.
+
+    Families declare ``stage_names`` (ResNet: layer1..layer4); otherwise the last module before the
+    global pool is used, through ``forward_features``.
+    """
+    names = getattr(model, "stage_names", None)
+    return list(names) if names else []
+
+
+class FeatureTaps:
+    """Forward hooks that keep the latest output of each named module."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._keep(n)) for n in names]
+
+    def _keep(self, name: str):
+        def hook(_module, _inputs, output):
+            self.outputs[name] = output
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class FeatureAdapters(nn.Module):
+    """1x1 conv per stage from the student's width to the teacher's (identity where they match)."""
+
+    def __init__(self, student_widths: dict[str, int], teacher_widths: dict[str, int]):
+        super().__init__()
+        self.names = list(student_widths)
+        self.adapters = nn.ModuleDict(
+            {
+                n.replace(".", "_"): (
+                    nn.Conv2d(student_widths[n], teacher_widths[n], 1, bias=False)
+                    if student_widths[n] != teacher_widths[n]
+                    else nn.Identity()
+                )
+                for n in self.names
+            }
+        )
+
+    def forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.adapters[name.replace(".", "_")](x)
+
+
+def feature_loss(adapters: FeatureAdapters, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]):
+    losses = [F.mse_loss(adapters(n, student[n]), teacher[n]) for n in adapters.names]
+    return torch.stack(losses).mean()
+
+
+class Distiller:
+    """Builds the loss function that `train_epochs` calls, with the teacher frozen in eval mode."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        temperature: float,
+        alpha: float,
+        feature_weight: float,
+        sample: torch.Tensor,
+        label_smoothing: float = 0.0,
+    ):
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.temperature, self.alpha, self.feature_weight = temperature, alpha, feature_weight
+        self.label_smoothing = label_smoothing
+        self.adapters: FeatureAdapters | None = None
+        self.student_taps = self.teacher_taps = None
+        if feature_weight > 0:
+            names = stage_modules(student)
+            if not names or names != stage_modules(teacher):
+                raise ValueError("feature distillation needs student and teacher with the same stage_names")
+            self.student_taps, self.teacher_taps = FeatureTaps(student, names), FeatureTaps(teacher, names)
+            with torch.no_grad():
+                was = student.training
+                student.eval()
+                student(sample)
+                student.train(was)
+                teacher(sample)
+            widths = lambda taps: {n: taps.outputs[n].shape[1] for n in names}  # noqa: E731
+            self.adapters = FeatureAdapters(widths(self.student_taps), widths(self.teacher_taps))
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        s_logits = model(x)
+        loss = kd_loss(s_logits, t_logits, y, self.temperature, self.alpha, self.label_smoothing)
+        if self.adapters is not None:
+            loss = loss + self.feature_weight * feature_loss(
+                self.adapters, self.student_taps.outputs, self.teacher_taps.outputs
+            )
+        return loss, s_logits
+
+    def close(self) -> None:
+        for taps in (self.student_taps, self.teacher_taps):
+            if taps is not None:
+                taps.close()

@@ -1,0 +1,221 @@
+"""Prune stage: structured channel pruning to a ratio, a MACs/parameter budget or a measured latency.
+
+The pruned model is saved like every model here: the architecture's name, the widths of the layers
+that changed, and a state dict, so it is rebuilt in a new process without pickled modules. With
+``steps > 1`` the channels go in several steps with fine-tuning in between; each finished step is
+saved, so a killed run resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from deploycraft.artifacts import read_json, write_json
+from deploycraft.errors import UserError
+from deploycraft.evaluate import top1, torch_predictor
+from deploycraft.latency import onnx_latency_ms
+from deploycraft.models.io import load_model, read_spec, save_model
+from deploycraft.progress import log
+from deploycraft.pruning import (
+    PruneSettings,
+    conv_widths,
+    prune_once,
+    pruned_copy,
+    relative_step_ratio,
+    search_ratio,
+    size_of,
+    taylor_gradients,
+)
+from deploycraft.recipe import PruneConfig
+from deploycraft.stages.base import Stage, StageOutput, register_stage
+from deploycraft.stages.train import train_epochs
+
+
+def default_round_to(recipe) -> int:
+    """16 before an INT8 ONNX Runtime CPU deployment, else 8.
+
+    Measured (DESIGN.md, benchmarks/prune_round_to.py): on this CPU's INT8 kernels a ResNet-56 pruned
+    to 8-channel multiples ran slower at batch 64 than a bigger one rounded to 16.
+    """
+    q = recipe.stage("quantize")
+    if q is not None and q.enabled and q.target == "onnxruntime-cpu":
+        return 16
+    return 8
+
+
+def latency_precision(cfg: PruneConfig, recipe) -> str:
+    if cfg.latency_precision != "auto":
+        return cfg.latency_precision
+    q = recipe.stage("quantize")
+    return "int8" if q is not None and q.enabled and q.target == "onnxruntime-cpu" else "fp32"
+
+
+@register_stage
+class PruneStage(Stage):
+    type = "prune"
+    config: PruneConfig
+
+    def run(self, ctx, workdir: Path) -> StageOutput:
+        cfg = self.config
+        data = ctx.data
+        spec = read_spec(ctx.model_dir)
+        shape = ctx.input_shape
+        model = ctx.load_model()
+        settings = PruneSettings(
+            importance=cfg.importance,
+            round_to=cfg.round_to or default_round_to(ctx.recipe),
+            max_layer_ratio=cfg.max_layer_ratio,
+            global_pruning=cfg.global_pruning,
+            prune_stem=cfg.prune_stem,
+        )
+        grads = taylor_gradients(data, cfg.taylor_batches) if cfg.importance == "taylor" else None
+        before = size_of(model, shape)
+        widths_before = conv_widths(model)
+        target_name, target_value = cfg.target
+        precision = latency_precision(cfg, ctx.recipe)
+        threads = cfg.latency_threads
+        calib = None
+        if target_name == "target_latency_ms" and precision == "int8":
+            calib, _ = data.calibration_images(128)
+
+        def latency(m) -> float:
+            return onnx_latency_ms(m, shape, data.spec, precision, cfg.latency_batch_size, threads, calib, workdir)
+
+        plan_path = workdir / "plan.json"
+        if plan_path.is_file():
+            plan = read_json(plan_path)
+        else:
+            plan = {"target": target_name, "value": target_value, "round_to": settings.round_to}
+            if target_name == "channel_ratio":
+                ratio = target_value
+            else:
+                if target_name == "target_latency_ms":
+                    plan["latency_before_ms"] = latency(model)
+                    log(
+                        f"  unpruned {precision} latency at batch {cfg.latency_batch_size}: "
+                        f"{plan['latency_before_ms']:.3f} ms; target {target_value} ms"
+                    )
+
+                def fits(r: float) -> bool:
+                    candidate = pruned_copy(model, r, settings, shape, grads, ctx.recipe.seed)
+                    if target_name == "target_latency_ms":
+                        return latency(candidate) <= target_value
+                    key = "macs" if target_name == "target_macs" else "params"
+                    return size_of(candidate, shape)[key] <= target_value * before[key]
+
+                ratio = search_ratio(fits, hi=settings.max_layer_ratio)
+                if ratio is None:
+                    raise UserError(
+                        f"{target_name}={target_value} cannot be reached with round_to {settings.round_to} and "
+                        f"max_layer_ratio {settings.max_layer_ratio}",
+                        field=f"stages.prune.{target_name}",
+                        fix="relax the target, lower round_to, raise max_layer_ratio or set global_pruning: true",
+                    )
+            plan["ratio"] = ratio
+            write_json(plan_path, plan)
+        ratio = plan["ratio"]
+        log(
+            f"  channel ratio {ratio:.3f} for {target_name}={target_value} (round_to {settings.round_to}, "
+            f"importance {cfg.importance}, {cfg.steps} step(s))"
+        )
+
+        history = []
+        start, previous = 0, 0.0
+        for step in range(cfg.steps - 1, -1, -1):  # resume after the last completed step
+            done = workdir / f"step{step}"
+            if (done / "done.json").is_file():
+                model = load_model(done / "model")
+                history = read_json(done / "done.json")["history"]
+                start, previous = step + 1, ratio * (step + 1) / cfg.steps
+                log(f"  resuming prune after step {start}/{cfg.steps}")
+                break
+        top1_after_prune = None
+        for step in range(start, cfg.steps):
+            cumulative = ratio * (step + 1) / cfg.steps
+            prune_once(model, relative_step_ratio(cumulative, previous), settings, shape, grads, ctx.recipe.seed + step)
+            previous = cumulative
+            record = {"step": step + 1, "ratio": cumulative, **size_of(model, shape)}
+            if step == cfg.steps - 1 or cfg.finetune is not None:
+                record["top1_after_prune"] = top1(
+                    torch_predictor(model), data, 256, f"top-1 after prune step {step + 1}"
+                )
+                top1_after_prune = record["top1_after_prune"]
+            if cfg.finetune is not None and cfg.finetune.epochs > 0:
+                step_dir = workdir / f"step{step}"
+                step_dir.mkdir(exist_ok=True)
+                ft = train_epochs(
+                    model,
+                    data,
+                    cfg.finetune,
+                    step_dir,
+                    ctx.recipe.seed + 1000 * (step + 1),
+                    label=f"fine-tune {step + 1}/{cfg.steps}",
+                )
+                record["top1_after_finetune"] = ft[-1].get("val_top1")
+            history.append(record)
+            log(
+                f"  step {step + 1}/{cfg.steps}: {record['macs'] / 1e6:.2f} M MACs, "
+                f"{record['params'] / 1e6:.3f} M params"
+                + (f", top-1 {record['top1_after_prune']:.4f} after pruning" if "top1_after_prune" in record else "")
+                + (
+                    f", {record['top1_after_finetune']:.4f} after fine-tuning"
+                    if record.get("top1_after_finetune") is not None
+                    else ""
+                )
+            )
+            save_model(model, workdir / f"step{step}" / "model", spec["arch"], spec["kwargs"])
+            write_json(workdir / f"step{step}" / "done.json", {"history": history})
+
+        after = size_of(model, shape)
+        save_model(model, workdir / "model", spec["arch"], spec["kwargs"])
+        # The saved spec + weights must rebuild the same network in a new process: check it here.
+        rebuilt = load_model(workdir / "model")
+        x = data.sample_input(4)
+        with torch.no_grad():
+            if not torch.equal(rebuilt(x), model.eval()(x)):
+                raise RuntimeError("the pruned model does not rebuild identically from its spec and weights")
+        widths_after = conv_widths(model)
+        metrics = {
+            "target": target_name,
+            "target_value": target_value,
+            "ratio": ratio,
+            "importance": cfg.importance,
+            "round_to": settings.round_to,
+            "global_pruning": cfg.global_pruning,
+            "steps": cfg.steps,
+            "macs_before": before["macs"],
+            "params_before": before["params"],
+            "macs_after": after["macs"],
+            "params_after": after["params"],
+            "macs_ratio": after["macs"] / before["macs"],
+            "params_ratio": after["params"] / before["params"],
+            "widths_changed": {n: [widths_before[n], w] for n, w in widths_after.items() if widths_before.get(n) != w},
+            "distinct_widths_after": sorted(set(widths_after.values())),
+            "top1_after_prune": top1_after_prune,
+            "top1_after_finetune": history[-1].get("top1_after_finetune") if history else None,
+            "history": history,
+        }
+        if target_name == "target_latency_ms":
+            measured = latency(model)
+            metrics.update(
+                {
+                    "latency_precision": precision,
+                    "latency_batch_size": cfg.latency_batch_size,
+                    "latency_before_ms": plan.get("latency_before_ms"),
+                    "latency_after_ms": measured,
+                    "latency_error": (measured - target_value) / target_value,
+                }
+            )
+            log(
+                f"  measured {precision} latency {measured:.3f} ms vs target {target_value} ms "
+                f"({metrics['latency_error'] * 100:+.1f} %)"
+            )
+        log(
+            f"  MACs {before['macs'] / 1e6:.2f} M -> {after['macs'] / 1e6:.2f} M ({metrics['macs_ratio']:.3f}x), "
+            f"params {before['params'] / 1e6:.3f} M -> {after['params'] / 1e6:.3f} M"
+        )
+        write_json(workdir / "widths.json", json.loads(json.dumps(metrics["widths_changed"])))
+        return StageOutput(model="model", metrics=metrics)
