@@ -119,7 +119,9 @@ def prune_once(
         raise UserError(
             f"{type(model).__name__} has no prunable channels at ratio {ratio:.2f}: every channel group is "
             "coupled to a kept layer (stem or classifier) or would fall below its floor",
-            field="stages.prune", fix="set prune_stem: true, lower round_to, or remove the prune stage")
+            field="stages.prune",
+            fix="set prune_stem: true, lower round_to, or remove the prune stage",
+        )
     return model
 
 

@@ -43,8 +43,11 @@ def test_feature_distillation_with_pruned_student():
     d = Distiller(student, teacher, 4.0, 0.9, 1.0, x[:2])
     try:
         assert d.adapters is not None
-        widths = {n: a.in_channels for n, a in zip(d.adapters.names, d.adapters.adapters.values(), strict=True)
-                  if isinstance(a, torch.nn.Conv2d)}
+        widths = {
+            n: a.in_channels
+            for n, a in zip(d.adapters.names, d.adapters.adapters.values(), strict=True)
+            if isinstance(a, torch.nn.Conv2d)
+        }
         assert widths, "pruned stages need 1x1 adapters"
         student.train()
         loss, logits = d.loss(student, x, torch.randint(0, 10, (4,)))

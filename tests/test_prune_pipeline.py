@@ -36,8 +36,14 @@ def pruned_run(tmp_path_factory):
 
 def test_report_has_pruned_and_unpruned_models(pruned_run):
     _, report = pruned_run
-    assert set(report["models"]) == {"fp32_torch", "pruned_fp32_torch", "unpruned_fp32_onnx", "unpruned_int8_onnx",
-                                     "fp32_onnx", "int8_onnx"}
+    assert set(report["models"]) == {
+        "fp32_torch",
+        "pruned_fp32_torch",
+        "unpruned_fp32_onnx",
+        "unpruned_int8_onnx",
+        "fp32_onnx",
+        "int8_onnx",
+    }
     m = report["models"]
     assert m["int8_onnx"]["macs"] == m["pruned_fp32_torch"]["macs"] < m["fp32_torch"]["macs"]
     assert m["unpruned_int8_onnx"]["macs"] == m["fp32_torch"]["macs"]
@@ -48,8 +54,11 @@ def test_report_has_pruned_and_unpruned_models(pruned_run):
 def test_predicted_vs_measured_speedup(pruned_run):
     _, report = pruned_run
     pairs = {(r["before"], r["after"]): r for r in report["pruning"]}
-    assert set(pairs) == {("fp32_torch", "pruned_fp32_torch"), ("unpruned_fp32_onnx", "fp32_onnx"),
-                          ("unpruned_int8_onnx", "int8_onnx")}
+    assert set(pairs) == {
+        ("fp32_torch", "pruned_fp32_torch"),
+        ("unpruned_fp32_onnx", "fp32_onnx"),
+        ("unpruned_int8_onnx", "int8_onnx"),
+    }
     for r in pairs.values():
         assert r["predicted_speedup"] >= 2.0  # MACs at most half
         assert set(r["measured_speedup"]) == {"1", "8"} and all(v > 0 for v in r["measured_speedup"].values())
@@ -75,11 +84,14 @@ def test_pruned_model_reloads_identically_in_a_new_process(pruned_run, tmp_path)
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
         here = load_model(folder)(x)
-    code = ("import sys, torch; from deploycraft.models.io import load_model; "
-            "m = load_model(sys.argv[1]); x = torch.load(sys.argv[2], weights_only=True); "
-            "torch.save(m(x).detach(), sys.argv[3])")
-    subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                   check=True, cwd=REPO)
+    code = (
+        "import sys, torch; from deploycraft.models.io import load_model; "
+        "m = load_model(sys.argv[1]); x = torch.load(sys.argv[2], weights_only=True); "
+        "torch.save(m(x).detach(), sys.argv[3])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], check=True, cwd=REPO
+    )
     assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), here)
     spec = json.loads((folder / "spec.json").read_text())
     assert spec["widths"] and not (folder / "model.pkl").exists()

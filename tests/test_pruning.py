@@ -140,8 +140,18 @@ def test_unprunable_model_is_a_clear_error():
         prune_once(Tiny(), 0.5, PruneSettings(), SHAPE)
 
 
-FAMILIES = ["resnet20", "preact_resnet20", "wrn_16_2", "resnext29_4x16d", "se_resnet20", "densenet40_12",
-            "pyramidnet20_a48", "highway_conv", "shake_resnet26_2x32d", "resnet110_sd"]
+FAMILIES = [
+    "resnet20",
+    "preact_resnet20",
+    "wrn_16_2",
+    "resnext29_4x16d",
+    "se_resnet20",
+    "densenet40_12",
+    "pyramidnet20_a48",
+    "highway_conv",
+    "shake_resnet26_2x32d",
+    "resnet110_sd",
+]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -23,8 +23,16 @@ def test_fashion_mnist_subset_chain(tmp_path):
         "model": {"arch": "resnet20", "num_classes": 10, "kwargs": {"zero_init_residual": False}},
         "data": {"dataset": "fashion-mnist", "image_size": 28, "channels": 1, "train_subset": 3000, "val_subset": 1000},
         "stages": [
-            {"type": "train", "epochs": 1, "batch_size": 32, "lr": 0.1, "warmup_epochs": 0.1, "crop_padding": 0,
-             "hflip": False, "eval_each_epoch": False},
+            {
+                "type": "train",
+                "epochs": 1,
+                "batch_size": 32,
+                "lr": 0.1,
+                "warmup_epochs": 0.1,
+                "crop_padding": 0,
+                "hflip": False,
+                "eval_each_epoch": False,
+            },
             {"type": "quantize", "num_calibration": 256},
             {"type": "export"},
             {"type": "verify", "batch_sizes": [1, 16], "repeats": 20, "max_accuracy_drop": 0.03},
