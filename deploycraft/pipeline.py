@@ -31,7 +31,10 @@ from deploycraft.recipe import Recipe
 from deploycraft.stages import STAGES, StageOutput
 
 
-def default_run_dir(recipe: Recipe, base: Path = Path("artifacts")) -> Path:
+DEFAULT_BASE = Path("artifacts")
+
+
+def default_run_dir(recipe: Recipe, base: Path = DEFAULT_BASE) -> Path:
     return base / recipe.name / af.sha256_json(recipe.model_dump(mode="json"))[:10]
 
 
@@ -118,15 +121,22 @@ def _init_model(recipe: Recipe, in_chans: int, workdir: Path) -> StageOutput:
 
 
 def _find_cached(run: af.RunDir, name: str) -> Path | None:
-    """A completed stage folder with this name: in this run folder, else in a sibling run of the recipe."""
+    """A completed stage folder with this name: in this run folder, else in another run folder.
+
+    Keys hash everything a stage depends on, so a stage completed by any recipe is reusable: other
+    runs of the same recipe name are searched, and all of artifacts/ when the run lives there.
+    """
     own = run.stages / name
     if (own / "stage.json").is_file():
         return own
-    parent = run.root.parent
-    if parent.is_dir():
-        for other in sorted(parent.glob(f"*/stages/{name}/stage.json")):
-            if other.parent.parent.parent != run.root:
-                return other.parent
+    root = run.root.resolve()
+    candidates = set(root.parent.glob(f"*/stages/{name}/stage.json"))
+    base = DEFAULT_BASE.resolve()
+    if root.parent.parent == base:
+        candidates |= set(base.glob(f"*/*/stages/{name}/stage.json"))
+    for marker in sorted(candidates):
+        if marker.parent.parent.parent != root:
+            return marker.parent
     return None
 
 
