@@ -18,20 +18,21 @@ def top1(predict: Predict, data, batch_size: int = 256, description: str = "eval
     with bar(description, steps) as b:
         for x, y in data.val_batches(batch_size):
             logits = predict(x)
-            pred = (
-                logits.argmax(1) if isinstance(logits, torch.Tensor) else torch.from_numpy(np.asarray(logits).argmax(1))
-            )
+            if isinstance(logits, torch.Tensor):
+                pred = logits.argmax(1).cpu()
+            else:
+                pred = torch.from_numpy(np.asarray(logits).argmax(1))
             correct += int((pred == y).sum())
             total += len(y)
             b.advance(acc=correct / total)
     return correct / max(total, 1)
 
 
-def torch_predictor(model: torch.nn.Module) -> Predict:
+def torch_predictor(model: torch.nn.Module, device: str | torch.device = "cpu") -> Predict:
     model.eval()
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return model(x)
+            return model(x.to(device)).cpu()
 
     return predict

@@ -30,7 +30,6 @@ from deploycraft.progress import log, set_log_file
 from deploycraft.recipe import Recipe
 from deploycraft.stages import STAGES, StageOutput
 
-
 DEFAULT_BASE = Path("artifacts")
 
 
@@ -71,6 +70,20 @@ class RunContext:
         from deploycraft.data import build_data
 
         return build_data(self.recipe.data, self.recipe.seed)
+
+    @property
+    def device(self) -> str:
+        """The torch device for training: the recipe's, with auto resolved to cuda when a GPU is visible."""
+        wanted = self.recipe.device
+        if wanted == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if wanted == "cuda" and not torch.cuda.is_available():
+            raise UserError(
+                "device is cuda but torch sees no GPU",
+                field="device",
+                fix="set device: cpu (or auto), or install a CUDA build of torch on a GPU machine",
+            )
+        return wanted
 
     @property
     def in_chans(self) -> int:

@@ -47,6 +47,86 @@ def importance(name: str):
     return table[name]()
 
 
+# --- depth: whole residual blocks ------------------------------------------------------------------
+
+
+def removable_blocks(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """Blocks that compute act(x + f(x)) with an identity skip and keep the shape, where dropping f is exact
+    apart from f itself: the skip is the block's own input, and for a ReLU after the add the input is
+    already non-negative (post-activation ResNets), so what remains of the block is the identity.
+    Returns each block's input size (elements per image), the cost proxy for choosing among them."""
+    from deploycraft.models.layers import ResidualAdd
+
+    owners = {
+        name: m for name, m in model.named_modules() if name and any(isinstance(c, ResidualAdd) for c in m.children())
+    }
+    seen: dict[str, dict] = {}
+    handles = []
+    for name, block in owners.items():
+        add = next(c for c in block.children() if isinstance(c, ResidualAdd))
+        state = seen.setdefault(name, {})
+
+        def pre(_m, args, state=state):
+            state["input"] = args[0]
+
+        def add_pre(mod, args, state=state):
+            state["identity"] = args[1] is state.get("input")
+            state["act"] = mod.act is not None
+
+        def post(_m, args, out, state=state):
+            x = args[0]
+            state["same_shape"] = out.shape == x.shape
+            state["nonneg"] = bool((x >= 0).all())
+            state["activations"] = x[0].numel()
+
+        handles += [
+            block.register_forward_pre_hook(pre),
+            add.register_forward_pre_hook(add_pre),
+            block.register_forward_hook(post),
+        ]
+    try:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.rand(2, *input_shape))
+        model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        n: s["activations"]
+        for n, s in seen.items()
+        if s.get("identity") and s.get("same_shape") and (not s.get("act") or s.get("nonneg"))
+    }
+
+
+def block_scores(model: nn.Module, names: list[str], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """How much the loss rises when each block's branch is skipped (Veit et al. 2016 show single blocks of
+    a ResNet can go with little loss; this measures which)."""
+    model.eval()
+
+    def loss() -> float:
+        with torch.no_grad():
+            return sum(float(F.cross_entropy(model(x), y)) for x, y in batches) / len(batches)
+
+    base = loss()
+    scores = {}
+    for name in names:
+        handle = model.get_submodule(name).register_forward_hook(lambda _m, args, _out: args[0])
+        try:
+            scores[name] = loss() - base
+        finally:
+            handle.remove()
+    return scores
+
+
+def remove_blocks(model: nn.Module, names: list[str]) -> nn.Module:
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+    return model
+
+
 def stem_conv(model: nn.Module) -> nn.Conv2d | None:
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
 
@@ -80,8 +160,13 @@ def prune_once(
     input_shape: tuple[int, ...],
     gradients: GradientFn | None = None,
     seed: int = 0,
+    strict: bool = True,
 ) -> nn.Module:
-    """Remove ``ratio`` of the channels of every prunable group of ``model``, in place."""
+    """Remove ``ratio`` of the channels of every prunable group of ``model``, in place.
+
+    ``strict``: a ratio that removes nothing (every group coupled to a kept layer, or the ratio would
+    take each group below its floor) is an error; a search passes False and sees an unchanged model.
+    """
     import torch_pruning as tp
 
     if ratio <= 0:
@@ -115,7 +200,7 @@ def prune_once(
     before = count_params(model)
     pruner.step()
     model.zero_grad(set_to_none=True)
-    if count_params(model) == before:
+    if strict and count_params(model) == before:
         raise UserError(
             f"{type(model).__name__} has no prunable channels at ratio {ratio:.2f}: every channel group is "
             "coupled to a kept layer (stem or classifier) or would fall below its floor",
@@ -164,9 +249,16 @@ def search_ratio(fits: Callable[[float], bool], hi: float, grid: int = 32, refin
 
 
 def pruned_copy(
-    model: nn.Module, ratio: float, settings: PruneSettings, input_shape, gradients=None, seed: int = 0
+    model: nn.Module,
+    ratio: float,
+    settings: PruneSettings,
+    input_shape,
+    gradients=None,
+    seed: int = 0,
+    strict: bool = False,
 ) -> nn.Module:
-    return prune_once(copy.deepcopy(model), ratio, settings, input_shape, gradients, seed)
+    """A pruned deep copy, for searches: by default a ratio that prunes nothing returns the model unchanged."""
+    return prune_once(copy.deepcopy(model), ratio, settings, input_shape, gradients, seed, strict)
 
 
 def size_of(model: nn.Module, input_shape) -> dict[str, int]:

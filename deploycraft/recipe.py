@@ -210,7 +210,10 @@ class PruneConfig(StageConfig):
 
     type: Literal["prune"] = "prune"
     channel_ratio: float | None = Field(
-        None, gt=0, lt=1, description="Target: remove this fraction of the channels of every prunable layer."
+        None,
+        ge=0,
+        lt=1,
+        description="Target: remove this fraction of the channels of every prunable layer (0: only remove_blocks).",
     )
     target_macs: float | None = Field(
         None, gt=0, le=1, description="Target: keep at most this fraction of the MACs (0.5 = half), found by search."
@@ -248,6 +251,19 @@ class PruneConfig(StageConfig):
     )
     prune_stem: bool = Field(False, description="Also prune the stem conv (and the channels coupled to it).")
     steps: int = Field(1, ge=1, description="Iterative schedule: prune in this many steps, fine-tuning in between.")
+    remove_blocks: int = Field(
+        0,
+        ge=0,
+        description="Depth pruning first: remove this many residual blocks with an identity shortcut, those whose "
+        "removal raises the training loss least. Narrow early stages dominate INT8 time on CPU and channel "
+        "rounding cannot shrink them; removing blocks does (benchmarks/prune_round_to.py).",
+    )
+    block_batches: int = Field(8, ge=1, description="remove_blocks: training batches that score the blocks.")
+    block_cost: Literal["activations", "none"] = Field(
+        "activations",
+        description="remove_blocks: rank blocks by loss increase per element of their input activations "
+        "(on CPU, high-resolution narrow blocks cost the most per MAC), or by loss increase alone.",
+    )
     finetune: FinetuneConfig | None = Field(
         None, description="Fine-tune after each pruning step (null: none; use a distill stage after prune)."
     )
@@ -384,6 +400,11 @@ class Recipe(Strict):
     description: str = Field("", description="Free text, copied into the report.")
     seed: int = Field(0, description="Seed of model init, data order, augmentation and subsets.")
     threads: int | None = Field(None, ge=1, description="Torch intra-op threads for training; default: all cores.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where torch trains, distills and fine-tunes (and, on cuda, where verify also times the FP32 "
+        "model): auto = cuda when a GPU is visible. Calibration, export and ONNX Runtime run on the CPU.",
+    )
     model: ModelConfig = Field(description="The architecture and where its weights come from.")
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset, resolution and normalization.")
     stages: list[StageUnion] = Field(min_length=1, description="The stages, run in this order.")

@@ -14,6 +14,7 @@ PRETTY = {
     "fp32_torch": "FP32 torch (reference)",
     "pruned_fp32_torch": "pruned FP32 torch",
     "distilled_fp32_torch": "distilled FP32 torch",
+    "fp32_torch_cuda": "FP32 torch, CUDA",
     "unpruned_fp32_onnx": "unpruned FP32 ONNX",
     "unpruned_int8_onnx": "unpruned INT8 ONNX",
     "fp32_onnx": "FP32 ONNX",
@@ -220,6 +221,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{p['macs_after'] / 1e6:.2f} M ({p['macs_ratio']:.3f}×), params {p['params_before'] / 1e6:.3f} M → "
             f"{p['params_after'] / 1e6:.3f} M; widths now {p['distinct_widths_after']}.",
         ]
+        if p.get("removed_blocks"):
+            lines.append(
+                f"Depth: removed {len(p['removed_blocks'])} residual blocks ({', '.join(p['removed_blocks'])}), "
+                "those whose removal raised the training loss least."
+            )
         if p.get("latency_after_ms") is not None:
             lines.append(
                 f"Latency target {p['target_value']} ms ({p['latency_precision']}, batch "

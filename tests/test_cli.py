@@ -82,3 +82,26 @@ def test_models_lists_params_and_macs():
 def test_version():
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("deploycraft ")
+
+
+def test_bench_compares_onnx_files(tmp_path, tiny_resnet):
+    import torch
+
+    from deploycraft.onnx_io import export_onnx
+    from deploycraft.quant.graph import fold_bn
+
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    meta = {"deploycraft.input": {"channels": 3, "image_size": 16}}
+    export_onnx(fold_bn(tiny_resnet), torch.randn(2, 3, 16, 16), a, metadata=meta)
+    export_onnx(fold_bn(tiny_resnet), torch.randn(2, 3, 16, 16), b, metadata=meta)
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", a, b, "--batch", "1", "--batch", "4", "--repeats", "5", "--warmup", "1", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "batch 4:" in proc.stdout and "x vs first" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {str(a), str(b)} and results[str(a)]["4"]["p50"] > 0
+
+
+def test_bench_missing_file_is_a_user_error(tmp_path):
+    line = _one_line_error(run_cli("bench", tmp_path / "nope.onnx"))
+    assert "does not exist" in line

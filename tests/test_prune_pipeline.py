@@ -159,3 +159,24 @@ def test_distill_needs_a_teacher():
     raw["stages"].insert(1, dict(DISTILL))
     with pytest.raises(UserError, match="no teacher"):
         build_recipe(raw)
+
+
+def test_depth_pruning_through_the_stage(tmp_path):
+    raw = chain(target_macs=None, channel_ratio=0.0, remove_blocks=3, block_cost="none", steps=1, finetune=None)
+    raw["stages"] = raw["stages"][:2]
+    Pipeline(build_recipe(raw), tmp_path / "run").execute()
+    stage = json.loads(next((tmp_path / "run" / "stages").glob("*-prune-*/stage.json")).read_text())
+    p = stage["output"]["metrics"]
+    assert len(p["removed_blocks"]) == 3 and set(p["removed_blocks"]) <= set(p["block_scores"])
+    kept = sorted(p["block_scores"], key=p["block_scores"].get)[:3]
+    assert sorted(p["removed_blocks"]) == sorted(kept)  # the three that cost the least loss
+    assert p["macs_ratio"] < 1.0
+    model = load_model(next((tmp_path / "run" / "stages").glob("*-prune-*")) / "model")
+    assert sum(isinstance(m, torch.nn.Identity) for m in model.modules()) >= 3
+
+
+def test_too_many_blocks_is_a_user_error(tmp_path):
+    raw = chain(target_macs=None, channel_ratio=0.0, remove_blocks=50, steps=1, finetune=None)
+    raw["stages"] = raw["stages"][:2]
+    with pytest.raises(UserError, match="remove_blocks"):
+        Pipeline(build_recipe(raw), tmp_path / "run").execute()

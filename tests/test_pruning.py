@@ -174,3 +174,36 @@ def test_pruning_every_family(name, tmp_path):
     again = load_model(tmp_path / "model")
     with torch.no_grad():
         assert torch.equal(again(x), out)
+
+
+def test_removable_blocks_are_the_identity_shortcut_ones():
+    from deploycraft.pruning import removable_blocks
+
+    names = removable_blocks(_model("resnet20"), SHAPE)
+    assert list(names) == ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
+    assert names["layer1.0"] == 16 * 16 * 16 and names["layer3.1"] == 64 * 4 * 4
+    if is_registered("preact_resnet20"):
+        assert len(removable_blocks(_model("preact_resnet20"), SHAPE)) == 7
+
+
+def test_block_removal_is_exact_and_persists(tmp_path):
+    from deploycraft.pruning import block_scores, remove_blocks
+
+    m = _model()
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        skip_hook = m.layer2[1].register_forward_hook(lambda _m, args, _out: args[0])
+        bypassed = m(x)
+        skip_hook.remove()
+    batches = [(x, torch.randint(0, 10, (4,)))]
+    scores = block_scores(m, ["layer1.0", "layer2.1"], batches)
+    assert set(scores) == {"layer1.0", "layer2.1"}
+    remove_blocks(m, ["layer2.1"])
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), bypassed)
+    save_model(m, tmp_path / "m", "resnet20", {"num_classes": 10})
+    again = load_model(tmp_path / "m")
+    assert isinstance(again.layer2[1], nn.Identity)
+    with torch.no_grad():
+        assert torch.equal(again(x), m(x))
+    assert size_of(m, SHAPE)["macs"] < size_of(_model(), SHAPE)["macs"]

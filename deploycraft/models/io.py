@@ -48,6 +48,8 @@ def layer_shape(m: nn.Module) -> dict[str, Any] | None:
         }
     if isinstance(m, PadShortcut):
         return {"type": "PadShortcut", "in_channels": m.in_channels, "out_channels": m.out_channels, "stride": m.stride}
+    if isinstance(m, nn.Identity):  # a residual block removed by depth pruning
+        return {"type": "Identity"}
     return None
 
 
@@ -62,6 +64,8 @@ def build_layer(shape: dict[str, Any]) -> nn.Module:
         return nn.Linear(**args)
     if kind == "PadShortcut":
         return PadShortcut(**args)
+    if kind == "Identity":
+        return nn.Identity()
     raise ValueError(f"unknown layer type {kind!r} in model spec")
 
 

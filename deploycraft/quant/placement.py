@@ -53,6 +53,14 @@ def _is_passthrough(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
+def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(_module(gm, n), nn.ReLU)
+    if n.op == "call_function":
+        return n.target in (torch.relu, torch.nn.functional.relu)
+    return n.op == "call_method" and n.target == "relu"
+
+
 def _is_concat(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target is torch.cat
 
@@ -83,6 +91,12 @@ def plan(gm: fx.GraphModule, target: Target) -> list[list[fx.Node]]:
         m = _module(gm, n)
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             want(n.args[0])
+            if ort and isinstance(m, nn.Conv2d):
+                # ONNX Runtime makes a conv QLinearConv only when its output is quantized, so quantize it
+                # even when a float op (sigmoid gate, pooling, SE) reads it; after a lone ReLU, so that
+                # Conv -> ReLU -> Q fuses.
+                users = list(n.users)
+                want(users[0] if len(users) == 1 and _is_relu(gm, users[0]) else n)
         elif isinstance(m, ResidualAdd):
             if ort:
                 want(n.args[0])

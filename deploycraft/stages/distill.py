@@ -65,6 +65,7 @@ class DistillStage(Stage):
         distiller = Distiller(
             student, teacher, cfg.temperature, cfg.alpha, cfg.feature_weight, data.sample_input(2), cfg.label_smoothing
         )
+        teacher.to(ctx.device)
         try:
             history = train_epochs(
                 student,
@@ -75,9 +76,11 @@ class DistillStage(Stage):
                 distiller.loss,
                 label="distill",
                 extra=distiller.adapters,
+                device=ctx.device,
             )
         finally:
             distiller.close()
+            teacher.to("cpu")
         metrics["top1_kd"] = history[-1]["val_top1"]
         metrics["history"] = history
         save_model(student, workdir / "model", spec["arch"], spec["kwargs"])
@@ -88,7 +91,9 @@ class DistillStage(Stage):
                 metrics["top1_control"] = top1(torch_predictor(control), data, 256, "top-1 control")
             else:
                 control = initial
-                ctrl = train_epochs(control, data, cfg, control_dir, ctx.recipe.seed, label="control fine-tune")
+                ctrl = train_epochs(
+                    control, data, cfg, control_dir, ctx.recipe.seed, label="control fine-tune", device=ctx.device
+                )
                 metrics["top1_control"] = ctrl[-1]["val_top1"]
                 save_model(control, control_dir / "model", spec["arch"], spec["kwargs"])
             metrics["kd_minus_control"] = metrics["top1_kd"] - metrics["top1_control"]

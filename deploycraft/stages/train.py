@@ -55,6 +55,7 @@ def train_epochs(
     loss_fn=None,
     label: str = "train",
     extra: nn.Module | None = None,
+    device: str = "cpu",
 ) -> list[dict]:
     """Train ``model`` in place for cfg.epochs, resuming from ``workdir/checkpoint.pt``; returns the history.
 
@@ -62,6 +63,9 @@ def train_epochs(
     ``extra`` holds trainable helpers of the loss (distillation adapters), optimized and checkpointed
     with the model.
     """
+    model.to(device)
+    if extra is not None:
+        extra.to(device)
     groups = param_groups(model, cfg.weight_decay)
     if extra is not None:
         extra_groups = param_groups(extra, cfg.weight_decay)
@@ -100,6 +104,7 @@ def train_epochs(
         loss_sum = 0.0
         with bar(f"{label} epoch {epoch + 1}/{cfg.epochs}", steps) as b:
             for i, (x, y) in enumerate(data.train_epoch(cfg.batch_size, epoch, augment)):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 lr = lr_at(epoch * steps + i, total, warmup, cfg)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
@@ -121,7 +126,7 @@ def train_epochs(
             "seconds": round(time.time() - started, 1),
         }
         if cfg.eval_each_epoch or epoch + 1 == cfg.epochs:
-            record["val_top1"] = top1(torch_predictor(model), data, 256, f"{label} eval")
+            record["val_top1"] = top1(torch_predictor(model, device), data, 256, f"{label} eval")
         history.append(record)
         log(
             f"  {label} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, "
@@ -140,6 +145,9 @@ def train_epochs(
                 },
                 tmp,
             )
+    model.to("cpu")  # pruning, export and saving work on CPU copies
+    if extra is not None:
+        extra.to("cpu")
     return history
 
 
@@ -154,7 +162,7 @@ class TrainStage(Stage):
             return StageOutput(metrics={"epochs": 0, "note": "epochs: 0 keeps the loaded weights"})
         model = ctx.load_model()
         data = ctx.data
-        history = train_epochs(model, data, cfg, workdir, ctx.recipe.seed)
+        history = train_epochs(model, data, cfg, workdir, ctx.recipe.seed, device=ctx.device)
         spec = read_spec(ctx.model_dir)
         save_model(model, workdir / "model", spec["arch"], spec["kwargs"])
         last = history[-1]

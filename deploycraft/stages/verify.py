@@ -86,6 +86,7 @@ ORDER = (
     "fp32_torch",
     "pruned_fp32_torch",
     "distilled_fp32_torch",
+    "fp32_torch_cuda",
     "unpruned_fp32_onnx",
     "unpruned_int8_onnx",
     "fp32_onnx",
@@ -164,6 +165,16 @@ class VerifyStage(Stage):
                 if changed:
                     name = "pruned_fp32_torch" if pruned else "distilled_fp32_torch"
                     add(name, TorchRunner(ctx.load_model()), torch_meta, ctx.model_dir / "weights.pt", "current")
+                if ctx.device == "cuda":
+                    # The deployable's FP32 model on the GPU in eager torch (end to end: copies included).
+                    gpu_meta = {**torch_meta, "backend": "torch-cuda", "device": torch.cuda.get_device_name(0)}
+                    add(
+                        "fp32_torch_cuda",
+                        TorchRunner(ctx.load_model(), device="cuda"),
+                        gpu_meta,
+                        ctx.model_dir / "weights.pt",
+                        "current",
+                    )
             if "onnxruntime" in cfg.backends:
                 for name, art in ctx.artifacts.items():
                     if art["format"] == "onnx":
