@@ -134,7 +134,8 @@ def _fmt_mb(b: int | None) -> str:
     return "—" if not b else f"{b / 1e6:.2f} MB"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def _md_header(report: dict[str, Any]) -> list[str]:
+    """Title, status, hardware and input."""
     hw = report["hardware"]
     lines = [f"# deploycraft report: {report['recipe']}", ""]
     if report["description"]:
@@ -151,6 +152,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"mean {list(report['input']['mean'])}, std {list(report['input']['std'])}.",
         "",
     ]
+    return lines
+
+
+def _md_trained(report: dict[str, Any]) -> list[str]:
+    """What was trained, or the checkpoint the run started from."""
+    lines: list[str] = []
     train = report["stages"].get("train")
     if train and train.get("epochs"):
         lines += [
@@ -164,6 +171,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     init = report["stages"].get("init", {})
     if init.get("source", "").startswith("checkpoint"):
         lines += [f"Started from {init['source']}.", ""]
+    return lines
+
+
+def _md_models(report: dict[str, Any]) -> list[str]:
+    """One row per model at the first batch size; a line per other batch size."""
+    lines: list[str] = []
     models = report["models"]
     bs = next((m["batch_size"] for m in models.values()), 1)
     threads = next((m.get("threads") for m in models.values() if m.get("threads")), None)
@@ -206,10 +219,21 @@ def render_markdown(report: dict[str, Any]) -> str:
     first = next(iter(models.values()), {})
     if first.get("macs"):
         lines += ["", f"Model: {first['params'] / 1e6:.2f} M parameters, {first['macs'] / 1e6:.1f} M MACs per image."]
+    return lines
+
+
+def _md_gates(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if report["gates"]:
         lines += ["", "## Gates", "", "| gate | result | detail |", "|---|---|---|"]
         for g in report["gates"]:
             lines.append(f"| {g['name']} | {'passed' if g['passed'] else '**FAILED**'} | {g['detail']} |")
+    return lines
+
+
+def _md_pruning(report: dict[str, Any]) -> list[str]:
+    """Target, widths, the accuracy trail and predicted vs measured speed-up."""
+    lines: list[str] = []
     p = report["stages"].get("prune")
     if p:
         lines += [
@@ -258,6 +282,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                     + " | ".join(f"{r['measured_speedup'][b]:.2f}×" for b in bss)
                     + " |"
                 )
+    return lines
+
+
+def _md_distill(report: dict[str, Any]) -> list[str]:
+    """Distillation without pruning (after pruning it is part of the pruning section)."""
+    lines: list[str] = []
+    p = report["stages"].get("prune")
     d = report["stages"].get("distill")
     if d and not p:
         lines += [
@@ -267,6 +298,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Teacher {d['teacher']} (top-1 {_fmt_pct(d['top1_teacher'])}): student "
             f"{_fmt_pct(d['top1_student_before'])} → {_fmt_pct(d['top1_kd'])}.",
         ]
+    return lines
+
+
+def _md_quantize(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     q = report["stages"].get("quantize")
     if q:
         lines += [
@@ -288,6 +324,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Simulation vs deployed file: top-1 agreement {q['sim_vs_onnx_top1_agreement'] * 100:.1f} % "
             f"on a check batch."
         )
+    return lines
+
+
+def _md_export(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     e = report["stages"].get("export")
     if e:
         lines += [
@@ -297,9 +338,32 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"FP32 ONNX opset {e['opset']}: {e['batchnorm_nodes']} BatchNormalization nodes; ONNX Runtime vs "
             f"torch max relative error {e['rel_error_vs_torch']:.1e} (limit {e['rtol']}).",
         ]
+    return lines
+
+
+def _md_plot(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if Path(report["run_dir"], "plots", "accuracy_vs_latency.png").is_file():
         lines += ["", "## Accuracy vs latency", "", "![accuracy vs latency](plots/accuracy_vs_latency.png)"]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+_SECTIONS = (
+    _md_header,
+    _md_trained,
+    _md_models,
+    _md_gates,
+    _md_pruning,
+    _md_distill,
+    _md_quantize,
+    _md_export,
+    _md_plot,
+)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: a section per stage that ran, from report.json alone."""
+    return "\n".join(line for section in _SECTIONS for line in section(report)) + "\n"
 
 
 def plot_accuracy_latency(report: dict[str, Any], path: Path) -> bool:

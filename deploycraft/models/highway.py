@@ -181,18 +181,14 @@ class HighwayConvNet(ClassifierNet):
             raise ValueError(f"{len(layers)} stages need {len(layers)} widths, got {widths}")
         self.num_classes = num_classes
         self.stem = conv_bn_relu(in_chans, widths[0])
-        self.stage_names: list[str] = []
         cin = widths[0]
         for i, (n, w) in enumerate(zip(layers, widths, strict=True)):
             blocks: list[nn.Module] = [] if i == 0 else [conv_bn_relu(cin, w, stride=2)]
             blocks += [HighwayConv2d(w, gate_bias, gate_kernel) for _ in range(n)]
             name = f"stage{i + 1}"
-            self.add_module(name, nn.Sequential(*blocks))
-            self.stage_names.append(name)
+            self.add_stage(name, blocks)
             cin = w
-        self.num_features = cin
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
+        self.build_head(cin, num_classes)
         he_init(self)
         for m in self.modules():  # he_init re-initialised the gate convs too
             if isinstance(m, HighwayConv2d):
@@ -200,8 +196,7 @@ class HighwayConvNet(ClassifierNet):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        x = self.run_stages(x)
         return x
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from deploycraft.models.base import ClassifierNet
-from deploycraft.models.layers import ResidualAdd, StochasticDepth, he_init, linear_survival_probs
+from deploycraft.models.layers import ResidualAdd, StochasticDepth, linear_survival_probs
 from deploycraft.models.registry import register_model
 
 
@@ -191,7 +191,6 @@ class PreActResNet(ClassifierNet):
 
         survival = linear_survival_probs(sum(layers), final_survival_prob)
         inplanes, block_idx = stem_width, 0
-        self.stage_names: list[str] = []
         for i, (n, planes) in enumerate(zip(layers, widths, strict=True)):
             blocks = []
             for j in range(n):
@@ -209,16 +208,12 @@ class PreActResNet(ClassifierNet):
                 inplanes = planes * block.expansion
                 block_idx += 1
             name = f"layer{i + 1}"
-            self.add_module(name, nn.Sequential(*blocks))
-            self.stage_names.append(name)
+            self.add_stage(name, blocks)
         # Nothing follows the last addition inside the units, so the features get their BN -> ReLU here
         # ("an extra activation right after its element-wise addition", He et al. 2016b).
         self.final_bn = nn.BatchNorm2d(inplanes)
-        self.num_features = inplanes
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(inplanes, num_classes)
+        self.build_head(inplanes, num_classes)
 
-        he_init(self)
         # On by default, unlike the papers (plain He init). Without a BN at the end of the branch nothing
         # bounds a unit's output before the first training step: with BN running statistics at their
         # initial (0, 1), each unit adds a branch about as large as its input, so the residual stream grows
@@ -229,17 +224,13 @@ class PreActResNet(ClassifierNet):
         # counterpart of ResNet's zero last-BN gamma (Goyal et al. 2017); the conv still gets gradient
         # at the first step. In training mode BN normalises each branch input, so both inits train;
         # ``zero_init_residual=False`` reproduces the papers' init exactly.
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, (PreActBasicBlock, PreActBottleneck)):
-                    m.zero_init_last()
+        self.initialize(zero_init_residual)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         if self.maxpool is not None:
             x = self.maxpool(x)
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        x = self.run_stages(x)
         return self.relu(self.final_bn(x))
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deploycraft.models.base import ClassifierNet
-from deploycraft.models.layers import ResidualAdd, StochasticDepth, he_init, linear_survival_probs
+from deploycraft.models.layers import ResidualAdd, StochasticDepth, linear_survival_probs
 from deploycraft.models.registry import register_model
 from deploycraft.quant.graph import register_leaf
 
@@ -186,7 +186,6 @@ class PyramidNet(ClassifierNet):
         self.conv1 = _conv3x3(in_chans, D0)
         self.bn1 = nn.BatchNorm2d(D0)
         inplanes, k = D0, 0
-        self.stage_names: list[str] = []
         for i in range(3):
             units = []
             for j in range(units_per_stage):
@@ -195,25 +194,17 @@ class PyramidNet(ClassifierNet):
                 inplanes = self.widths[k] * block.expansion
                 k += 1
             name = f"layer{i + 1}"
-            self.add_module(name, nn.Sequential(*units))
-            self.stage_names.append(name)
+            self.add_stage(name, units)
         # The units end in BN without a ReLU, so the features get a final BN -> ReLU before pooling.
         self.bn_final = nn.BatchNorm2d(inplanes)
         self.relu = nn.ReLU(inplace=False)
-        self.num_features = inplanes
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(inplanes, num_classes)
+        self.build_head(inplanes, num_classes)
 
-        he_init(self)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, (PyramidBasicBlock, PyramidBottleneck)):
-                    m.zero_init_last()
+        self.initialize(zero_init_residual)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv1(x))
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        x = self.run_stages(x)
         return self.relu(self.bn_final(x))
 
 

@@ -26,7 +26,6 @@ from deploycraft.models.layers import (
     ResidualAdd,
     SqueezeExcite,
     StochasticDepth,
-    he_init,
     linear_survival_probs,
 )
 from deploycraft.models.registry import register_model
@@ -204,7 +203,6 @@ class ResNet(ClassifierNet):
 
         survival = linear_survival_probs(sum(layers), final_survival_prob)
         inplanes, block_idx = stem_width, 0
-        self.stage_names: list[str] = []
         for i, (n, planes) in enumerate(zip(layers, widths, strict=True)):
             blocks = []
             for j in range(n):
@@ -224,24 +222,16 @@ class ResNet(ClassifierNet):
                 inplanes = planes * block.expansion
                 block_idx += 1
             name = f"layer{i + 1}"
-            self.add_module(name, nn.Sequential(*blocks))
-            self.stage_names.append(name)
-        self.num_features = inplanes
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(inplanes, num_classes)
+            self.add_stage(name, blocks)
+        self.build_head(inplanes, num_classes)
 
-        he_init(self)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
-                    m.zero_init_last()
+        self.initialize(zero_init_residual)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         if self.maxpool is not None:
             x = self.maxpool(x)
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        x = self.run_stages(x)
         return x
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deploycraft.models.base import ClassifierNet
-from deploycraft.models.layers import ResidualAdd, he_init
+from deploycraft.models.layers import ResidualAdd
 from deploycraft.models.registry import register_model
 
 STEM_WIDTH = 16  # the paper: "The first layer is a 3x3 Conv with 16 filters"
@@ -154,7 +154,6 @@ class ShakeResNet(ClassifierNet):
         self.conv1 = nn.Conv2d(in_chans, STEM_WIDTH, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(STEM_WIDTH)
         inplanes = STEM_WIDTH
-        self.stage_names: list[str] = []
         for i in range(3):
             planes = base_width * 2**i
             blocks = []
@@ -163,25 +162,17 @@ class ShakeResNet(ClassifierNet):
                 blocks.append(ShakeBlock(inplanes, planes, stride))
                 inplanes = planes
             name = f"layer{i + 1}"
-            self.add_module(name, nn.Sequential(*blocks))
-            self.stage_names.append(name)
+            self.add_stage(name, blocks)
         # Blocks end with an add and no ReLU (the next block's branches start with one), so the
         # features are rectified once before pooling.
         self.relu = nn.ReLU(inplace=False)
-        self.num_features = inplanes
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(inplanes, num_classes)
+        self.build_head(inplanes, num_classes)
 
-        he_init(self)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, ShakeBlock):
-                    m.zero_init_last()
+        self.initialize(zero_init_residual)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv1(x))
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        x = self.run_stages(x)
         return self.relu(x)
 
 
