@@ -97,6 +97,24 @@ def linear_survival_probs(n_blocks: int, final_survival: float) -> list[float]:
     return [1.0 - (i / n_blocks) * (1.0 - final_survival) for i in range(1, n_blocks + 1)]
 
 
+def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+def resnet_stem(stem: str, in_chans: int, width: int) -> tuple[nn.Conv2d, nn.MaxPool2d | None]:
+    """The stem conv and max-pool of ResNet-style nets: "imagenet" is a 7x7/2 conv then a 3x3/2
+    max-pool (He et al. 2016), "cifar" a 3x3/1 conv and no pool."""
+    if stem == "imagenet":
+        return nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False), nn.MaxPool2d(3, stride=2, padding=1)
+    if stem == "cifar":
+        return conv3x3(in_chans, width), None
+    raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+
+
 def he_init(model: nn.Module) -> None:
     """He (Kaiming) normal init for convs, unit BN, default Linear init (He et al. 2015)."""
     for m in model.modules():

@@ -25,16 +25,15 @@ import torch
 import torch.nn as nn
 
 from deploycraft.models.base import ClassifierNet
-from deploycraft.models.layers import ResidualAdd, StochasticDepth, linear_survival_probs
+from deploycraft.models.layers import (
+    ResidualAdd,
+    StochasticDepth,
+    conv1x1,
+    conv3x3,
+    linear_survival_probs,
+    resnet_stem,
+)
 from deploycraft.models.registry import register_model
-
-
-def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-
-
-def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
 def _projection(cin: int, cout: int, stride: int) -> nn.Conv2d | None:
@@ -178,14 +177,7 @@ class PreActResNet(ClassifierNet):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.num_classes = num_classes
         stem_width = stem_width or widths[0]
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        elif stem == "cifar":
-            self.conv1 = conv3x3(in_chans, stem_width)
-            self.maxpool = None
-        else:
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        self.conv1, self.maxpool = resnet_stem(stem, in_chans, stem_width)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=False)
 

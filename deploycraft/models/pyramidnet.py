@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deploycraft.models.base import ClassifierNet
-from deploycraft.models.layers import ResidualAdd, StochasticDepth, linear_survival_probs
+from deploycraft.models.layers import ResidualAdd, StochasticDepth, conv1x1, conv3x3, linear_survival_probs
 from deploycraft.models.registry import register_model
 from deploycraft.quant.graph import register_leaf
 
@@ -79,14 +79,6 @@ class PyramidShortcut(nn.Module):
         return f"{self.in_channels} -> {self.out_channels}, stride={self.stride}"
 
 
-def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-
-
-def _conv1x1(cin: int, cout: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1, bias=False)
-
-
 class PyramidBasicBlock(nn.Module):
     """BN -> conv3x3 -> BN -> ReLU -> conv3x3 -> BN, added to the zero-padded shortcut without a ReLU.
 
@@ -99,10 +91,10 @@ class PyramidBasicBlock(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, survival_prob: float = 1.0):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(inplanes)
-        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=False)
-        self.conv2 = _conv3x3(planes, planes)
+        self.conv2 = conv3x3(planes, planes)
         self.bn3 = nn.BatchNorm2d(planes)
         self.shortcut = PyramidShortcut(inplanes, planes, stride)
         self.drop_path = StochasticDepth(survival_prob) if survival_prob < 1.0 else None
@@ -129,11 +121,11 @@ class PyramidBottleneck(nn.Module):
         super().__init__()
         outplanes = planes * self.expansion
         self.bn1 = nn.BatchNorm2d(inplanes)
-        self.conv1 = _conv1x1(inplanes, planes)
+        self.conv1 = conv1x1(inplanes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
+        self.conv2 = conv3x3(planes, planes, stride)
         self.bn3 = nn.BatchNorm2d(planes)
-        self.conv3 = _conv1x1(planes, outplanes)
+        self.conv3 = conv1x1(planes, outplanes)
         self.bn4 = nn.BatchNorm2d(outplanes)
         self.relu = nn.ReLU(inplace=False)
         self.shortcut = PyramidShortcut(inplanes, outplanes, stride)
@@ -183,7 +175,7 @@ class PyramidNet(ClassifierNet):
         self.survival_probs = linear_survival_probs(n_units, final_survival_prob)
 
         # The paper's CIFAR stem is conv -> BN without a ReLU: every unit starts with its own BN.
-        self.conv1 = _conv3x3(in_chans, D0)
+        self.conv1 = conv3x3(in_chans, D0)
         self.bn1 = nn.BatchNorm2d(D0)
         inplanes, k = D0, 0
         for i in range(3):

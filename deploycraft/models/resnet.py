@@ -26,19 +26,14 @@ from deploycraft.models.layers import (
     ResidualAdd,
     SqueezeExcite,
     StochasticDepth,
+    conv1x1,
+    conv3x3,
     linear_survival_probs,
+    resnet_stem,
 )
 from deploycraft.models.registry import register_model
 
 Shortcut = Literal["A", "B", "C"]
-
-
-def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, bias=False)
-
-
-def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
 def make_shortcut(cin: int, cout: int, stride: int, option: Shortcut) -> nn.Module | None:
@@ -190,14 +185,7 @@ class ResNet(ClassifierNet):
             raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {shortcut!r}")
         self.num_classes = num_classes
         stem_width = widths[0]
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        elif stem == "cifar":
-            self.conv1 = conv3x3(in_chans, stem_width)
-            self.maxpool = None
-        else:
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        self.conv1, self.maxpool = resnet_stem(stem, in_chans, stem_width)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=False)
 
