@@ -138,17 +138,3 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     """max |actual - expected| / max |expected|: the tolerance measure used for export parity."""
     denom = float(np.abs(expected).max()) or 1.0
     return float(np.abs(actual - expected).max()) / denom
-
-
-def set_metadata(path: Path, metadata: dict[str, Any]) -> None:
-    proto = onnx.load(str(path))
-    existing = {p.key: p for p in proto.metadata_props}
-    for key, value in metadata.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        if key in existing:
-            existing[key].value = text
-        else:
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, text
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))

@@ -7,7 +7,6 @@ and every problem becomes one `UserError` line naming the field and the fix.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
@@ -455,9 +454,6 @@ class Recipe(Strict):
 
     def stage(self, type_: str) -> StageConfig | None:
         return next((s for s in self.stages if s.type == type_), None)
-
-    def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ builder (timm's pattern). They take keyword arguments only; a duplicate name is 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -22,7 +22,6 @@ class ModelInfo:
     fn: Callable[..., nn.Module]
     # Input the entrypoint was designed for: "imagenet" (224 px stem with stride 4) or "cifar" (32 px).
     input_style: str = "imagenet"
-    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}

@@ -95,9 +95,6 @@ class _WeightQuant:
         self.register_buffer("weight_zero_point", torch.zeros_like(scales, dtype=torch.int32))
         self.quantize_weight = True
 
-    def refresh_weight_scale(self) -> None:
-        self.weight_scale.copy_(weight_scales(self.weight, self.per_channel, self.reduce_range))
-
     def qweight(self) -> torch.Tensor:
         if not self.quantize_weight:
             return self.weight

@@ -159,8 +159,3 @@ def insert_quantizers(
 
 def act_quantizers(model: nn.Module) -> list[tuple[str, ActQuantizer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantizer)]
-
-
-def set_mode(model: nn.Module, mode: str) -> None:
-    for _, q in act_quantizers(model):
-        q.mode = mode
