@@ -12,7 +12,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class ResidualAdd(nn.Module):
+class CompositeLayer(nn.Module):
+    """A layer that deployment sees as one node: graph capture (torch.fx) does not trace into it.
+
+    Residual adds, shortcuts, SE gates and stochastic depth subclass it, so quantization and export find
+    them by type with their arguments in a known order; a family adds its own composite layers the same
+    way, without importing anything from quantization.
+    """
+
+
+class ResidualAdd(CompositeLayer):
     """``act(branch + skip)``. The argument order is part of the contract: (branch, skip)."""
 
     def __init__(self, act: bool = True):
@@ -24,7 +33,7 @@ class ResidualAdd(nn.Module):
         return self.act(out) if self.act is not None else out
 
 
-class PadShortcut(nn.Module):
+class PadShortcut(CompositeLayer):
     """Option A shortcut (He et al. 2016, CIFAR): subsample by stride, zero-pad the new channels.
 
     Parameter-free, so nothing to prune or quantize on the shortcut itself.
@@ -44,7 +53,7 @@ class PadShortcut(nn.Module):
         return x
 
 
-class SqueezeExcite(nn.Module):
+class SqueezeExcite(CompositeLayer):
     """Squeeze-and-Excitation (Hu et al. 2018): GAP -> FC -> ReLU -> FC -> sigmoid, channel gate."""
 
     def __init__(self, channels: int, reduction: int = 16, min_channels: int = 8):
@@ -62,7 +71,7 @@ class SqueezeExcite(nn.Module):
         return x * s
 
 
-class StochasticDepth(nn.Module):
+class StochasticDepth(CompositeLayer):
     """Drop a whole residual branch in training (Huang et al. 2016).
 
     Training: the branch is kept with probability ``survival_prob`` for the whole mini-batch, as in

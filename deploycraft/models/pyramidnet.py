@@ -21,9 +21,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deploycraft.models.base import ClassifierNet
-from deploycraft.models.layers import ResidualAdd, StochasticDepth, conv1x1, conv3x3, linear_survival_probs
+from deploycraft.models.layers import (
+    CompositeLayer,
+    ResidualAdd,
+    StochasticDepth,
+    conv1x1,
+    conv3x3,
+    linear_survival_probs,
+)
 from deploycraft.models.registry import register_model
-from deploycraft.quant.graph import register_leaf
 
 D0 = 16  # width of the stem and the starting width of the pyramid (the paper's d_0 for CIFAR)
 
@@ -47,8 +53,7 @@ def pyramid_widths(n_units: int, alpha: float, d0: int = D0) -> list[int]:
     return widths
 
 
-@register_leaf
-class PyramidShortcut(nn.Module):
+class PyramidShortcut(CompositeLayer):
     """Zero-padded identity shortcut: 2x2 average pooling where the unit downsamples, then zero channels.
 
     The channel counts are ints fixed at construction (no shape arithmetic in forward). It is an fx

@@ -13,22 +13,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from deploycraft.models.layers import PadShortcut, ResidualAdd, SqueezeExcite, StochasticDepth
-
-LEAF_MODULES: tuple[type[nn.Module], ...] = (ResidualAdd, PadShortcut, SqueezeExcite, StochasticDepth)
-
-
-def register_leaf(cls: type[nn.Module]) -> type[nn.Module]:
-    """Families with composite layers that should stay one node register them here."""
-    global LEAF_MODULES
-    if cls not in LEAF_MODULES:
-        LEAF_MODULES = (*LEAF_MODULES, cls)
-    return cls
+from deploycraft.models.layers import CompositeLayer, StochasticDepth
 
 
 class DeployTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, CompositeLayer) or super().is_leaf_module(m, qualname)
 
 
 def capture(model: nn.Module) -> fx.GraphModule:
