@@ -1,7 +1,7 @@
 """torch-CUDA latency of ResNet-50 (224 px): eager FP32, channels_last + FP16, and CUDA graphs.
 
 CUDA events around each timed call after warm-up; reports the GPU, driver and clocks. The anchors to
-compare with are in shared/TENSORRT.md (A100 eager FP32 about 6.5-7.4 ms at batch 1).
+compare with are in docs/design.md (A100 eager FP32 about 6.5-7.4 ms at batch 1).
 
     python benchmarks/gpu_latency.py [--json out.json]
 """

@@ -17,12 +17,10 @@ from pathlib import Path
 import torch
 
 from deploycraft.data.transforms import InputSpec
-from deploycraft.latency import deployable
+from deploycraft.deployables import PROBE_SETTINGS, build_deployable
 from deploycraft.models import create_model
-from deploycraft.onnx_io import export_onnx
-from deploycraft.runtime.bench import measure
+from deploycraft.runtime.bench import measure, physical_cores
 from deploycraft.runtime.ort import OrtRunner, optimized_op_counts
-from deploycraft.stages.verify import physical_cores
 
 
 def main() -> int:
@@ -45,8 +43,14 @@ def main() -> int:
             ("int8 tensorrt placement", "int8", "tensorrt"),
         ):
             path = Path(tmp) / f"{len(runners)}.onnx"
-            export_onnx(
-                deployable(model, precision, spec, calib, target or "onnxruntime-cpu"), torch.randn(2, *shape), path
+            build_deployable(
+                model,
+                precision,
+                path,
+                torch.randn(2, *shape),
+                target=target or "onnxruntime-cpu",
+                settings=PROBE_SETTINGS,
+                calibration=(calib, spec),
             )
             runners[name] = OrtRunner(path, threads)
             ops[name] = optimized_op_counts(path, Path(tmp))

@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 
 from deploycraft.data.transforms import InputSpec
-from deploycraft.latency import deployable
+from deploycraft.deployables import PROBE_SETTINGS, build_deployable
 from deploycraft.models import create_model
-from deploycraft.onnx_io import export_onnx
 from deploycraft.pruning import PruneSettings, pruned_copy, remove_blocks, search_ratio, size_of
-from deploycraft.runtime.bench import measure
+from deploycraft.runtime.bench import measure, physical_cores
 from deploycraft.runtime.ort import OrtRunner
-from deploycraft.stages.verify import physical_cores
 
 SHAPE = (1, 28, 28)
 
@@ -78,7 +76,9 @@ def main() -> int:
             macs[name] = size_of(m, SHAPE)["macs"]
             for precision in ("fp32", "int8"):
                 path = Path(tmp) / f"{name}-{precision}.onnx".replace("=", "")
-                export_onnx(deployable(m, precision, spec, calib), torch.randn(2, *SHAPE), path)
+                build_deployable(
+                    m, precision, path, torch.randn(2, *SHAPE), settings=PROBE_SETTINGS, calibration=(calib, spec)
+                )
                 runners[f"{name} {precision}"] = OrtRunner(path, threads)
         x = torch.randn(64, *SHAPE)
         res = measure(runners, lambda bs: x[:bs], [1, 64], warmup=10, repeats=args.repeats)

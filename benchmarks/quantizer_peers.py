@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 from deploycraft.artifacts import read_json
+from deploycraft.config import DataConfig
 from deploycraft.data import DataModule
 from deploycraft.evaluate import top1
-from deploycraft.recipe import DataConfig
-from deploycraft.runtime.bench import measure
+from deploycraft.runtime.bench import measure, physical_cores
 from deploycraft.runtime.ort import OrtRunner
-from deploycraft.stages.verify import physical_cores
 
 
 class _Reader:

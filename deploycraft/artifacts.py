@@ -1,14 +1,18 @@
-"""Run folders: layout, atomic writes, content hashes, the manifest, and the machine it ran on.
+"""Run folders: layout, atomic writes, content hashes, stage records, the manifest, the machine.
 
 ```
 artifacts/<recipe name>/<run id>/
   recipe.yaml            the resolved recipe (overrides applied)
-  run.json               status: running | completed | failed, and the stage keys
+  run.json               status: running | completed | failed (interrupted, when its lock is free)
   stages/NN-<type>-<key>/  one folder per stage; stage.json is written last and marks it complete
-  deploy/                the deployables (hard links to the stage outputs)
+  deploy/                the deployables: copies of verified stage outputs
   report.json  report.md  plots/
   manifest.json          every file with size and sha256, versions, hardware
 ```
+
+A stage record (stage.json) lists the size and sha256 of every file in its folder and carries a
+digest of itself. Nothing is reused or shipped from a stage folder until its record and every file
+it lists check out (``verify_stage``); a path in a record never leaves its stage folder.
 """
 
 from __future__ import annotations
@@ -17,15 +21,11 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
-import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import deploycraft
 from deploycraft.errors import UserError
 
 HASH_CHUNK = 1 << 20
@@ -43,26 +43,23 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
-_CODE_VERSION: str | None = None
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
-def code_version() -> str:
-    """deploycraft's version plus a hash of its source: a code change invalidates cached stages."""
-    global _CODE_VERSION
-    if _CODE_VERSION is None:
-        root = Path(deploycraft.__file__).parent
-        h = hashlib.sha256()
-        for f in sorted(root.rglob("*.py")):
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
-        _CODE_VERSION = f"{deploycraft.__version__}+{h.hexdigest()[:12]}"
-    return _CODE_VERSION
+def _public_mode(fd: int) -> None:
+    """mkstemp creates files 0600; give them the mode an ordinary write would (0666 minus the umask)."""
+    os.fchmod(fd, 0o666 & ~_umask())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> dict[str, Any]:
+    """Write ``data`` to ``path`` atomically; return the manifest entry of what was written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        _public_mode(fd)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -71,14 +68,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str) -> dict[str, Any]:
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+def write_json(path: Path, obj: Any) -> dict[str, Any]:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -90,6 +88,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path in the same folder that replaces ``path`` only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    _public_mode(fd)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -98,14 +97,139 @@ def atomic_path(path: Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
+def copy_file(src: Path, dst: Path) -> dict[str, Any]:
+    """Copy ``src`` to ``dst`` atomically (never a hard link: the copy may be edited without touching
+    the source) and return the copy's size and sha256, hashed from the bytes written."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() or dst.is_symlink():
-        dst.unlink()
+    h = hashlib.sha256()
+    size = 0
+    with atomic_path(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+        for chunk in iter(lambda: fin.read(HASH_CHUNK), b""):
+            h.update(chunk)
+            size += len(chunk)
+            fout.write(chunk)
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+# --------------------------------------------------------------------------------------------
+# stage records
+# --------------------------------------------------------------------------------------------
+
+STAGE_RECORD = "stage.json"
+RECORD_FORMAT = "deploycraft.stage/2"
+
+
+def _record_digest(record: dict[str, Any]) -> str:
+    return sha256_json({k: v for k, v in record.items() if k != "digest"})
+
+
+def stage_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file a stage left in its folder (hidden temporaries excepted)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.name == STAGE_RECORD and p.parent == folder or any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.is_symlink():
+            raise RuntimeError(f"{p} is a symbolic link: a stage writes files, never links")
+        if p.is_file():
+            out[rel.as_posix()] = file_entry(p)
+    return out
+
+
+def write_stage_record(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Hash the stage's files into its record, seal the record with its digest, write it last."""
+    record = {"format": RECORD_FORMAT, **record, "files": stage_files(folder)}
+    record["digest"] = _record_digest(record)
+    write_json(folder / STAGE_RECORD, record)
+    return record
+
+
+def _inside(folder: Path, rel: Any) -> bool:
+    """Whether a path from a record names something inside ``folder`` (no absolute paths, no '..')."""
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\x00" in rel:
+        return False
+    parts = Path(rel).parts
+    if ".." in parts:
+        return False
     try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+        (folder / rel).resolve().relative_to(folder.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def verify_stage(folder: Path, key: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """The record of a completed stage if it and every file it lists are intact, else the problems.
+
+    Problems name the file: a missing or unreadable record, a record edited after it was sealed, a
+    key that is not this stage's, a listed file missing, resized or changed, a path that leaves the
+    stage folder, an output (model, deployable) that the record does not cover.
+    """
+    path = folder / STAGE_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, [f"{STAGE_RECORD} is missing"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, [f"{STAGE_RECORD} is unreadable ({exc.__class__.__name__})"]
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return None, [f"{STAGE_RECORD} is not a deploycraft stage record of this version"]
+    if record.get("digest") != _record_digest(record):
+        return None, [f"{STAGE_RECORD} was changed after the stage wrote it (digest mismatch)"]
+    if record.get("key") != key:
+        return None, [f"{STAGE_RECORD} belongs to another stage (key {str(record.get('key'))[:12]})"]
+    files = record.get("files")
+    output = record.get("output")
+    if not isinstance(files, dict) or not isinstance(output, dict):
+        return None, [f"{STAGE_RECORD} lacks its file list or output"]
+    problems = []
+    for rel, entry in files.items():
+        if not _inside(folder, rel):
+            problems.append(f"{rel!r} points outside the stage folder")
+            continue
+        p = folder / rel
+        if p.is_symlink() or not p.is_file():
+            problems.append(f"{rel} is missing" if not p.exists() else f"{rel} is not a regular file")
+        elif p.stat().st_size != entry.get("bytes"):
+            problems.append(f"{rel} has {p.stat().st_size} bytes, {entry.get('bytes')} were written")
+        elif sha256_file(p) != entry.get("sha256"):
+            problems.append(f"{rel} changed since it was written (sha256 mismatch)")
+    needed = [a.get("path") if isinstance(a, dict) else None for a in (output.get("artifacts") or {}).values()]
+    if output.get("model") is not None:
+        needed += [f"{output['model']}/spec.json", f"{output['model']}/weights.pt"]
+    for rel in needed:
+        if not _inside(folder, rel):
+            problems.append(f"output {rel!r} points outside the stage folder")
+        elif rel not in files:
+            problems.append(f"output {rel} is not among the stage's recorded files")
+    return (record if not problems else None), problems
+
+
+def discard_damaged(folder: Path, record_files: dict[str, Any] | None) -> list[str]:
+    """Make a damaged stage folder incomplete again: remove its record and every file that fails its
+    recorded hash, keep the intact ones (a re-run resumes from them, e.g. training checkpoints)."""
+    removed = []
+    (folder / STAGE_RECORD).unlink(missing_ok=True)
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() and not p.is_symlink():
+            continue
+        rel = p.relative_to(folder).as_posix()
+        entry = (record_files or {}).get(rel)
+        intact = (
+            entry is not None
+            and not p.is_symlink()
+            and p.stat().st_size == entry.get("bytes")
+            and sha256_file(p) == entry.get("sha256")
+        )
+        if not intact and (record_files is not None or p.is_symlink()):
+            p.unlink()
+            removed.append(rel)
+    return removed
 
 
 class RunDir:
@@ -128,8 +252,53 @@ class RunDir:
     def stage_dir(self, index: int, type_: str, key: str) -> Path:
         return self.stages / f"{index:02d}-{type_}-{key[:12]}"
 
+    def check_usable(self, recipe_name: str) -> None:
+        """The folder must be missing, empty, or a deploycraft run folder of this recipe; nothing is
+        written anywhere else, so a user's folder is never mixed with (or overwritten by) a run."""
+        root = self.root
+        fix = "choose a new or empty folder with --output-dir, or leave it out for artifacts/<name>/<run id>/"
+        if root.exists() and not root.is_dir():
+            raise UserError(f"{root} is a file, not a folder", field="--output-dir", fix=fix)
+        if root.is_dir():
+            try:
+                entries = [p.name for p in root.iterdir()]
+            except OSError as exc:
+                raise UserError(f"cannot read {root} ({exc.strerror})", field="--output-dir", fix=fix) from None
+            if entries and "run.json" not in entries:
+                shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+                raise UserError(
+                    f"{root} is not empty ({shown}) and is not a deploycraft run folder (no run.json)",
+                    field="--output-dir",
+                    fix=fix,
+                )
+            if entries:
+                status = read_status(root)
+                other = status.get("recipe")
+                if isinstance(other, str) and other != recipe_name:
+                    raise UserError(
+                        f"{root} holds a run of recipe {other!r}, not {recipe_name!r}",
+                        field="--output-dir",
+                        fix=fix,
+                    )
+        else:
+            parent = root.parent
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
+            if not parent.is_dir():
+                raise UserError(f"{parent} is a file, so {root} cannot be created", field="--output-dir", fix=fix)
+
     def create(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(
+                f"cannot write to {self.root} ({exc.strerror or exc})",
+                field="--output-dir",
+                fix="choose a folder you can write to",
+            ) from None
 
     def lock(self) -> None:
         """One run per folder at a time; the lock dies with the process, so a killed run can resume."""
@@ -137,6 +306,8 @@ class RunDir:
         try:
             fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self._lock_fh.close()
+            self._lock_fh = None
             raise UserError(
                 f"another deploycraft run is using {self.root}",
                 field="--output-dir",
@@ -149,103 +320,34 @@ class RunDir:
             self._lock_fh.close()
             self._lock_fh = None
 
-    def files(self) -> list[Path]:
-        skip = {"manifest.json", ".lock"}
-        return sorted(
-            p for p in self.root.rglob("*") if p.is_file() and p.name not in skip and not p.name.startswith(".")
-        )
+
+def _lock_held(root: Path) -> bool:
+    """Whether a live process holds the run folder's lock (a killed run's lock is released by the kernel)."""
+    lock = root / ".lock"
+    if not lock.is_file():
+        return False
+    with open(lock) as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
 
 
-def versions() -> dict[str, str]:
-    import numpy
-    import onnx
-    import onnxruntime
-    import torch
+def read_status(root: Path) -> dict[str, Any]:
+    """run.json as written, with "running" turned into "interrupted" when no process holds the lock.
 
-    out = {
-        "python": platform.python_version(),
-        "deploycraft": deploycraft.__version__,
-        "deploycraft_code": code_version(),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
-    }
-    for name in ("torch_pruning", "tensorrt"):
-        mod = sys.modules.get(name)
-        if mod is not None:
-            out[name.replace("_", "-")] = getattr(mod, "__version__", "unknown")
-    return out
-
-
-_INTERESTING_FLAGS = (
-    "sse4_2",
-    "avx",
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx_vnni",
-    "avx512_bf16",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-    "asimd",
-    "sve",
-    "i8mm",
-    "bf16",
-)
-
-
-def hardware() -> dict[str, Any]:
-    info: dict[str, Any] = {"machine": platform.machine(), "system": platform.system(), "logical_cpus": os.cpu_count()}
+    An unreadable run.json gives {"status": "unknown", "error": ...} rather than an exception.
+    """
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        models = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
-        flags_line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-        flags = set(flags_line.split(":", 1)[1].split()) if ":" in flags_line else set()
-        info["cpu_model"] = models[0] if models else platform.processor()
-        info["cpu_flags"] = [f for f in _INTERESTING_FLAGS if f in flags]
-        cores = {(line.split(":")[1].strip()) for line in text.splitlines() if line.startswith("core id")}
-        info["physical_cores"] = len(cores) or os.cpu_count()
-    except OSError:
-        info["cpu_model"] = platform.processor()
-    try:
-        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-        info["memory_gib"] = round(int(mem) / 2**20, 1)
-    except (OSError, IndexError, ValueError):
-        pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpus"] = [
-                {
-                    "name": torch.cuda.get_device_name(i),
-                    "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
-                }
-                for i in range(torch.cuda.device_count())
-            ]
-            info["cuda"] = torch.version.cuda
-        else:
-            info["gpus"] = []
-    except Exception:  # noqa: BLE001 - a broken CUDA install must not break the manifest
-        info["gpus"] = []
-    return info
-
-
-def write_manifest(run: RunDir, extra: dict[str, Any]) -> dict[str, Any]:
-    files = [
-        {"path": str(p.relative_to(run.root)), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in run.files()
-    ]
-    manifest = {
-        "deploycraft": deploycraft.__version__,
-        **extra,
-        "versions": versions(),
-        "hardware": hardware(),
-        "files": files,
-    }
-    write_json(run.root / "manifest.json", manifest)
-    return manifest
+        status = json.loads((Path(root) / "run.json").read_text(encoding="utf-8"))
+        if not isinstance(status, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return {"status": "missing"}
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return {"status": "unknown", "error": f"run.json is unreadable ({exc.__class__.__name__})"}
+    if status.get("status") == "running" and not _lock_held(Path(root)):
+        status = {**status, "status": "interrupted"}
+    return status

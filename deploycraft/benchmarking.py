@@ -9,17 +9,41 @@ import onnx
 import torch
 
 from deploycraft.errors import UserError
-from deploycraft.runtime.bench import measure
+from deploycraft.runtime.bench import measure, physical_cores
 from deploycraft.runtime.ort import OrtRunner
-from deploycraft.stages.verify import physical_cores
 
 
-def _input_shape(path: Path) -> tuple[int, ...]:
-    proto = onnx.load(str(path), load_external_data=False)
+def _load(path: Path) -> onnx.ModelProto:
+    """The ONNX file's graph, or one UserError saying why it is not a usable ONNX file."""
+    if path.is_dir():
+        raise UserError(f"{path} is a directory", field="MODEL.onnx", fix="give paths of .onnx files")
+    if not path.is_file():
+        raise UserError(f"{path} does not exist", field="MODEL.onnx", fix="give paths of .onnx files")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes)", field="MODEL.onnx", fix="export the model again")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors, truncation, checker failures
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserError(
+            f"{path} is not a valid ONNX model ({exc.__class__.__name__}{': ' + first if first else ''})",
+            field="MODEL.onnx",
+            fix="give an .onnx file written by an ONNX exporter (a truncated copy will not load)",
+        ) from None
+    if not proto.graph.input:
+        raise UserError(f"{path} has no graph input", field="MODEL.onnx", fix="give a model that takes an image batch")
+    return proto
+
+
+def _input_shape(path: Path, proto: onnx.ModelProto) -> tuple[int, ...]:
     meta = {p.key: p.value for p in proto.metadata_props}
     if "deploycraft.input" in meta:
-        spec = json.loads(meta["deploycraft.input"])
-        return (spec["channels"], spec["image_size"], spec["image_size"])
+        try:
+            spec = json.loads(meta["deploycraft.input"])
+            return (int(spec["channels"]), int(spec["image_size"]), int(spec["image_size"]))
+        except (ValueError, KeyError, TypeError):
+            pass  # not our metadata after all: read the graph's input shape
     dims = proto.graph.input[0].type.tensor_type.shape.dim[1:]
     if not all(d.dim_value for d in dims):
         raise UserError(
@@ -31,10 +55,14 @@ def _input_shape(path: Path) -> tuple[int, ...]:
 
 
 def bench_onnx(paths: list[Path], batch_sizes: list[int], threads: int | None, repeats: int, warmup: int):
-    for p in paths:
-        if not Path(p).is_file():
-            raise UserError(f"{p} does not exist", field="MODEL.onnx", fix="give paths of .onnx files")
-    shapes = {_input_shape(Path(p)) for p in paths}
+    for name, value, least in (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--threads", threads, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{name} is {value}", field=name, fix=f"give an integer >= {least}")
+    bad = [b for b in batch_sizes if b < 1]
+    if bad:
+        raise UserError(f"--batch {bad[0]} is not a batch size", field="--batch", fix="give batch sizes >= 1")
+    protos = {Path(p): _load(Path(p)) for p in paths}
+    shapes = {_input_shape(p, proto) for p, proto in protos.items()}
     if len(shapes) != 1:
         raise UserError(
             f"the models take different inputs {sorted(shapes)}",
@@ -43,10 +71,26 @@ def bench_onnx(paths: list[Path], batch_sizes: list[int], threads: int | None, r
         )
     shape = shapes.pop()
     threads = threads or physical_cores()
-    runners = {str(p): OrtRunner(Path(p), threads) for p in paths}
+    runners = {}
+    for p in paths:
+        try:
+            runners[str(p)] = OrtRunner(Path(p), threads)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime refuses the graph: the user's file
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise UserError(
+                f"ONNX Runtime cannot load {p} ({first})", field="MODEL.onnx", fix="check the model with onnx.checker"
+            ) from None
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(max(batch_sizes), *shape, generator=gen)
-    res = measure(runners, lambda bs: sample[:bs], batch_sizes, warmup, repeats)
+    try:
+        res = measure(runners, lambda bs: sample[:bs], batch_sizes, warmup, repeats)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime rejects the input the graph declares
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserError(
+            f"ONNX Runtime failed to run the models on input {shape} ({first})",
+            field="MODEL.onnx",
+            fix="give image classifiers with one NCHW float input",
+        ) from None
     base = str(paths[0])
     lines = [f"ONNX Runtime CPU, {threads} threads, input {shape}, {repeats} interleaved runs"]
     for bs in batch_sizes:

@@ -14,7 +14,7 @@ from typing import List
 import typer
 
 from deploycraft import __version__
-from deploycraft.errors import GateFailure, UserError
+from deploycraft.errors import GateFailure, StageFailure, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -68,6 +68,9 @@ def run(
         typer.echo(f"verification failed: {exc}", err=True)
         _summary(pipeline.run.root)
         raise typer.Exit(1) from None
+    except StageFailure as exc:
+        typer.echo(f"error: {exc} — fix: run the same command again to resume; if it fails again, report it", err=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: run the same command again to resume from the last completed stage", err=True)
         raise typer.Exit(130) from None
@@ -83,11 +86,13 @@ def _summary(run_dir: Path) -> None:
 
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML."), set_: List[str] | None = SetOption) -> None:
-    """Check a recipe without running it."""
+    """Check a recipe without running it: the schema, then the files and models it names (as `run` does)."""
+    from deploycraft.preflight import Preflight
     from deploycraft.recipe import load_recipe
 
     try:
         r = load_recipe(recipe, set_ or [])
+        Preflight(r, network=False).run()
     except UserError as exc:
         _fail(exc)
     typer.echo(f"{recipe}: valid ({r.name}: {' -> '.join(s.type for s in r.stages if s.enabled)})")

@@ -30,3 +30,15 @@ class GateFailure(Exception):
     """A verification gate failed: the run completed but its artifact does not meet the recipe's limits."""
 
     exit_code = 1
+
+
+class StageFailure(Exception):
+    """A stage failed for a reason that is not the user's input: one line, the traceback in the run's log."""
+
+    exit_code = 1
+
+    def __init__(self, stage: str, cause: BaseException, run_dir=None):
+        self.stage, self.cause, self.run_dir = stage, cause, run_dir
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        where = f" (traceback in {run_dir}/log.txt)" if run_dir is not None else ""
+        super().__init__(f"stage {stage} failed: {type(cause).__name__}{': ' + first if first else ''}{where}")

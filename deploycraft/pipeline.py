@@ -1,31 +1,32 @@
-"""Runs a recipe's stages in order, caching each completed stage by content hash, and resumes.
+"""Runs a recipe's stages in order, reusing every stage whose verified result already exists.
 
-Each stage's key is a hash of the previous stage's key (hence of everything before it), its own
-config, the data config and fingerprint, the seed and the code version. A stage folder with a
-``stage.json`` is complete: a re-run finds it (in this run folder, or in a sibling run folder of
-the same recipe name) and skips the stage. A stage without it is re-run; the train stage also keeps
-per-epoch checkpoints in its folder and continues from the last completed epoch.
+A stage's key hashes what its result depends on: the data (config and fingerprint), the seed, the
+top-level fields it reads (``Stage.reads``), its own config, the fingerprint of the code it runs
+(fingerprint.py), and the sealed record of the stage before it, so a stage that runs again makes
+every stage after it run again. A stage folder is reused only when its record and every file it
+lists check out (artifacts.verify_stage), in this run folder or, copied, from a sibling run folder;
+a damaged one is reported by file and re-run, never shipped. Training resumes from its last epoch.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import traceback
 from dataclasses import asdict
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from deploycraft import __version__
 from deploycraft import artifacts as af
+from deploycraft.context import RunContext, resolve_device
 from deploycraft.data.transforms import input_spec
-from deploycraft.errors import GateFailure, UserError
-from deploycraft.models.io import load_checkpoint, load_model, save_model
-from deploycraft.models.registry import create_model
+from deploycraft.errors import GateFailure, StageFailure, UserError
+from deploycraft.fingerprint import fingerprint
+from deploycraft.machine import hardware, versions
 from deploycraft.progress import log, set_log_file
 from deploycraft.recipe import Recipe
 from deploycraft.stages import STAGES, StageOutput
@@ -55,116 +56,46 @@ def data_fingerprint(recipe: Recipe) -> dict[str, Any]:
     return {"synthetic": True}
 
 
-class RunContext:
-    def __init__(self, recipe: Recipe, run: af.RunDir):
-        self.recipe = recipe
-        self.run = run
-        self.model_dir: Path | None = None  # the current float model (spec.json + weights.pt)
-        self.reference_dir: Path | None = None  # the FP32 model before pruning: the accuracy reference
-        self.artifacts: dict[str, dict[str, Any]] = {}
-        self.results: dict[str, dict[str, Any]] = {}
-        self.stage_dirs: dict[str, Path] = {}
-
-    @cached_property
-    def data(self):
-        from deploycraft.data import build_data
-
-        return build_data(self.recipe.data, self.recipe.seed)
-
-    @property
-    def device(self) -> str:
-        """The torch device for training: the recipe's, with auto resolved to cuda when a GPU is visible."""
-        wanted = self.recipe.device
-        if wanted == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if wanted == "cuda" and not torch.cuda.is_available():
-            raise UserError(
-                "device is cuda but torch sees no GPU",
-                field="device",
-                fix="set device: cpu (or auto), or install a CUDA build of torch on a GPU machine",
-            )
-        return wanted
-
-    @property
-    def in_chans(self) -> int:
-        return self.recipe.model.in_chans or self.recipe.data.channels
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (self.in_chans, self.recipe.data.image_size, self.recipe.data.image_size)
-
-    def load_model(self, folder: Path | None = None) -> torch.nn.Module:
-        return load_model(folder or self.model_dir)
-
-    def artifact_path(self, name: str) -> Path:
-        return self.run.root / self.artifacts[name]["path"]
-
-    def apply(self, type_: str, stage_dir: Path, out: StageOutput) -> None:
-        if out.model is not None:
-            self.model_dir = stage_dir / out.model
-            if type_ in ("init", "train"):
-                self.reference_dir = self.model_dir
-        for name, art in out.artifacts.items():
-            self.artifacts[name] = {**art, "path": str((stage_dir / art["path"]).relative_to(self.run.root))}
-        self.results[type_] = out.metrics
-        self.stage_dirs[type_] = stage_dir
+def stage_code(type_: str) -> dict[str, Any]:
+    """The fingerprint of what a stage runs: its module and the run context (data, model loading)."""
+    return fingerprint(STAGES[type_].__module__, "deploycraft.context")
 
 
-def _init_model(recipe: Recipe, in_chans: int, workdir: Path) -> StageOutput:
-    """The starting model: seeded random init, or the user's checkpoint."""
-    m = recipe.model
-    kwargs = {"num_classes": m.num_classes, "in_chans": in_chans, **m.kwargs}
-    torch.manual_seed(recipe.seed)
-    try:
-        model = create_model(m.arch, **kwargs)
-    except TypeError as exc:
-        raise UserError(
-            f"{m.arch} does not accept these arguments ({exc})",
-            field="model.kwargs",
-            fix="remove the arguments the architecture does not take",
-        ) from None
-    except ValueError as exc:
-        raise UserError(str(exc), field="model.kwargs", fix="use values the architecture accepts") from None
-    source = "random init (He et al.)"
-    if m.weights is not None:
-        load_checkpoint(model, Path(m.weights), strict=m.strict, reset_classifier=m.reset_classifier)
-        source = f"checkpoint {m.weights}"
-    save_model(model, workdir / "model", m.arch, kwargs)
-    return StageOutput(model="model", metrics={"source": source, "arch": m.arch, **kwargs})
-
-
-def _find_cached(run: af.RunDir, name: str) -> Path | None:
-    """A completed stage folder with this name: in this run folder, else in another run folder.
-
-    Keys hash everything a stage depends on, so a stage completed by any recipe is reusable: other
-    runs of the same recipe name are searched, and all of artifacts/ when the run lives there.
-    """
-    own = run.stages / name
-    if (own / "stage.json").is_file():
-        return own
+def _candidates(run: af.RunDir, name: str) -> list[Path]:
+    """Completed stage folders of this name in sibling run folders (all of artifacts/ when the run is there)."""
     root = run.root.resolve()
-    candidates = set(root.parent.glob(f"*/stages/{name}/stage.json"))
+    found = set(root.parent.glob(f"*/stages/{name}/{af.STAGE_RECORD}"))
     base = DEFAULT_BASE.resolve()
     if root.parent.parent == base:
-        candidates |= set(base.glob(f"*/*/stages/{name}/stage.json"))
-    for marker in sorted(candidates):
-        if marker.parent.parent.parent != root:
-            return marker.parent
-    return None
+        found |= set(base.glob(f"*/*/stages/{name}/{af.STAGE_RECORD}"))
+    return [m.parent for m in sorted(found) if m.parent.parent.parent != root]
 
 
-def _adopt(src: Path, dst: Path) -> None:
-    """Bring a completed stage from a sibling run: hard links, so no space is spent."""
+def _adopt(src: Path, dst: Path, record: dict[str, Any]) -> None:
+    """Copy a verified stage from a sibling run: its listed files and its record, then swap it in."""
+    tmp = dst.parent / f".adopt-{dst.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for rel in record["files"]:
+        af.copy_file(src / rel, tmp / rel)
+    af.copy_file(src / af.STAGE_RECORD, tmp / af.STAGE_RECORD)
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, copy_function=_link)
+    tmp.rename(dst)
 
 
-def _link(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def write_manifest(run: af.RunDir, extra: dict[str, Any], files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """manifest.json: ``files`` maps paths (relative to the run folder) to the size and sha256 that were
+    verified or hashed as they were written; nothing is re-hashed from disk here."""
+    manifest = {
+        "deploycraft": __version__,
+        **extra,
+        "versions": versions(),
+        "hardware": hardware(),
+        "files": [{"path": p, **files[p]} for p in sorted(files)],
+    }
+    af.write_json(run.root / "manifest.json", manifest)
+    return manifest
 
 
 class Pipeline:
@@ -172,55 +103,61 @@ class Pipeline:
         self.recipe = recipe
         self.run = af.RunDir(output_dir or default_run_dir(recipe))
         self.source = source
+        self._current = "setup"  # what is running, for the one-line error of an internal failure
 
     def preflight(self) -> None:
-        """Checks that need the file system, before anything is created."""
-        d = self.recipe.data
-        if d.dataset == "fashion-mnist":
-            from deploycraft.data import fashion_mnist
+        """Every check that can fail before a stage runs, before anything is written."""
+        from deploycraft.preflight import Preflight
 
-            fashion_mnist.locate(d.root, d.download)
-        for st in self.recipe.stages:
-            if st.type not in STAGES:
-                raise UserError(
-                    f"stage type {st.type!r} is not available in this version",
-                    field="stages",
-                    fix=f"use one of {', '.join(STAGES)}",
-                )
+        Preflight(self.recipe, network=True).run()
+        self.run.check_usable(self.recipe.name)
 
     def execute(self) -> RunContext:
         self.preflight()
         run = self.run
+        previous = af.read_status(run.root)
         run.create()
         run.lock()
         set_log_file(run.root / "log.txt")
         ctx = RunContext(self.recipe, run)
         status: dict[str, Any] = {"recipe": self.recipe.name, "status": "running", "started": time.time(), "stages": []}
-        af.atomic_write_text(
-            run.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
-        )
+        written = {
+            "recipe.yaml": af.atomic_write_text(
+                run.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
+            )
+        }
         af.write_json(run.root / "run.json", status)
         log(f"[bold]deploycraft run[/] {self.recipe.name} -> {run.root}")
+        if previous.get("status") == "interrupted":
+            log("[yellow]the previous run in this folder was interrupted: resuming from its last completed step[/]")
         if self.recipe.threads:
             torch.set_num_threads(self.recipe.threads)
         try:
-            self._run_stages(ctx, status)
-            gate_failures = self._finish(ctx)
+            records = self._run_stages(ctx, status)
+            gate_failures, files = self._finish(ctx, records)
         except BaseException as exc:
-            status["status"] = "failed"
+            if isinstance(exc, KeyboardInterrupt):
+                status["status"] = "interrupted"
+            else:
+                status["status"] = "failed"
             status["error"] = exc.one_line() if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, (UserError, KeyboardInterrupt)):
                 status["traceback"] = traceback.format_exc()
+                log(status["traceback"].rstrip(), to_console=False)
             af.write_json(run.root / "run.json", status)
             run.unlock()
             set_log_file(None)
-            raise
+            if isinstance(exc, (UserError, KeyboardInterrupt, GateFailure)):
+                raise
+            raise StageFailure(self._current, exc, run.root) from exc
         status["status"] = "failed" if gate_failures else "completed"
         status["finished"] = time.time()
         if gate_failures:
             status["error"] = "; ".join(gate_failures)
-        af.write_json(run.root / "run.json", status)
-        af.write_manifest(
+        files.update(written)
+        files["run.json"] = af.write_json(run.root / "run.json", status)
+        files["log.txt"] = af.file_entry(run.root / "log.txt")
+        write_manifest(
             run,
             {
                 "recipe": self.recipe.name,
@@ -228,6 +165,7 @@ class Pipeline:
                 "stages": status["stages"],
                 "input": input_spec(self.recipe.data).to_dict(),
             },
+            files,
         )
         run.unlock()
         set_log_file(None)
@@ -235,78 +173,162 @@ class Pipeline:
             raise GateFailure("; ".join(gate_failures))
         return ctx
 
-    def _keys(self) -> tuple[str, dict]:
+    def _base(self) -> dict[str, Any]:
         r = self.recipe
-        base = {
-            "code": af.code_version(),
+        return {
             "seed": r.seed,
             "data": r.data.model_dump(mode="json"),
             "data_fingerprint": data_fingerprint(r),
         }
+
+    def _reads(self, type_: str) -> dict[str, Any]:
+        values = {}
+        for name in STAGES[type_].reads:
+            values[name] = resolve_device(self.recipe.device) if name == "device" else getattr(self.recipe, name)
+        return values
+
+    def _reuse(self, type_: str, stage_dir: Path, key: str) -> dict[str, Any] | None:
+        """The verified record of this stage from this run folder or a sibling's, else None."""
+        if (stage_dir / af.STAGE_RECORD).exists():
+            record, problems = af.verify_stage(stage_dir, key)
+            if record is not None:
+                return record
+            log(
+                f"[yellow]! {type_}: {stage_dir.name} is damaged ({'; '.join(problems[:3])}"
+                f"{'; ...' if len(problems) > 3 else ''}): it will run again[/]"
+            )
+            try:
+                old = af.read_json(stage_dir / af.STAGE_RECORD)
+                old_files = old.get("files") if isinstance(old, dict) and isinstance(old.get("files"), dict) else None
+            except (OSError, ValueError):
+                old_files = None
+            af.discard_damaged(stage_dir, old_files)
+        for candidate in _candidates(self.run, stage_dir.name):
+            record, problems = af.verify_stage(candidate, key)
+            if record is None:
+                log(f"[dim]  not reusing {candidate}: {problems[0]}[/]")
+                continue
+            _adopt(candidate, stage_dir, record)
+            record, problems = af.verify_stage(stage_dir, key)
+            if record is not None:
+                log(f"[dim]  {type_}: copied from {candidate.parent.parent}[/]")
+                return record
+        return None
+
+    def _run_stages(self, ctx: RunContext, status: dict) -> list[tuple[Path, dict[str, Any]]]:
+        r = self.recipe
+        base = self._base()
         model = r.model.model_dump(mode="json")
         if r.model.weights is not None:
             model["weights_sha256"] = af.sha256_file(Path(r.model.weights))
-        return af.sha256_json({**base, "model": model, "in_chans": r.model.in_chans or r.data.channels}), base
-
-    def _run_stages(self, ctx: RunContext, status: dict) -> None:
-        key, base = self._keys()
-        steps: list[tuple[str, Any]] = [("init", None)] + [(s.type, s) for s in self.recipe.stages]
+        previous = af.sha256_json({**base, "model": model, "in_chans": ctx.in_chans})
+        records = []
+        steps: list[tuple[str, Any]] = [("init", None)] + [(s.type, s) for s in r.stages]
         for index, (type_, cfg) in enumerate(steps):
-            if cfg is not None:
-                if not cfg.enabled:
-                    log(f"[dim]- {type_}: disabled[/]")
-                    continue
-                key = af.sha256_json({**base, "previous": key, "stage": cfg.model_dump(mode="json")})
+            if cfg is not None and not cfg.enabled:
+                log(f"[dim]- {type_}: disabled[/]")
+                continue
+            code = stage_code(type_)
+            key = af.sha256_json(
+                {
+                    **base,
+                    "previous": previous,
+                    "stage": cfg.model_dump(mode="json") if cfg is not None else None,
+                    "reads": self._reads(type_),
+                    "code": code["sha256"],
+                }
+            )
             stage_dir = self.run.stage_dir(index, type_, key)
-            cached = _find_cached(self.run, stage_dir.name)
-            if cached is not None and af.read_json(cached / "stage.json").get("key") != key:
-                cached = None  # a 48-bit prefix collision: never reuse another stage's result
-            if cached is not None:
-                if cached != stage_dir:
-                    _adopt(cached, stage_dir)
-                record = af.read_json(stage_dir / "stage.json")
-                out = StageOutput(**record["output"])
-                ctx.apply(type_, stage_dir, out)
+            self._current = type_
+            record = self._reuse(type_, stage_dir, key)
+            if record is None:
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                log(f"[bold cyan]▶ {type_}[/]")
+                status["stages"].append({"type": type_, "key": key, "dir": stage_dir.name, "cached": False})
+                started = time.time()
+                out = STAGES[type_](cfg).run(ctx, stage_dir)
+                duration = round(time.time() - started, 2)
+                record = af.write_stage_record(
+                    stage_dir,
+                    {
+                        "type": type_,
+                        "key": key,
+                        "config": cfg.model_dump(mode="json") if cfg is not None else None,
+                        "code": code,
+                        "started": started,
+                        "duration_s": duration,
+                        "output": asdict(out),
+                    },
+                )
+                status["stages"][-1]["duration_s"] = duration
+                log(f"[green]✓[/] {type_} [dim]({duration:.1f} s)[/]")
+            else:
                 status["stages"].append({"type": type_, "key": key, "dir": stage_dir.name, "cached": True})
                 log(f"[green]✓[/] {type_} [dim](cached: {stage_dir.name})[/]")
-                continue
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            log(f"[bold cyan]▶ {type_}[/]")
-            started = time.time()
-            if cfg is None:
-                out = _init_model(self.recipe, ctx.in_chans, stage_dir)
-            else:
-                out = STAGES[type_](cfg).run(ctx, stage_dir)
-            duration = time.time() - started
-            ctx.apply(type_, stage_dir, out)
-            record = {
-                "type": type_,
-                "key": key,
-                "config": cfg.model_dump(mode="json") if cfg else None,
-                "code": af.code_version(),
-                "started": started,
-                "duration_s": round(duration, 2),
-                "output": asdict(out),
-            }
-            af.write_json(stage_dir / "stage.json", record)  # written last: marks the stage complete
-            status["stages"].append(
-                {"type": type_, "key": key, "dir": stage_dir.name, "cached": False, "duration_s": round(duration, 2)}
-            )
+            ctx.apply(type_, stage_dir, StageOutput(**record["output"]))
+            records.append((stage_dir, record))
+            previous = record["digest"]
             af.write_json(self.run.root / "run.json", status)
-            log(f"[green]✓[/] {type_} [dim]({duration:.1f} s)[/]")
+        return records
 
-    def _finish(self, ctx: RunContext) -> list[str]:
+    def _finish(self, ctx: RunContext, records: list[tuple[Path, dict[str, Any]]]) -> tuple[list[str], dict]:
+        """deploy/ from verified copies, then the report; the manifest's entries come from the records."""
         from deploycraft.report import write_report
 
-        deploy = self.run.deploy
-        if deploy.exists():
-            shutil.rmtree(deploy)
+        self._current = "deploy"
+        root = self.run.root
+        files: dict[str, dict[str, Any]] = {}
+        for stage_dir, record in records:
+            prefix = stage_dir.relative_to(root).as_posix()
+            files.update({f"{prefix}/{rel}": entry for rel, entry in record["files"].items()})
+            files[f"{prefix}/{af.STAGE_RECORD}"] = af.file_entry(stage_dir / af.STAGE_RECORD)
+        shipped: dict[str, Path] = {}  # deploy path -> source
         for art in ctx.artifacts.values():
-            src = self.run.root / art["path"]
-            af.link_or_copy(src, deploy / src.name)
-            art["deploy_path"] = str((deploy / src.name).relative_to(self.run.root))
+            src = root / art.path
+            art.deploy_path = f"deploy/{src.name}"
+            shipped[art.deploy_path] = src
         if ctx.model_dir is not None:
             for f in ("spec.json", "weights.pt"):
-                af.link_or_copy(ctx.model_dir / f, deploy / "torch" / f)
-        report = write_report(ctx)
-        return [f"gate {g['name']} failed: {g['detail']}" for g in report.get("gates", []) if not g["passed"]]
+                shipped[f"deploy/torch/{f}"] = ctx.model_dir / f
+        tmp = root / ".deploy-new"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        for rel, src in shipped.items():
+            entry = af.copy_file(src, tmp / Path(rel).relative_to("deploy"))
+            expected = files.get(src.relative_to(root).as_posix())
+            if expected is None or entry["sha256"] != expected["sha256"]:
+                raise RuntimeError(f"{src.relative_to(root)} changed while the run was shipping it")
+            files[rel] = entry
+        self._retire_deploy()
+        tmp.rename(self.run.deploy)
+        report, written = write_report(ctx)
+        files.update(written)
+        return [f"gate {g['name']} failed: {g['detail']}" for g in report.get("gates", []) if not g["passed"]], files
+
+    def _retire_deploy(self) -> None:
+        """Remove the old deploy/ if it holds exactly what the last manifest says deploycraft put there;
+        otherwise (someone edited or added files) keep it as deploy.kept-<time>/ and say so."""
+        deploy = self.run.deploy
+        if not deploy.exists():
+            return
+        try:
+            listed = {f["path"]: f for f in af.read_json(self.run.root / "manifest.json")["files"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            listed = {}
+        changed = []
+        for p in sorted(deploy.rglob("*")):
+            if p.is_dir():
+                continue
+            rel = p.relative_to(self.run.root).as_posix()
+            entry = listed.get(rel)
+            if p.is_symlink() or entry is None or entry.get("sha256") != af.sha256_file(p):
+                changed.append(rel)
+        if not changed:
+            shutil.rmtree(deploy)
+            return
+        kept = self.run.root / time.strftime("deploy.kept-%Y%m%d-%H%M%S", time.gmtime())
+        deploy.rename(kept)
+        log(
+            f"[yellow]warning:[/] {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} in deploy/ "
+            f"differ from what deploycraft shipped: the old deploy/ is kept as {kept.name}/"
+        )

@@ -20,8 +20,9 @@ def set_log_file(path: Path | None) -> None:
     _log_file = path
 
 
-def log(message: str, style: str | None = None) -> None:
-    console.print(message, style=style)
+def log(message: str, style: str | None = None, to_console: bool = True) -> None:
+    if to_console:
+        console.print(message, style=style, soft_wrap=True)  # one line stays one line in logs and pipes
     if _log_file is not None:
         with open(_log_file, "a", encoding="utf-8") as fh:
             fh.write(Console(file=None, record=False).render_str(message).plain + "\n")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any, get_args
+from typing import Any
 
 from pydantic import BaseModel
 
-from deploycraft.recipe import DataConfig, ModelConfig, Recipe, StageUnion
+from deploycraft.config import DataConfig, ModelConfig
+from deploycraft.recipe import ORDER_TEXT, Recipe
+from deploycraft.stages import recipe_stages
 
 
 def _type(annotation: Any, schema: dict) -> str:
@@ -61,15 +63,15 @@ def render() -> str:
         *top,
         "| `model` | section | required | See below. |",
         "| `data` | section | see below | See below. |",
-        "| `stages` | list | required | The stages, run in order: train → prune → distill → quantize/export "
-        "→ tensorrt → verify (each at most once). |",
+        f"| `stages` | list | required | The stages, run in order: {ORDER_TEXT.replace('->', '→')} "
+        "(each at most once). |",
         "",
     ]
     out += ["## model", "", HEADER, *_rows(ModelConfig, "model."), ""]
     out += ["## data", "", HEADER, *_rows(DataConfig, "data."), ""]
-    for cls in get_args(get_args(StageUnion)[0]):
-        type_name = cls.model_fields["type"].default
-        doc = (cls.__doc__ or "").strip()
+    for stage in recipe_stages():
+        cls, type_name = stage.Config, stage.type
+        doc = " ".join((cls.__doc__ or "").split())
         rows = [r for r in _rows(cls, "") if not r.startswith("| `type`")]
         out += [f"## stage `{type_name}`", "", doc, "", HEADER, *rows, ""]
     return "\n".join(out)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from deploycraft.artifacts import sha256_file
-from deploycraft.errors import GateFailure
+from deploycraft.errors import GateFailure, StageFailure
 from deploycraft.pipeline import Pipeline
 from deploycraft.recipe import build_recipe
 from deploycraft.stages import STAGES
@@ -104,7 +104,7 @@ def test_failed_stage_resumes_from_last_completed(tmp_path, monkeypatch):
         raise RuntimeError("simulated crash in export")
 
     monkeypatch.setattr(STAGES["export"], "run", boom)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(StageFailure, match="stage export failed: RuntimeError: simulated crash"):
         _run(smoke_recipe(), out)
     status = json.loads((out / "run.json").read_text())
     assert status["status"] == "failed" and "simulated crash" in status["error"]

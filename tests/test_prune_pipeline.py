@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from deploycraft.errors import UserError
+from deploycraft.errors import StageFailure, UserError
 from deploycraft.models.io import load_model
 from deploycraft.pipeline import Pipeline
 from deploycraft.recipe import build_recipe
@@ -138,7 +138,7 @@ def test_prune_resumes_after_a_failed_step(tmp_path, monkeypatch):
         return real(model, data, cfg, workdir, seed, *args, **kwargs)
 
     monkeypatch.setattr(prune_stage, "train_epochs", fail_second)
-    with pytest.raises(RuntimeError, match="step 2"):
+    with pytest.raises(StageFailure, match="stage prune failed: RuntimeError: simulated crash in step 2"):
         Pipeline(build_recipe(raw), tmp_path / "run").execute()
     monkeypatch.setattr(prune_stage, "train_epochs", real)
     Pipeline(build_recipe(raw), tmp_path / "run").execute()

@@ -91,10 +91,16 @@ def test_unknown_stage_type():
 
 
 def test_literal_choices_listed():
-    raw = smoke_recipe()
-    raw["stages"][1]["target"] = "coreml"
+    raw = smoke_recipe(target="coreml")
     err = _error(raw)
-    assert err.field == "stages.1.target" and "tensorrt" in err.fix
+    assert err.field == "target" and "tensorrt" in err.fix
+
+
+def test_quantize_target_moved_to_the_top_level():
+    raw = smoke_recipe()
+    raw["stages"][1]["target"] = "tensorrt"
+    err = _error(raw)
+    assert err.field == "stages.1.target" and "top level" in err.fix and "tensorrt" in err.fix
 
 
 @pytest.mark.parametrize(

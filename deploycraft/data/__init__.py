@@ -178,23 +178,59 @@ class DataModule:
         return images, f"class-balanced seeded sample of {len(pick)} images from the {what}"
 
 
-def load_calibration_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def load_calibration_file(path: Path, field: str = "data.calibration") -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, C, H, W) and int64 labels (N,) from a user's .npz; every defect one UserError."""
+    path = Path(path)
+    fmt = "an .npz with uint8 `images` (N, C, H, W) and integer `labels` (N,), e.g. np.savez(path, images=x, labels=y)"
+    if path.is_dir():
+        raise UserError(f"calibration file {path} is a directory", field=field, fix=f"give {fmt}")
     try:
         with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("a single array, not an .npz archive of named arrays")
+            missing = [k for k in ("images", "labels") if k not in z.files]
+            if missing:
+                raise ValueError(f"no {' or '.join(missing)} array (it has {', '.join(z.files) or 'none'})")
             images, labels = z["images"], z["labels"]
-    except (OSError, KeyError, ValueError) as exc:
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated zip, a pickle, text: all a bad user file
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise UserError(
-            f"cannot read calibration file {path}: {exc}",
-            field="data.calibration",
-            fix="give an .npz with uint8 `images` (N,C,H,W) and `labels` (N,)",
+            f"cannot read calibration file {path} ({exc.__class__.__name__}{': ' + first if first else ''})",
+            field=field,
+            fix=f"give {fmt}",
         ) from None
     if images.dtype != np.uint8 or images.ndim != 4:
         raise UserError(
             f"{path}: `images` must be uint8 with shape (N, C, H, W), got {images.dtype} {images.shape}",
-            field="data.calibration",
+            field=field,
             fix="save the images as uint8 NCHW",
         )
-    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+    if len(images) == 0:
+        raise UserError(f"{path} holds 0 images", field=field, fix="save at least one calibration image")
+    if images.shape[1] not in (1, 3):
+        nhwc = images.shape[3] in (1, 3)
+        raise UserError(
+            f"{path}: `images` has {images.shape[1]} channels in axis 1 (shape {images.shape})"
+            + ("; it looks like NHWC" if nhwc else ""),
+            field=field,
+            fix="save NCHW images with 1 (grey) or 3 (RGB) channels"
+            + (": images.transpose(0, 3, 1, 2)" if nhwc else ""),
+        )
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise UserError(
+            f"{path}: `labels` has shape {labels.shape} for {len(images)} images",
+            field=field,
+            fix="save one integer label per image",
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(
+            f"{path}: `labels` are {labels.dtype}, not integers",
+            field=field,
+            fix="save the class indices as integers (labels.astype(np.int64))",
+        )
+    return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64))
 
 
 def build_data(cfg, seed: int = 0) -> DataModule:

@@ -140,7 +140,7 @@ def read_spec(folder: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
+def _unwrap(obj: Any, field: str = "model.weights") -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "model_state_dict", "weights"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -148,7 +148,7 @@ def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(
             "the checkpoint holds no state dict of tensors",
-            field="model.weights",
+            field=field,
             fix="save it with torch.save(model.state_dict(), path)",
         )
     return {k.removeprefix("module."): v for k, v in obj.items()}
@@ -168,22 +168,76 @@ def _adapt_first_conv(state: dict[str, torch.Tensor], model: nn.Module) -> None:
         break  # only the first conv's input channels can legitimately differ
 
 
-def load_checkpoint(model: nn.Module, path: Path, strict: bool = True, reset_classifier: bool = False) -> nn.Module:
+def read_checkpoint(path: Path, field: str = "model.weights") -> Any:
+    """``torch.load(weights_only=True)`` of a user's file, every failure one UserError naming ``field``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory", field=field, fix="give the path of a .pt/.pth file")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist", field=field, fix="give the path of a .pt/.pth file")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes)", field=field, fix="save the state dict again")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad user file
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise UserError(
-            f"cannot load checkpoint {path} with weights_only=True ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0][:200]})",
-            field="model.weights",
+            f"cannot load checkpoint {path} with weights_only=True ({exc.__class__.__name__}"
+            f"{': ' + first if first else ''})",
+            field=field,
             fix="save a plain state dict: torch.save(model.state_dict(), path)",
         ) from None
+
+
+def _checkpoint_widths(obj: Any, path: Path, field: str) -> dict[str, dict[str, Any]]:
+    """The layer widths recorded in a deploycraft-format checkpoint (a pruned model), checked."""
+    spec = obj.get("spec")
+    widths = spec.get("widths") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or not isinstance(widths or {}, dict):
+        raise UserError(
+            f"checkpoint {path} says it is a deploycraft model but its spec is not a mapping with widths",
+            field=field,
+            fix="save it again from a run folder (spec.json + weights.pt), or save a plain state dict",
+        )
+    for name, shape in (widths or {}).items():
+        try:
+            if not isinstance(shape, dict):
+                raise ValueError("not a mapping")
+            build_layer(shape)
+        except (TypeError, ValueError, KeyError, AssertionError) as exc:
+            raise UserError(
+                f"checkpoint {path}: the recorded layer {name!r} cannot be built ({exc})",
+                field=field,
+                fix="save it again from a run folder (spec.json + weights.pt), or save a plain state dict",
+            ) from None
+    return widths or {}
+
+
+def load_checkpoint(
+    model: nn.Module, path: Path, strict: bool = True, reset_classifier: bool = False, field: str = "model.weights"
+) -> nn.Module:
+    obj = read_checkpoint(path, field)
     if isinstance(obj, dict) and obj.get("format") == SPEC_FORMAT and "spec" in obj:
-        widths = obj["spec"].get("widths") or {}
+        widths = _checkpoint_widths(obj, path, field)
         if widths:
-            apply_widths(model, copy.deepcopy(widths))
-    state = _unwrap(obj)
+            try:
+                apply_widths(model, copy.deepcopy(widths))
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise UserError(
+                    f"checkpoint {path}: its recorded widths do not fit {type(model).__name__} ({exc})",
+                    field=field,
+                    fix="choose the architecture the checkpoint was saved from (model.arch)",
+                ) from None
+    state = _unwrap(obj, field)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise UserError(
+            f"checkpoint {path} holds NaN or infinite values in {bad}",
+            field=field,
+            fix="use the checkpoint of an epoch before training diverged",
+        )
     _adapt_first_conv(state, model)
+    section = field.rpartition(".")[0] or "model"  # model, or stages.N.teacher
     own = model.state_dict()
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     head_keys: set[str] = set()
@@ -199,13 +253,13 @@ def load_checkpoint(model: nn.Module, path: Path, strict: bool = True, reset_cla
             raise UserError(
                 f"the checkpoint's classifier {k} has shape {tuple(state[k].shape)} but the model's "
                 f"is {tuple(own[k].shape)}",
-                field="model.num_classes",
-                fix="set model.num_classes to the checkpoint's class count, or model.reset_classifier=true",
+                field=f"{section}.num_classes",
+                fix=f"set {section}.num_classes to the checkpoint's class count, or {section}.reset_classifier=true",
             )
         raise UserError(
             f"checkpoint {path} does not fit the model: {k} is {tuple(state[k].shape)}, the model has "
             f"{tuple(own[k].shape)}",
-            field="model.arch",
+            field=f"{section}.arch",
             fix="choose the architecture the checkpoint was trained with",
         )
     missing = [k for k in own if k not in state and not (reset_classifier and k in head_keys)]
@@ -223,8 +277,8 @@ def load_checkpoint(model: nn.Module, path: Path, strict: bool = True, reset_cla
             )
         raise UserError(
             f"checkpoint {path} does not match {type(model).__name__}: {'; '.join(parts)}",
-            field="model.weights",
-            fix="check model.arch, or set model.strict=false to load what matches",
+            field=field,
+            fix=f"check {section}.arch, or set {section}.strict=false to load what matches",
         )
     model.load_state_dict(state, strict=False)
     return model

@@ -1,7 +1,7 @@
 """Where the Q/DQ pairs go: a function of the deployment target.
 
 Both placements start from the BN-folded graph and quantize every Conv/Linear weight per output
-channel. They differ in the activations (see DESIGN.md, "one simulation, two placements"):
+channel. They differ in the activations (docs/design.md, "placements by target"):
 
 onnxruntime-cpu (U8 asymmetric activations)
     ONNX Runtime turns DQ -> Conv -> Q into QLinearConv and DQ, DQ -> Add -> Q into QLinearAdd; an

@@ -6,14 +6,28 @@ models compared, so the ratios between them hold even when absolute times wander
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from deploycraft.progress import bar
+
+
+def physical_cores() -> int:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cores = {(line.split(":")[1].strip()) for line in text.splitlines() if line.startswith("core id")}
+        sockets = {(line.split(":")[1].strip()) for line in text.splitlines() if line.startswith("physical id")}
+        if cores:
+            return len(cores) * max(1, len(sockets))
+    except OSError:
+        pass
+    return os.cpu_count() or 1
 
 
 @dataclass

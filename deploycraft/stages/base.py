@@ -1,17 +1,32 @@
-"""The stage contract: a typed config, `run(ctx, workdir) -> StageOutput`, registered by name.
+"""The stage contract: one module per stage owns its config, its run and its report section.
 
-A stage reads the current model and artifacts from the run context, never from CLI arguments or
-environment variables, and writes only into its own work folder. What it returns is stored in
-``stage.json`` so a later run can reuse the stage without running it again.
+A stage is a class registered by ``@register_stage`` with
+
+- ``Config``: its pydantic config (a ``StageConfig`` with a ``type`` literal); the recipe's stage list
+  is the union of every registered stage's config, so a new stage needs no edit to the recipe code;
+- ``rank``: where it may stand in the chain (stages of equal rank may come in either order);
+- ``reads``: the top-level recipe fields its result depends on (they join its cache key);
+- ``check(recipe, index)``: rules about the recipe as a whole, run by ``validate`` and ``run`` alike;
+- ``preflight(pre, index)``: checks that need files or the built model, also before anything runs;
+- ``run(ctx, workdir) -> StageOutput``: the work, reading the current model and deployables from the
+  run context and writing only into ``workdir``;
+- ``report_section(report)``: its lines of report.md, rendered from report.json alone.
+
+Adding a stage is adding its module to this package (it is discovered), its tests and its docs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel
+from deploycraft.config import StageConfig
+
+if TYPE_CHECKING:
+    from deploycraft.context import RunContext
+    from deploycraft.preflight import Preflight
+    from deploycraft.recipe import Recipe
 
 
 @dataclass
@@ -25,12 +40,32 @@ class StageOutput:
 
 class Stage:
     type: ClassVar[str]
+    Config: ClassVar[type[StageConfig]]
+    rank: ClassVar[int]
+    # report.md shows sections in this order (the result first, then how it was made).
+    report_order: ClassVar[int] = 100
+    # Top-level recipe fields the stage's result depends on; they join its cache key.
+    reads: ClassVar[tuple[str, ...]] = ()
+    # Internal stages (the starting model) are not recipe entries.
+    internal: ClassVar[bool] = False
 
-    def __init__(self, config: BaseModel):
+    def __init__(self, config: StageConfig | None):
         self.config = config
 
-    def run(self, ctx, workdir: Path) -> StageOutput:  # pragma: no cover - abstract
+    @classmethod
+    def check(cls, recipe: Recipe, index: int) -> None:
+        """Rules that involve the rest of the recipe; raise UserError naming stages.<index>.<field>."""
+
+    @classmethod
+    def preflight(cls, pre: Preflight, index: int) -> None:
+        """Checks that need the file system or a built model, before any stage runs (validate runs them too)."""
+
+    def run(self, ctx: RunContext, workdir: Path) -> StageOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @staticmethod
+    def report_section(report: dict[str, Any]) -> list[str]:
+        return []
 
 
 STAGES: dict[str, type[Stage]] = {}
@@ -39,5 +74,12 @@ STAGES: dict[str, type[Stage]] = {}
 def register_stage(cls: type[Stage]) -> type[Stage]:
     if cls.type in STAGES:
         raise RuntimeError(f"stage {cls.type!r} is registered twice")
+    if not cls.internal and cls.Config.model_fields["type"].default != cls.type:
+        raise RuntimeError(f"stage {cls.type!r}: its Config's type literal must be {cls.type!r}")
     STAGES[cls.type] = cls
     return cls
+
+
+def recipe_stages() -> list[type[Stage]]:
+    """The stages a recipe can list, in chain order."""
+    return sorted((s for s in STAGES.values() if not s.internal), key=lambda s: (s.rank, s.type))

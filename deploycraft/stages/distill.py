@@ -9,16 +9,44 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any, Literal
 
-from deploycraft.distill import Distiller
+from pydantic import Field
+
+from deploycraft.config import FilePath, ModelConfig, OptimConfig, StageConfig
+from deploycraft.distill import Distiller, stage_modules
 from deploycraft.errors import UserError
 from deploycraft.evaluate import top1, torch_predictor
 from deploycraft.models.io import load_checkpoint, load_model, read_spec, save_model
 from deploycraft.models.registry import create_model
 from deploycraft.progress import log
-from deploycraft.recipe import DistillConfig
 from deploycraft.stages.base import Stage, StageOutput, register_stage
 from deploycraft.stages.train import train_epochs
+
+
+class TeacherConfig(ModelConfig):
+    weights: FilePath = Field(description="The teacher's trained checkpoint (required).")
+
+
+class DistillConfig(StageConfig, OptimConfig):
+    """Knowledge distillation (Hinton et al. 2015): the student (the current model) learns from the teacher's
+    softened outputs and, optionally, its stage features."""
+
+    type: Literal["distill"] = "distill"
+    epochs: int = Field(2, ge=1, description="Epochs of distillation.")
+    lr: float = Field(0.02, gt=0, description="Peak learning rate of SGD (reached after the warm-up).")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up length in epochs (fractions allowed).")
+    teacher: TeacherConfig | None = Field(
+        None, description="Teacher model; default: the model before pruning (the train stage's output)."
+    )
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of the soft targets.")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft (KD) loss; 1 - alpha weights the labels.")
+    feature_weight: float = Field(
+        0.0, ge=0, description="Weight of feature distillation on stage outputs (1x1 adapters where widths differ)."
+    )
+    control: bool = Field(
+        False, description="Also fine-tune a copy with plain cross-entropy for the same epochs and report it."
+    )
 
 
 def build_teacher(ctx, cfg: DistillConfig):
@@ -34,7 +62,56 @@ def build_teacher(ctx, cfg: DistillConfig):
 @register_stage
 class DistillStage(Stage):
     type = "distill"
+    Config = DistillConfig
+    rank = 2
+    report_order = 3
+    reads = ("device",)
     config: DistillConfig
+
+    @classmethod
+    def check(cls, recipe, index: int) -> None:
+        cfg = recipe.stages[index]
+        if not cfg.enabled:
+            return
+        prune = recipe.stage("prune")
+        if cfg.teacher is None and (prune is None or not prune.enabled):
+            raise UserError(
+                "distill has no teacher: without a prune stage before it the model before pruning is the "
+                "student itself",
+                field=f"stages.{index}.teacher",
+                fix="add a prune stage before distill, or set stages.distill.teacher to a trained checkpoint",
+            )
+        if cfg.teacher is not None and cfg.teacher.num_classes != recipe.model.num_classes:
+            raise UserError(
+                f"the teacher has {cfg.teacher.num_classes} classes, the student {recipe.model.num_classes}",
+                field=f"stages.{index}.teacher.num_classes",
+                fix="use a teacher trained on the same classes",
+            )
+
+    @classmethod
+    def preflight(cls, pre, index: int) -> None:
+        cfg = pre.recipe.stages[index]
+        if not cfg.enabled:
+            return
+        teacher = None
+        if cfg.teacher is not None:
+            teacher = pre.build(cfg.teacher, f"stages.{index}.teacher")
+            pre.check_checkpoint(cfg.teacher, f"stages.{index}.teacher")
+        if cfg.feature_weight > 0:
+            student_stages = stage_modules(pre.model)
+            if not student_stages:
+                raise UserError(
+                    f"feature distillation needs stage outputs, and {pre.recipe.model.arch} has none "
+                    "(DenseNets and fully connected Highway nets do not declare stages)",
+                    field=f"stages.{index}.feature_weight",
+                    fix="set feature_weight: 0 (logit distillation only), or use a model with stages",
+                )
+            if teacher is not None and stage_modules(teacher) != student_stages:
+                raise UserError(
+                    f"the teacher's stages {stage_modules(teacher)} do not match the student's {student_stages}",
+                    field=f"stages.{index}.feature_weight",
+                    fix="use a teacher of the same family, or set feature_weight: 0",
+                )
 
     def run(self, ctx, workdir: Path) -> StageOutput:
         cfg = self.config
@@ -77,6 +154,7 @@ class DistillStage(Stage):
                 label="distill",
                 extra=distiller.adapters,
                 device=ctx.device,
+                field="stages.distill",
             )
         finally:
             distiller.close()
@@ -86,13 +164,25 @@ class DistillStage(Stage):
         save_model(student, workdir / "model", spec["arch"], spec["kwargs"])
         if cfg.control:
             control_dir = workdir / "control"
+            control = None
             if (control_dir / "model" / "spec.json").is_file():
-                control = load_model(control_dir / "model")
+                try:
+                    control = load_model(control_dir / "model")
+                except Exception as exc:  # noqa: BLE001 - a damaged control model is trained again
+                    log(f"[yellow]  the control model is damaged ({exc.__class__.__name__}); training it again[/]")
+            if control is not None:
                 metrics["top1_control"] = top1(torch_predictor(control), data, 256, "top-1 control")
             else:
                 control = initial
                 ctrl = train_epochs(
-                    control, data, cfg, control_dir, ctx.recipe.seed, label="control fine-tune", device=ctx.device
+                    control,
+                    data,
+                    cfg,
+                    control_dir,
+                    ctx.recipe.seed,
+                    label="control fine-tune",
+                    device=ctx.device,
+                    field="stages.distill",
                 )
                 metrics["top1_control"] = ctrl[-1]["val_top1"]
                 save_model(control, control_dir / "model", spec["arch"], spec["kwargs"])
@@ -102,3 +192,21 @@ class DistillStage(Stage):
                 f"({metrics['kd_minus_control'] * 100:+.2f} points)"
             )
         return StageOutput(model="model", metrics=metrics)
+
+    @staticmethod
+    def report_section(report: dict[str, Any]) -> list[str]:
+        """Distillation without pruning (after pruning it is part of the pruning section)."""
+        from deploycraft.report import fmt_pct
+
+        lines: list[str] = []
+        p = report["stages"].get("prune")
+        d = report["stages"].get("distill")
+        if d and not p:
+            lines += [
+                "",
+                "## Distillation",
+                "",
+                f"Teacher {d['teacher']} (top-1 {fmt_pct(d['top1_teacher'])}): student "
+                f"{fmt_pct(d['top1_student_before'])} → {fmt_pct(d['top1_kd'])}.",
+            ]
+        return lines

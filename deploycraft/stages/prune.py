@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from deploycraft.artifacts import read_json, write_json
+from deploycraft.config import OptimConfig, StageConfig
 from deploycraft.errors import UserError
 from deploycraft.evaluate import top1, torch_predictor
 from deploycraft.latency import onnx_latency_ms
@@ -32,28 +35,139 @@ from deploycraft.pruning import (
     size_of,
     taylor_gradients,
 )
-from deploycraft.recipe import PruneConfig
 from deploycraft.stages.base import Stage, StageOutput, register_stage
 from deploycraft.stages.train import train_epochs
+
+
+class FinetuneConfig(OptimConfig):
+    """Short recovery training after each pruning step (plain cross-entropy)."""
+
+    lr: float = Field(0.01, gt=0, description="Peak learning rate of SGD (reached after the warm-up).")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up length in epochs (fractions allowed).")
+    eval_each_epoch: bool = Field(False, description="Evaluate top-1 on the held-out split after every epoch.")
+
+
+class PruneConfig(StageConfig):
+    """Structured channel pruning on torch-pruning's dependency graph: channels coupled through residual
+    adds, concatenations, grouped convs and SE gates are removed together. Give exactly one target."""
+
+    type: Literal["prune"] = "prune"
+    channel_ratio: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Target: remove this fraction of the channels of every prunable layer (0: only remove_blocks).",
+    )
+    target_macs: float | None = Field(
+        None, gt=0, le=1, description="Target: keep at most this fraction of the MACs (0.5 = half), found by search."
+    )
+    target_params: float | None = Field(
+        None, gt=0, le=1, description="Target: keep at most this fraction of the parameters, found by search."
+    )
+    target_latency_ms: float | None = Field(
+        None, gt=0, description="Target: ONNX Runtime CPU p50 latency at latency_batch_size, pruned until met."
+    )
+    latency_batch_size: int = Field(1, ge=1, description="target_latency_ms: the batch size it is measured at.")
+    latency_precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="target_latency_ms: time the FP32 or the INT8 ONNX model; auto = int8 when a later "
+        "quantize stage targets onnxruntime-cpu, else fp32.",
+    )
+    latency_threads: int | None = Field(None, ge=1, description="target_latency_ms: threads; default all cores.")
+    importance: Literal["l1", "l2", "bn_scale", "taylor", "fpgm", "random"] = Field(
+        "l1",
+        description="Channel importance: group L1/L2 magnitude, BN scale (network slimming), first-order "
+        "Taylor (from taylor_batches batches), FPGM (geometric median), or random (a baseline).",
+    )
+    taylor_batches: int = Field(8, ge=1, description="taylor: batches whose loss gradients score the channels.")
+    round_to: int | None = Field(
+        None,
+        ge=1,
+        description="Keep every pruned width a multiple of this. Default: 16 before an INT8 "
+        "onnxruntime-cpu quantize stage (measured faster than 8 there), else 8.",
+    )
+    max_layer_ratio: float = Field(
+        0.8, gt=0, le=1, description="No layer loses more than this fraction of its channels (global pruning)."
+    )
+    global_pruning: bool = Field(
+        False, description="Rank channels across layers (widths differ per layer) instead of the same ratio per layer."
+    )
+    prune_stem: bool = Field(False, description="Also prune the stem conv (and the channels coupled to it).")
+    steps: int = Field(1, ge=1, description="Iterative schedule: prune in this many steps, fine-tuning in between.")
+    remove_blocks: int = Field(
+        0,
+        ge=0,
+        description="Depth pruning first: remove this many residual blocks with an identity shortcut, those whose "
+        "removal raises the training loss least. Narrow early stages dominate INT8 time on CPU and channel "
+        "rounding cannot shrink them; removing blocks does (benchmarks/prune_round_to.py).",
+    )
+    block_batches: int = Field(8, ge=1, description="remove_blocks: training batches that score the blocks.")
+    block_cost: Literal["activations", "none"] = Field(
+        "activations",
+        description="remove_blocks: rank blocks by loss increase per element of their input activations "
+        "(on CPU, high-resolution narrow blocks cost the most per MAC), or by loss increase alone.",
+    )
+    finetune: FinetuneConfig | None = Field(
+        None, description="Fine-tune after each pruning step (null: none; use a distill stage after prune)."
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneConfig:
+        targets = [
+            n
+            for n in ("channel_ratio", "target_macs", "target_params", "target_latency_ms")
+            if getattr(self, n) is not None
+        ]
+        if len(targets) != 1:
+            raise ValueError(
+                f"give exactly one of channel_ratio, target_macs, target_params, target_latency_ms "
+                f"(got {', '.join(targets) or 'none'})"
+            )
+        return self
+
+    @property
+    def objective(self) -> tuple[str, float]:
+        """The one pruning target given: (field name, value)."""
+        for n in ("channel_ratio", "target_macs", "target_params", "target_latency_ms"):
+            if getattr(self, n) is not None:
+                return n, getattr(self, n)
+        raise AssertionError("validated to have one target")
+
+
+def _int8_for_ort(recipe) -> bool:
+    """Whether the run deploys an INT8 model on ONNX Runtime CPU (an enabled quantize stage, that target)."""
+    q = recipe.stage("quantize")
+    return q is not None and q.enabled and recipe.target == "onnxruntime-cpu"
 
 
 def default_round_to(recipe) -> int:
     """16 before an INT8 ONNX Runtime CPU deployment, else 8.
 
-    Measured (DESIGN.md, benchmarks/prune_round_to.py): on this CPU's INT8 kernels a ResNet-56 pruned
-    to 8-channel multiples ran slower at batch 64 than a bigger one rounded to 16.
+    Measured (docs/design.md, benchmarks/prune_round_to.py): on this CPU's INT8 kernels a ResNet-56
+    pruned to 8-channel multiples ran slower at batch 64 than a bigger one rounded to 16.
     """
-    q = recipe.stage("quantize")
-    if q is not None and q.enabled and q.target == "onnxruntime-cpu":
-        return 16
-    return 8
+    return 16 if _int8_for_ort(recipe) else 8
 
 
 def latency_precision(cfg: PruneConfig, recipe) -> str:
     if cfg.latency_precision != "auto":
         return cfg.latency_precision
-    q = recipe.stage("quantize")
-    return "int8" if q is not None and q.enabled and q.target == "onnxruntime-cpu" else "fp32"
+    return "int8" if _int8_for_ort(recipe) else "fp32"
+
+
+def _resume_plan(path: Path) -> dict | None:
+    """The plan of an interrupted run (ratio, removed blocks), unless it is missing or damaged."""
+    if not path.is_file():
+        return None
+    try:
+        plan = read_json(path)
+        float(plan["ratio"])
+        if not isinstance(plan.get("removed_blocks", []), list):
+            raise ValueError("removed_blocks is not a list")
+        return plan
+    except Exception as exc:  # noqa: BLE001 - recompute rather than trust a damaged plan
+        log(f"[yellow]  {path.name} is damaged ({exc.__class__.__name__}); planning again[/]")
+        return None
 
 
 def choose_blocks(model, data, shape, cfg: PruneConfig) -> dict:
@@ -83,6 +197,10 @@ def choose_blocks(model, data, shape, cfg: PruneConfig) -> dict:
 @register_stage
 class PruneStage(Stage):
     type = "prune"
+    Config = PruneConfig
+    rank = 1
+    report_order = 2
+    reads = ("device", "target")
     config: PruneConfig
 
     def run(self, ctx, workdir: Path) -> StageOutput:
@@ -101,7 +219,7 @@ class PruneStage(Stage):
         grads = taylor_gradients(data, cfg.taylor_batches) if cfg.importance == "taylor" else None
         before = size_of(model, shape)
         widths_before = conv_widths(model)
-        target_name, target_value = cfg.target
+        target_name, target_value = cfg.objective
         precision = latency_precision(cfg, ctx.recipe)
         threads = cfg.latency_threads
         calib = None
@@ -112,8 +230,8 @@ class PruneStage(Stage):
             return onnx_latency_ms(m, shape, data.spec, precision, cfg.latency_batch_size, threads, calib, workdir)
 
         plan_path = workdir / "plan.json"
-        if plan_path.is_file():
-            plan = read_json(plan_path)
+        plan = _resume_plan(plan_path)
+        if plan is not None:
             remove_blocks(model, plan.get("removed_blocks", []))
         else:
             plan = {"target": target_name, "value": target_value, "round_to": settings.round_to}
@@ -159,8 +277,12 @@ class PruneStage(Stage):
         for step in range(cfg.steps - 1, -1, -1):  # resume after the last completed step
             done = workdir / f"step{step}"
             if (done / "done.json").is_file():
-                model = load_model(done / "model")
-                history = read_json(done / "done.json")["history"]
+                try:
+                    history = read_json(done / "done.json")["history"]
+                    model = load_model(done / "model")
+                except Exception as exc:  # noqa: BLE001 - a damaged step is redone, never resumed from
+                    log(f"[yellow]  prune step {step + 1} is damaged ({exc.__class__.__name__}); redoing it[/]")
+                    continue
                 start, previous = step + 1, ratio * (step + 1) / cfg.steps
                 log(f"  resuming prune after step {start}/{cfg.steps}")
                 break
@@ -186,6 +308,7 @@ class PruneStage(Stage):
                     ctx.recipe.seed + 1000 * (step + 1),
                     label=f"fine-tune {step + 1}/{cfg.steps}",
                     device=ctx.device,
+                    field="stages.prune.finetune",
                 )
                 record["top1_after_finetune"] = ft[-1].get("val_top1")
             history.append(record)
@@ -254,3 +377,61 @@ class PruneStage(Stage):
         )
         write_json(workdir / "widths.json", json.loads(json.dumps(metrics["widths_changed"])))
         return StageOutput(model="model", metrics=metrics)
+
+    @staticmethod
+    def report_section(report: dict[str, Any]) -> list[str]:
+        """Target, widths, the accuracy trail and predicted vs measured speed-up."""
+        from deploycraft.report import fmt_pct, pretty
+
+        lines: list[str] = []
+        p = report["stages"].get("prune")
+        if p:
+            lines += [
+                "",
+                "## Pruning",
+                "",
+                f"{p['target']} = {p['target_value']}: channel ratio {p['ratio']:.3f}, importance {p['importance']}, "
+                f"widths rounded to {p['round_to']}, {p['steps']} step(s). MACs {p['macs_before'] / 1e6:.2f} M → "
+                f"{p['macs_after'] / 1e6:.2f} M ({p['macs_ratio']:.3f}×), params {p['params_before'] / 1e6:.3f} M → "
+                f"{p['params_after'] / 1e6:.3f} M; widths now {p['distinct_widths_after']}.",
+            ]
+            if p.get("removed_blocks"):
+                lines.append(
+                    f"Depth: removed {len(p['removed_blocks'])} residual blocks ({', '.join(p['removed_blocks'])}), "
+                    "those whose removal raised the training loss least."
+                )
+            if p.get("latency_after_ms") is not None:
+                lines.append(
+                    f"Latency target {p['target_value']} ms ({p['latency_precision']}, batch "
+                    f"{p['latency_batch_size']}): measured {p['latency_after_ms']:.3f} ms "
+                    f"({p['latency_error'] * 100:+.1f} %), unpruned {p['latency_before_ms']:.3f} ms."
+                )
+            trail = [f"after pruning {fmt_pct(p.get('top1_after_prune'))}"]
+            if p.get("top1_after_finetune") is not None:
+                trail.append(f"after fine-tuning {fmt_pct(p['top1_after_finetune'])}")
+            d = report["stages"].get("distill")
+            if d:
+                trail.append(f"after distillation {fmt_pct(d['top1_kd'])}")
+                if d.get("top1_control") is not None:
+                    trail.append(
+                        f"plain fine-tuning control {fmt_pct(d['top1_control'])} "
+                        f"(KD {d['kd_minus_control'] * 100:+.2f} points)"
+                    )
+            lines.append("Top-1: " + "; ".join(trail) + ".")
+            if report.get("pruning"):
+                bss = list(report["pruning"][0]["measured_speedup"])
+                lines += [
+                    "",
+                    "| before → after | predicted (MACs ratio) | "
+                    + " | ".join(f"measured batch {b}" for b in bss)
+                    + " |",
+                    "|---|---|" + "---|" * len(bss),
+                ]
+                for r in report["pruning"]:
+                    lines.append(
+                        f"| {pretty(r['before'])} → {pretty(r['after'])} | "
+                        f"{r['predicted_speedup']:.2f}× | "
+                        + " | ".join(f"{r['measured_speedup'][b]:.2f}×" for b in bss)
+                        + " |"
+                    )
+        return lines

@@ -1,49 +1,71 @@
 """Quantize stage (PTQ): calibrate the Q/DQ simulation in torch, write the QDQ ONNX for the target.
 
 The torch simulation and the deployed file are the same arithmetic: quantizers are placed for the
-target (see quant/placement.py), calibrated on images outside the held-out split, and exported as
-QuantizeLinear/DequantizeLinear. The stage then checks the file: Q/DQ pairs present, no
-BatchNormalization, the activation integer type the target needs, and for ONNX Runtime how many
-convs its optimizer actually turned into QLinearConv.
+recipe's target (quant/placement.py), calibrated on images outside the held-out split, and exported
+as QuantizeLinear/DequantizeLinear by the one deployable builder (deployables.py), which also checks
+the file: Q/DQ pairs present, no BatchNormalization, the activation integer type the target needs.
+The stage then proves what ONNX Runtime does with it: how many convs its optimizer actually turned
+into QLinearConv, and how closely the file agrees with the simulation.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from deploycraft.artifacts import write_json
-from deploycraft.data.transforms import prepare_batch
+from deploycraft.config import FieldError, StageConfig
+from deploycraft.deployables import ACTIVATION_DTYPE, QuantSettings, build_deployable, onnx_metadata, quantized_module
 from deploycraft.models.io import read_spec
-from deploycraft.onnx_io import export_onnx, op_counts, quant_dtypes, relative_error
-from deploycraft.progress import bar, log
-from deploycraft.quant.placement import act_quantizers, insert_quantizers
-from deploycraft.recipe import QuantizeConfig
+from deploycraft.names import ModelName
+from deploycraft.onnx_io import relative_error
+from deploycraft.progress import log
+from deploycraft.quant.placement import act_quantizers
 from deploycraft.runtime.ort import OrtRunner, optimized_op_counts
 from deploycraft.stages.base import Stage, StageOutput, register_stage
 
 
-def calibrate(qmodel: torch.nn.Module, images: torch.Tensor, spec, cfg: QuantizeConfig) -> dict[str, list[float]]:
-    quantizers = act_quantizers(qmodel)
-    for _, q in quantizers:
-        q.start_calibration()
-    qmodel.eval()
-    steps = -(-len(images) // cfg.batch_size)
-    with torch.no_grad(), bar("calibrate", steps) as b:
-        for i in range(0, len(images), cfg.batch_size):
-            qmodel(prepare_batch(images[i : i + cfg.batch_size], spec))
-            b.advance()
-    return {name: list(q.finish_calibration(cfg.calibrator, cfg.percentile)) for name, q in quantizers}
+class QuantizeConfig(StageConfig):
+    """INT8 quantization: a calibrated Q/DQ simulation in torch, written as a QDQ ONNX for the recipe's
+    `target` (onnxruntime-cpu: U8 activations, Q/DQ on conv outputs and both residual-add inputs, run as
+    QLinearConv/QLinearAdd; tensorrt: S8 symmetric, Q/DQ on conv inputs and the residual skip input only)."""
+
+    type: Literal["quantize"] = "quantize"
+    method: Literal["ptq"] = Field("ptq", description="ptq: post-training quantization from calibration data.")
+    calibrator: Literal["max", "percentile", "mse"] = Field(
+        "percentile", description="Activation range: observed max, a percentile of |x|, or the MSE-optimal clip."
+    )
+    percentile: float = Field(99.99, gt=50, le=100, description="percentile calibrator: the percentile kept.")
+    num_calibration: int = Field(512, ge=1, description="Calibration images used.")
+    batch_size: int = Field(64, ge=1, description="Calibration batch size.")
+    per_channel: bool = Field(True, description="Per-output-channel weight scales (else one per tensor).")
+    reduce_range: bool = Field(
+        False, description="7-bit weights, for x86 CPUs without VNNI where U8S8 products can saturate."
+    )
+    opset: int = Field(17, ge=13, le=21, description="ONNX opset of the QDQ model (per-channel Q/DQ needs >= 13).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "target" in data:
+            raise FieldError(
+                "`target` is a top-level recipe field now (the deployment target), not a quantize setting",
+                fix=f"move it to the top level of the recipe: target: {data['target']}",
+                subfield="target",
+            )
+        return data
+
+    @property
+    def settings(self) -> QuantSettings:
+        return QuantSettings(self.calibrator, self.percentile, self.per_channel, self.reduce_range, self.batch_size)
 
 
-def build_quantized(float_model: torch.nn.Module, cfg: QuantizeConfig) -> torch.nn.Module:
-    return insert_quantizers(float_model, cfg.target, cfg.per_channel, cfg.reduce_range)
-
-
-def load_quantized(float_model: torch.nn.Module, cfg: QuantizeConfig, state_path: Path) -> torch.nn.Module:
+def load_quantized(float_model: torch.nn.Module, target: str, cfg: QuantizeConfig, state_path: Path):
     """Rebuild the calibrated simulation: same placement, then the saved scales and weights."""
-    qmodel = build_quantized(float_model, cfg)
+    qmodel = quantized_module(float_model, target, cfg.settings)
     qmodel.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
     for _, q in act_quantizers(qmodel):
         q.mode = "quantize"
@@ -53,43 +75,34 @@ def load_quantized(float_model: torch.nn.Module, cfg: QuantizeConfig, state_path
 @register_stage
 class QuantizeStage(Stage):
     type = "quantize"
+    Config = QuantizeConfig
+    rank = 3
+    report_order = 4
+    reads = ("target",)
     config: QuantizeConfig
 
     def run(self, ctx, workdir: Path) -> StageOutput:
         cfg = self.config
+        target = ctx.recipe.target
         data = ctx.data
         model = ctx.load_model()
-        qmodel = build_quantized(model, cfg)
         images, provenance = data.calibration_images(cfg.num_calibration)
-        log(
-            f"  calibrating {len(act_quantizers(qmodel))} activation quantizers ({cfg.calibrator}) on "
-            f"{len(images)} images: {provenance}"
-        )
-        ranges = calibrate(qmodel, images, data.spec, cfg)
-        torch.save(qmodel.state_dict(), workdir / "quant_state.pt")
-
         spec = read_spec(ctx.model_dir)
         path = workdir / "model_int8.onnx"
-        sample = data.sample_input(2)
-        metadata = {
-            "deploycraft.arch": spec["arch"],
-            "deploycraft.precision": "int8",
-            "deploycraft.target": cfg.target,
-            "deploycraft.input": data.spec.to_dict(),
-            "deploycraft.classes": data.class_names,
-        }
-        proto = export_onnx(qmodel, sample, path, cfg.opset, dynamic_batch=True, metadata=metadata)
-        ops = op_counts(proto)
-        dtypes = quant_dtypes(proto)
-        if not ops.get("QuantizeLinear") or not ops.get("DequantizeLinear"):
-            raise RuntimeError(f"{path.name} has no QuantizeLinear/DequantizeLinear pairs: {ops}")
-        if ops.get("BatchNormalization"):
-            raise RuntimeError(f"{path.name} still has {ops['BatchNormalization']} BatchNormalization nodes")
-        expected = "uint8" if cfg.target == "onnxruntime-cpu" else "int8"
-        if set(dtypes) - {expected}:
-            raise RuntimeError(
-                f"{path.name}: activation zero points are {dtypes}, the {cfg.target} target needs {expected}"
-            )
+        log(f"  calibrating activation quantizers ({cfg.calibrator}) on {len(images)} images: {provenance}")
+        built = build_deployable(
+            model,
+            "int8",
+            path,
+            data.sample_input(2),
+            target=target,
+            settings=cfg.settings,
+            calibration=(images, data.spec),
+            opset=cfg.opset,
+            metadata=onnx_metadata(spec["arch"], "int8", target, data.spec, data.class_names),
+        )
+        qmodel, ranges = built.module, built.ranges
+        torch.save(qmodel.state_dict(), workdir / "quant_state.pt")
 
         # The deployed file computes what the simulation computes (up to rounding of requantization).
         check = data.sample_input(64)
@@ -97,7 +110,7 @@ class QuantizeStage(Stage):
             sim = qmodel(check).numpy()
         ort_out = OrtRunner(path, threads=None)(check.numpy())
         metrics = {
-            "target": cfg.target,
+            "target": target,
             "method": cfg.method,
             "calibrator": cfg.calibrator,
             "percentile": cfg.percentile if cfg.calibrator == "percentile" else None,
@@ -105,13 +118,13 @@ class QuantizeStage(Stage):
             "calibration_images": len(images),
             "activation_quantizers": len(ranges),
             "weight_quantizers": sum(1 for m in qmodel.modules() if hasattr(m, "weight_scale")),
-            "onnx_ops": ops,
-            "activation_dtype": expected,
+            "onnx_ops": built.ops,
+            "activation_dtype": ACTIVATION_DTYPE[target],
             "bytes": path.stat().st_size,
             "sim_vs_onnx_rel_error": relative_error(ort_out, sim),
             "sim_vs_onnx_top1_agreement": float((ort_out.argmax(1) == sim.argmax(1)).mean()),
         }
-        if cfg.target == "onnxruntime-cpu":
+        if target == "onnxruntime-cpu":
             opt = optimized_op_counts(path, workdir)
             convs = (
                 opt.get("QLinearConv", 0) + opt.get("Conv", 0) + opt.get("FusedConv", 0) + opt.get("NhwcFusedConv", 0)
@@ -126,13 +139,39 @@ class QuantizeStage(Stage):
         log(f"  sim vs ONNX: top-1 agreement {metrics['sim_vs_onnx_top1_agreement']:.3f} on 64 images")
         return StageOutput(
             artifacts={
-                "int8_onnx": {
+                ModelName.INT8_ONNX.value: {
                     "path": path.name,
                     "format": "onnx",
                     "precision": "int8",
                     "backend": "onnxruntime",
-                    "target": cfg.target,
+                    "target": target,
                 }
             },
             metrics=metrics,
         )
+
+    @staticmethod
+    def report_section(report: dict[str, Any]) -> list[str]:
+        lines: list[str] = []
+        q = report["stages"].get("quantize")
+        if q:
+            lines += [
+                "",
+                "## Quantization",
+                "",
+                f"PTQ for {q['target']}: {q['activation_dtype']} activations ({q['calibrator']} calibrator"
+                f"{', ' + str(q['percentile']) + ' %' if q.get('percentile') else ''}), S8 per-channel weights; "
+                f"{q['activation_quantizers']} activation and {q['weight_quantizers']} weight quantizers; "
+                f"calibration: {q['calibration']}.",
+            ]
+            if q.get("int8_conv_fraction") is not None:
+                opt = q["ort_optimized_ops"]
+                lines.append(
+                    f"ONNX Runtime's optimized graph: {opt.get('QLinearConv', 0)} QLinearConv, "
+                    f"{opt.get('QLinearAdd', 0)} QLinearAdd; {q['int8_conv_fraction'] * 100:.0f} % of convs in INT8."
+                )
+            lines.append(
+                f"Simulation vs deployed file: top-1 agreement {q['sim_vs_onnx_top1_agreement'] * 100:.1f} % "
+                f"on a check batch."
+            )
+        return lines

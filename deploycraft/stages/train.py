@@ -8,21 +8,30 @@ kill ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deploycraft.artifacts import atomic_path
+from deploycraft.artifacts import atomic_write_bytes, read_json, write_json
+from deploycraft.config import OptimConfig, StageConfig
 from deploycraft.data.transforms import Augment
+from deploycraft.errors import UserError
 from deploycraft.evaluate import top1, torch_predictor
 from deploycraft.models.io import read_spec, save_model
 from deploycraft.progress import bar, log
-from deploycraft.recipe import OptimConfig, TrainConfig
 from deploycraft.stages.base import Stage, StageOutput, register_stage
+
+
+class TrainConfig(StageConfig, OptimConfig):
+    """Train from scratch, or fine-tune model.weights."""
+
+    type: Literal["train"] = "train"
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: OptimConfig) -> float:
@@ -46,6 +55,31 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def save_epoch_checkpoint(path: Path, state: dict) -> None:
+    """The state after an epoch, and beside it the sha256 it was written with (checked on resume)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    entry = atomic_write_bytes(path, buf.getvalue())
+    write_json(path.with_suffix(".json"), {"epoch": state["epoch"], "sha256": entry["sha256"]})
+
+
+def load_epoch_checkpoint(path: Path, label: str) -> dict | None:
+    """The last epoch's state if it is intact (its sha256 matches), else None: start that training over."""
+    if not path.is_file():
+        return None
+    from deploycraft.artifacts import sha256_file
+
+    try:
+        expected = read_json(path.with_suffix(".json"))["sha256"]
+        if sha256_file(path) != expected:
+            raise ValueError("sha256 mismatch")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - damaged or foreign: never resume from it
+        log(f"[yellow]  {label}: {path.name} is damaged ({exc.__class__.__name__}: {exc}); starting over[/]")
+        path.unlink(missing_ok=True)
+        return None
+
+
 def train_epochs(
     model: nn.Module,
     data,
@@ -56,12 +90,13 @@ def train_epochs(
     label: str = "train",
     extra: nn.Module | None = None,
     device: str = "cpu",
+    field: str = "stages.train",
 ) -> list[dict]:
     """Train ``model`` in place for cfg.epochs, resuming from ``workdir/checkpoint.pt``; returns the history.
 
     ``loss_fn(model, x, y) -> (loss, logits)`` replaces plain cross-entropy (distillation uses it);
     ``extra`` holds trainable helpers of the loss (distillation adapters), optimized and checkpointed
-    with the model.
+    with the model. ``field`` is the recipe path of ``cfg``, named when training diverges.
     """
     model.to(device)
     if extra is not None:
@@ -79,8 +114,8 @@ def train_epochs(
     ckpt_path = workdir / "checkpoint.pt"
     history: list[dict] = []
     start = 0
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = load_epoch_checkpoint(ckpt_path, label)
+    if state is not None:
         model.load_state_dict(state["model"])
         if extra is not None:
             extra.load_state_dict(state["extra"])
@@ -111,7 +146,12 @@ def train_epochs(
                 loss, logits = loss_fn(model, x, y)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
-                    raise RuntimeError(f"{label}: the loss became {loss_value} in epoch {epoch + 1}; lower the lr")
+                    raise UserError(
+                        f"{label} diverged: the loss became {loss_value} in epoch {epoch + 1}, step {i + 1} "
+                        f"(learning rate {lr:.3g})",
+                        field=f"{field}.lr",
+                        fix="lower the learning rate or lengthen warmup_epochs, then run again",
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -134,17 +174,16 @@ def train_epochs(
             + (f", val top-1 {record['val_top1']:.4f}" if "val_top1" in record else "")
             + f" ({record['seconds']:.0f} s)"
         )
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(
-                {
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "extra": extra.state_dict() if extra is not None else {},
-                    "optimizer": optimizer.state_dict(),
-                    "history": history,
-                },
-                tmp,
-            )
+        save_epoch_checkpoint(
+            ckpt_path,
+            {
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "extra": extra.state_dict() if extra is not None else {},
+                "optimizer": optimizer.state_dict(),
+                "history": history,
+            },
+        )
     model.to("cpu")  # pruning, export and saving work on CPU copies
     if extra is not None:
         extra.to("cpu")
@@ -154,7 +193,23 @@ def train_epochs(
 @register_stage
 class TrainStage(Stage):
     type = "train"
+    Config = TrainConfig
+    rank = 0
+    report_order = 0
+    reads = ("device",)
     config: TrainConfig
+
+    @classmethod
+    def check(cls, recipe, index: int) -> None:
+        d = recipe.data
+        if recipe.stages[index].enabled and d.dataset == "imagefolder":
+            if not (Path(d.root) / d.train_split).is_dir():
+                raise UserError(
+                    f"the train stage needs {Path(d.root) / d.train_split}",
+                    field="data.train_split",
+                    fix="name the training sub-folder of data.root, or disable the train stage "
+                    "(stages.train.enabled=false)",
+                )
 
     def run(self, ctx, workdir: Path) -> StageOutput:
         cfg = self.config
@@ -180,3 +235,22 @@ class TrainStage(Stage):
             "history": history,
         }
         return StageOutput(model="model", metrics=metrics)
+
+    @staticmethod
+    def report_section(report: dict[str, Any]) -> list[str]:
+        """What was trained, or the checkpoint the run started from."""
+        lines: list[str] = []
+        train = report["stages"].get("train")
+        if train and train.get("epochs"):
+            lines += [
+                "## What was trained",
+                "",
+                f"{train['arch']} on {report['dataset']}: {train['epochs']} epoch(s) over {train['train_images']} "
+                f"images at {train['image_size']} px ({train['channels']} channels), batch {train['batch_size']}, "
+                f"{train['schedule']}; {train['seconds']:.0f} s. Final train loss {train['final_train_loss']:.4f}.",
+                "",
+            ]
+        init = report["stages"].get("init", {})
+        if init.get("source", "").startswith("checkpoint"):
+            lines += [f"Started from {init['source']}.", ""]
+        return lines

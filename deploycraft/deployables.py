@@ -1,0 +1,133 @@
+"""The one builder of every deployable file.
+
+Every place that needs a deployable ONNX file (the quantize and export stages, verify's unpruned
+comparison, the latency probe that pruning searches with) calls ``build_deployable``: the same BN
+folding, the same quantizer placement for the target, the same calibration and export, the same
+structural checks. Only the settings differ (the probe calibrates quickly with the max calibrator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+import torch
+import torch.nn as nn
+
+from deploycraft.data.transforms import InputSpec, prepare_batch
+from deploycraft.onnx_io import export_onnx, op_counts, quant_dtypes
+from deploycraft.progress import bar
+from deploycraft.quant.graph import fold_bn
+from deploycraft.quant.placement import act_quantizers, insert_quantizers
+
+Target = Literal["onnxruntime-cpu", "tensorrt"]
+# The activation integer type each target's INT8 kernels take (docs/design.md, "two placements").
+ACTIVATION_DTYPE = {"onnxruntime-cpu": "uint8", "tensorrt": "int8"}
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How an INT8 deployable is calibrated; the quantize stage's config carries the user's choice."""
+
+    calibrator: str = "percentile"
+    percentile: float = 99.99
+    per_channel: bool = True
+    reduce_range: bool = False
+    batch_size: int = 64
+
+
+# Pruning's latency probe: a quick calibration is enough to time the INT8 graph.
+PROBE_SETTINGS = QuantSettings(calibrator="max", percentile=100.0)
+
+
+class DeployableCheckError(RuntimeError):
+    """A built file does not meet its contract (BN left, no Q/DQ, wrong activation type)."""
+
+
+@dataclass
+class Built:
+    """A deployable written to ``path``, with the torch module whose export it is."""
+
+    path: Path
+    proto: onnx.ModelProto
+    module: nn.Module  # BN-folded float model, or the calibrated Q/DQ simulation
+    ops: dict[str, int]
+    ranges: dict[str, list[float]] = field(default_factory=dict)  # calibrated activation ranges (int8)
+
+
+def onnx_metadata(arch: str, precision: str, target: str | None, spec: InputSpec, classes: list[str]) -> dict[str, Any]:
+    """What a shipped ONNX file says about itself (metadata_props): enough to feed it and read its output."""
+    meta: dict[str, Any] = {"deploycraft.arch": arch, "deploycraft.precision": precision}
+    if precision == "int8":
+        meta["deploycraft.target"] = target
+    meta["deploycraft.input"] = spec.to_dict()
+    meta["deploycraft.classes"] = classes
+    return meta
+
+
+def calibrate(
+    qmodel: nn.Module, images: torch.Tensor, spec: InputSpec, settings: QuantSettings, show: bool = True
+) -> dict[str, list[float]]:
+    """Observe the activations of ``images`` (uint8 NCHW) and set every activation quantizer's range."""
+    quantizers = act_quantizers(qmodel)
+    for _, q in quantizers:
+        q.start_calibration()
+    qmodel.eval()
+    steps = -(-len(images) // settings.batch_size)
+    with torch.no_grad(), bar("calibrate", steps if show else 0) as b:
+        for i in range(0, len(images), settings.batch_size):
+            qmodel(prepare_batch(images[i : i + settings.batch_size], spec))
+            b.advance()
+    return {name: list(q.finish_calibration(settings.calibrator, settings.percentile)) for name, q in quantizers}
+
+
+def quantized_module(float_model: nn.Module, target: Target, settings: QuantSettings) -> nn.Module:
+    """The uncalibrated Q/DQ simulation of ``float_model`` placed for ``target`` (BN folded)."""
+    return insert_quantizers(float_model, target, settings.per_channel, settings.reduce_range)
+
+
+def build_deployable(
+    model: nn.Module,
+    precision: Literal["fp32", "int8"],
+    path: Path,
+    sample: torch.Tensor,
+    *,
+    target: Target = "onnxruntime-cpu",
+    settings: QuantSettings | None = None,
+    calibration: tuple[torch.Tensor, InputSpec] | None = None,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    metadata: dict[str, Any] | None = None,
+    show: bool = True,
+) -> Built:
+    """Fold, (quantize and calibrate,) export and check one deployable ONNX file.
+
+    fp32: BatchNorm folded into the convs. int8: Q/DQ placed for ``target``, calibrated on
+    ``calibration`` (uint8 images and the input spec that prepares them), weights stored as INT8.
+    """
+    ranges: dict[str, list[float]] = {}
+    if precision == "fp32":
+        module = fold_bn(model)
+    else:
+        if calibration is None:
+            raise ValueError("an int8 deployable needs calibration images")
+        settings = settings or QuantSettings()
+        module = quantized_module(model, target, settings)
+        images, spec = calibration
+        ranges = calibrate(module, images, spec, settings, show)
+    proto = export_onnx(module, sample, path, opset, dynamic_batch, metadata)
+    ops = op_counts(proto)
+    if ops.get("BatchNormalization"):
+        raise DeployableCheckError(f"{path.name} has {ops['BatchNormalization']} BatchNormalization nodes left")
+    if precision == "int8":
+        if not ops.get("QuantizeLinear") or not ops.get("DequantizeLinear"):
+            raise DeployableCheckError(f"{path.name} has no QuantizeLinear/DequantizeLinear pairs: {ops}")
+        expected = ACTIVATION_DTYPE[target]
+        dtypes = quant_dtypes(proto)
+        if set(dtypes) - {expected}:
+            raise DeployableCheckError(
+                f"{path.name}: activation zero points are {dtypes}, the {target} target needs {expected}"
+            )
+    return Built(path, proto, module, ops, ranges)

@@ -1,0 +1,117 @@
+"""Checks before any stage runs: the files a recipe names and the model it builds.
+
+`deploycraft validate` and `deploycraft run` run the same checks (the schema, then these), so whatever
+`validate` accepts, `run` does not reject later for the same reason. Each stage adds its own through
+``Stage.preflight``; the helpers here build the model once and read the user's files once.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from deploycraft.config import ModelConfig
+from deploycraft.errors import UserError
+from deploycraft.progress import log
+from deploycraft.recipe import Recipe
+
+
+def build_model(cfg: ModelConfig, in_chans: int, field: str, device: str = "meta") -> nn.Module:
+    """The architecture of ``cfg`` with its kwargs; on the meta device unless weights must be loaded."""
+    from deploycraft.models.registry import create_model
+
+    kwargs = {"num_classes": cfg.num_classes, "in_chans": cfg.in_chans or in_chans, **cfg.kwargs}
+    try:
+        with torch.device(device):
+            return create_model(cfg.arch, **kwargs)
+    except TypeError as exc:
+        raise UserError(
+            f"{cfg.arch} does not accept these arguments ({exc})",
+            field=f"{field}.kwargs",
+            fix="remove the arguments the architecture does not take (see its entry in deploycraft/models/)",
+        ) from None
+    except (ValueError, AssertionError) as exc:
+        raise UserError(
+            f"{cfg.arch}: {exc}", field=f"{field}.kwargs", fix="use values the architecture accepts"
+        ) from None
+    except RecursionError:
+        raise UserError(
+            f"{cfg.arch}: the arguments nest too deeply", field=f"{field}.kwargs", fix="flatten them"
+        ) from None
+
+
+class Preflight:
+    def __init__(self, recipe: Recipe, network: bool = True):
+        self.recipe = recipe
+        self.network = network  # validate does not download; run may
+
+    @property
+    def in_chans(self) -> int:
+        return self.recipe.model.in_chans or self.recipe.data.channels
+
+    @cached_property
+    def model(self) -> nn.Module:
+        return build_model(self.recipe.model, self.in_chans, "model")
+
+    def build(self, cfg: ModelConfig, field: str) -> nn.Module:
+        return build_model(cfg, self.in_chans, field)
+
+    def check_checkpoint(self, cfg: ModelConfig, field: str) -> None:
+        """Load the checkpoint into a real build of the model, as the run will: shapes, keys, NaNs."""
+        if cfg.weights is None:
+            return
+        from deploycraft.models.io import load_checkpoint
+
+        model = build_model(cfg, self.in_chans, field, device="cpu")
+        reset = getattr(cfg, "reset_classifier", False)
+        load_checkpoint(model, Path(cfg.weights), strict=cfg.strict, reset_classifier=reset, field=f"{field}.weights")
+
+    def data_classes(self) -> int | None:
+        d = self.recipe.data
+        if d.dataset in ("fashion-mnist", "synthetic"):
+            return 10
+        from deploycraft.data.imagefolder import find_classes
+
+        split = Path(d.root) / (d.train_split if (Path(d.root) / d.train_split).is_dir() else d.val_split)
+        return len(find_classes(split))
+
+    def check_classes(self) -> None:
+        n = self.data_classes()
+        if n is not None and self.recipe.model.num_classes < n:
+            raise UserError(
+                f"is {self.recipe.model.num_classes} but the data has {n} classes",
+                field="model.num_classes",
+                fix=f"set model.num_classes: {n}"
+                + (" (and model.reset_classifier: true for a checkpoint)" if self.recipe.model.weights else ""),
+            )
+
+    def check_data(self) -> None:
+        d = self.recipe.data
+        if d.dataset == "fashion-mnist":
+            from deploycraft.data import fashion_mnist
+
+            if self.network or not d.download or d.root is not None:
+                fashion_mnist.locate(d.root, d.download)
+            # else: validate does not download; the run will, or say why it cannot
+        if d.calibration is not None:
+            from deploycraft.data import load_calibration_file
+
+            images, _ = load_calibration_file(Path(d.calibration))
+            if images.shape[-2:] != (d.image_size, d.image_size):
+                log(
+                    f"[yellow]warning:[/] data.calibration: the images are {images.shape[-1]}x{images.shape[-2]} "
+                    f"and the model takes {d.image_size}x{d.image_size}: they will be resized (bilinear)"
+                )
+
+    def run(self) -> None:
+        """Every check, in chain order: the data, the starting model, then each enabled stage's."""
+        from deploycraft.stages import STAGES
+
+        self.check_data()
+        STAGES["init"].preflight(self, -1)
+        for i, st in enumerate(self.recipe.stages):
+            if st.enabled:
+                STAGES[st.type].preflight(self, i)
