@@ -1,0 +1,72 @@
+"""Point 2: --output-dir is missing, empty or a deploycraft run folder; anything else is refused before
+any write, and a user's files are never deleted or overwritten."""
+
+from __future__ import annotations
+
+from tests.conftest import run_cli
+from tests.reliability.conftest import one_line_error, snapshot
+
+
+def test_folder_with_user_files_is_refused_untouched(pristine, tmp_path):
+    _, recipe = pristine
+    target = tmp_path / "P"
+    (target / "deploy").mkdir(parents=True)
+    (target / "deploy" / "service.yaml").write_text("x\n")
+    (target / "report.md").write_text("my notes\n")
+    before = snapshot(target)
+    line = one_line_error(run_cli("run", recipe, "-o", target), "--output-dir", "not a deploycraft run folder")
+    assert "report.md" in line or "deploy" in line
+    assert snapshot(target) == before
+    assert sorted(p.name for p in target.iterdir()) == ["deploy", "report.md"]
+
+
+def test_file_as_output_dir(pristine, tmp_path):
+    _, recipe = pristine
+    f = tmp_path / "afile"
+    f.write_text("mine\n")
+    one_line_error(run_cli("run", recipe, "-o", f), "--output-dir", "is a file")
+    assert f.read_text() == "mine\n"
+
+
+def test_output_dir_below_a_file(pristine, tmp_path):
+    _, recipe = pristine
+    f = tmp_path / "afile"
+    f.write_text("mine\n")
+    one_line_error(run_cli("run", recipe, "-o", f / "run"), "--output-dir", "is a file")
+    assert f.read_text() == "mine\n"
+
+
+def test_unwritable_output_dir(pristine):
+    _, recipe = pristine
+    # /proc refuses new folders even to root, like a read-only mount does.
+    one_line_error(run_cli("run", recipe, "-o", "/proc/deploycraft-test/run"), "--output-dir", "cannot write")
+
+
+def test_run_folder_of_another_recipe_is_refused(completed, tmp_path):
+    run, _ = completed
+    from tests.conftest import smoke_recipe, write_recipe
+
+    other = write_recipe(tmp_path / "other.yaml", smoke_recipe(name="other"))
+    before = snapshot(run)
+    one_line_error(run_cli("run", other, "-o", run), "holds a run of recipe 'smoke'")
+    assert snapshot(run) == before
+
+
+def test_empty_folder_is_used(pristine, tmp_path):
+    _, recipe = pristine
+    target = tmp_path / "empty"
+    target.mkdir()
+    proc = run_cli("run", recipe, "-o", target)
+    assert proc.returncode == 0, proc.stderr
+    assert (target / "report.json").is_file()
+
+
+def test_files_added_to_deploy_are_kept(completed):
+    run, recipe = completed
+    (run / "deploy" / "service.yaml").write_text("x\n")
+    proc = run_cli("run", recipe, "-o", run)
+    assert proc.returncode == 0, proc.stderr
+    kept = list(run.glob("deploy.kept-*/service.yaml"))
+    assert len(kept) == 1 and kept[0].read_text() == "x\n"
+    assert "service.yaml" in proc.stderr
+    assert not (run / "deploy" / "service.yaml").exists()
