@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -16,7 +17,9 @@ import torch.nn as nn
 from deploycraft.config import ModelConfig
 from deploycraft.errors import UserError
 from deploycraft.progress import log
-from deploycraft.recipe import Recipe
+
+if TYPE_CHECKING:
+    from deploycraft.recipe import Recipe
 
 
 def build_model(cfg: ModelConfig, in_chans: int, field: str, device: str = "meta") -> nn.Module:

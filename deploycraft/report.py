@@ -11,27 +11,12 @@ from typing import Any
 
 from deploycraft import artifacts as af
 from deploycraft.data.transforms import input_spec
+from deploycraft.formatting import pretty
 from deploycraft.machine import hardware, versions
 from deploycraft.models.io import load_model
 from deploycraft.models.profile import count_macs, count_params
 from deploycraft.names import PRUNING_PAIRS, ModelName
 from deploycraft.stages import STAGES
-
-
-def pretty(name: str) -> str:
-    """A model's label in report.md."""
-    try:
-        return ModelName(name).label
-    except ValueError:
-        return name
-
-
-def fmt_pct(x: float | None) -> str:
-    return "—" if x is None else f"{x * 100:.2f} %"
-
-
-def fmt_mb(b: int | None) -> str:
-    return "—" if not b else f"{b / 1e6:.2f} MB"
 
 
 def _model_entries(ctx, verify: dict[str, Any] | None, macs: int | None, params: int | None) -> dict[str, dict]:

@@ -196,7 +196,7 @@ class DistillStage(Stage):
     @staticmethod
     def report_section(report: dict[str, Any]) -> list[str]:
         """Distillation without pruning (after pruning it is part of the pruning section)."""
-        from deploycraft.report import fmt_pct
+        from deploycraft.formatting import fmt_pct
 
         lines: list[str] = []
         p = report["stages"].get("prune")

@@ -381,7 +381,7 @@ class PruneStage(Stage):
     @staticmethod
     def report_section(report: dict[str, Any]) -> list[str]:
         """Target, widths, the accuracy trail and predicted vs measured speed-up."""
-        from deploycraft.report import fmt_pct, pretty
+        from deploycraft.formatting import fmt_pct, pretty
 
         lines: list[str] = []
         p = report["stages"].get("prune")

@@ -278,7 +278,7 @@ class VerifyStage(Stage):
     @staticmethod
     def report_section(report: dict[str, Any]) -> list[str]:
         """One row per model at the first batch size; a line per other batch size; then the gates."""
-        from deploycraft.report import fmt_mb, fmt_pct, pretty
+        from deploycraft.formatting import fmt_mb, fmt_pct, pretty
 
         lines: list[str] = []
         models = report["models"]
