@@ -1,12 +1,20 @@
-"""Our INT8 QDQ model against ONNX Runtime's own static quantizer, on the same FP32 ONNX.
+"""deploycraft's deployables against the peers' INT8 models of the same FP32 ONNX, on every CPU runtime.
 
-Takes a finished run folder (with deploy/model_fp32.onnx and deploy/model_int8.onnx), quantizes the
-FP32 file with ONNX Runtime's own tooling (`quant_pre_process`, then `quantize_static` with the MinMax
-and the percentile calibrator: QDQ format, per-channel S8 weights, U8 activations, the same 512
-calibration images), then measures top-1 on the Fashion-MNIST test split and latency at batch 1 and
-64, interleaved in one process.
+Takes a finished run folder. From its FP32 file (deploy/model_fp32.onnx) and the same calibration
+images the run used (the recipe's data, its calibration sample), it builds:
+- NNCF's default post-training quantization (`nncf.quantize`, 300 samples by default; here the same
+  512 images), run on OpenVINO and on ONNX Runtime;
+- ONNX Runtime's own static quantizer (`quant_pre_process`, then `quantize_static`: QDQ, per-channel
+  S8 weights, U8 activations, MinMax and percentile 99.99 calibration), run on ONNX Runtime;
+and measures, interleaved in one process, top-1 on the held-out split and p50 latency at batch 1 and
+64 of those, of deploycraft's INT8 files on both runtimes, of the FP32 file on both runtimes (and in
+bf16 on OpenVINO where the CPU has bf16 units), and of the deployable the run shipped
+(deploy/deployable.json). It prints the table and whether the shipped deployable is at least as fast
+as NNCF-on-OpenVINO at both batch sizes (within 3 %) with at least its top-1.
 
     .venv/bin/python benchmarks/quantizer_peers.py RUN_DIR [--images 10000] [--json out.json]
+
+NNCF is an optional dependency of this script only: `pip install nncf` (or `.[peers]`).
 """
 
 from __future__ import annotations
@@ -18,16 +26,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from deploycraft.artifacts import read_json
-from deploycraft.config import DataConfig
-from deploycraft.data import DataModule
+from deploycraft.data import build_data
+from deploycraft.data.transforms import prepare_batch
 from deploycraft.evaluate import top1
+from deploycraft.recipe import build_recipe
+from deploycraft.runtime import available, onnx_runner
 from deploycraft.runtime.bench import measure, physical_cores
-from deploycraft.runtime.ort import OrtRunner
+
+TOLERANCE = 0.03  # "as fast as": within 3 % of p50
 
 
 class _Reader:
+    """ONNX Runtime's CalibrationDataReader over prepared batches."""
+
     def __init__(self, batches: list[np.ndarray], name: str):
         self.it = iter([{name: b} for b in batches])
 
@@ -35,73 +48,113 @@ class _Reader:
         return next(self.it, None)
 
 
-def main() -> int:
+def peers(fp32: Path, batches: list[np.ndarray], tmp: Path) -> dict[str, Path]:
+    """The peers' INT8 files of ``fp32``, all calibrated on ``batches``."""
+    out = {}
+    try:
+        import nncf
+        import onnx
+
+        model = nncf.quantize(
+            onnx.load(str(fp32)),
+            nncf.Dataset(batches, lambda b: {"input": b}),
+            subset_size=sum(len(b) for b in batches),
+        )
+        out["nncf"] = tmp / "nncf.onnx"
+        onnx.save(model, str(out["nncf"]))
+    except ImportError:
+        print("nncf is not installed: NNCF rows skipped (pip install nncf)")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    pre = tmp / "preprocessed.onnx"
+    quant_pre_process(str(fp32), str(pre))
+    for label, method, extra in (
+        ("ort_minmax", CalibrationMethod.MinMax, {}),
+        ("ort_percentile", CalibrationMethod.Percentile, {"CalibPercentile": 99.99}),
+    ):
+        out[label] = tmp / f"{label}.onnx"
+        quantize_static(
+            str(pre),
+            str(out[label]),
+            _Reader(batches, "input"),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=method,
+            extra_options=extra,
+        )
+    return out
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--images", type=int, default=10_000)
+    ap.add_argument("--images", type=int, default=None, help="held-out images (default: the recipe's)")
     ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    recipe = read_json(args.run_dir / "report.json")
-    spec = recipe["input"]
-    data = DataModule(
-        DataConfig(
-            dataset="fashion-mnist",
-            image_size=spec["image_size"],
-            channels=spec["channels"],
-            val_subset=args.images if args.images < 10_000 else None,
-        ),
-        seed=0,
-    )
-    ours_fp32 = args.run_dir / "deploy" / "model_fp32.onnx"
-    ours_int8 = args.run_dir / "deploy" / "model_int8.onnx"
+    run = args.run_dir
+    raw = yaml.safe_load((run / "recipe.yaml").read_text())
+    if args.images:
+        raw["data"]["val_subset"] = args.images
+    recipe = build_recipe(raw)
+    data = build_data(recipe.data, recipe.seed)
+    q = recipe.stage("quantize")
+    images, provenance = data.calibration_images(q.num_calibration if q else 512)
+    batches = [prepare_batch(images[i : i + 64], data.spec).numpy() for i in range(0, len(images), 64)]
+    shipped = json.loads((run / "deploy" / "deployable.json").read_text())
     threads = physical_cores()
+    runtimes = [r for r in ("onnxruntime", "openvino") if available(r)]
+    ours = {p.stem: p for p in sorted((run / "deploy").glob("model_int8*.onnx"))}
+    fp32 = run / "deploy" / "model_fp32.onnx"
     with tempfile.TemporaryDirectory() as tmp:
-        images, _ = data.calibration_images(512)
-        from deploycraft.data.transforms import prepare_batch
-
-        batches = [prepare_batch(images[i : i + 64], data.spec).numpy() for i in range(0, len(images), 64)]
-        runners = {
-            "fp32 (deploycraft export)": OrtRunner(ours_fp32, threads),
-            "int8 deploycraft": OrtRunner(ours_int8, threads),
-        }
-        # ONNX Runtime's documented flow: quant_pre_process (shape inference and graph optimization),
-        # then quantize_static with its default calibrator (MinMax) and with the percentile calibrator
-        # at our default percentile; same format, types, per-channel weights and calibration images.
-        pre = Path(tmp) / "preprocessed.onnx"
-        quant_pre_process(str(ours_fp32), str(pre))
-        for label, method, extra in (
-            ("MinMax", CalibrationMethod.MinMax, {}),
-            ("Percentile 99.99", CalibrationMethod.Percentile, {"CalibPercentile": 99.99}),
-        ):
-            peer = Path(tmp) / f"ort_quantizer_{method.name}.onnx"
-            quantize_static(
-                str(pre),
-                str(peer),
-                _Reader(batches, "input"),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=method,
-                extra_options=extra,
+        others = peers(fp32, batches, Path(tmp))
+        runners = {}
+        for rt in runtimes:
+            runners[f"FP32 on {rt}"] = onnx_runner(rt, fp32, threads)
+        if "openvino" in runtimes:
+            runners["FP32 on openvino, bf16"] = onnx_runner("openvino", fp32, threads, "bf16")
+        for stem, path in ours.items():
+            for rt in runtimes:
+                runners[f"deploycraft {stem} on {rt}"] = onnx_runner(rt, path, threads)
+        hint = shipped.get("openvino_precision_hint") or "f32"
+        main = f"deploycraft shipped ({shipped['model']})"
+        runners[main] = onnx_runner(shipped["runtime"], run / shipped["file"], threads, hint)
+        if "nncf" in others:
+            for rt in runtimes:
+                runners[f"NNCF default PTQ on {rt}"] = onnx_runner(rt, others["nncf"], threads)
+        for label in ("ort_minmax", "ort_percentile"):
+            runners[f"ORT quantize_static {label.split('_')[1]} on onnxruntime"] = onnx_runner(
+                "onnxruntime", others[label], threads
             )
-            runners[f"int8 ORT quantize_static {label}"] = OrtRunner(peer, threads)
+        sizes = {n: Path(r.path).stat().st_size for n, r in runners.items()}
         acc = {n: top1(lambda x, r=r: r(r.prepare(x)), data, 256, n) for n, r in runners.items()}
-        x = torch.from_numpy(np.concatenate(batches))[:64]
-        lat = measure(runners, lambda bs: x[:bs], [1, 64], warmup=10, repeats=args.repeats)
-        sizes = {n: r.path.stat().st_size for n, r in runners.items()}
-    print(f"{args.run_dir}: ONNX Runtime CPU, {threads} threads, top-1 on {data.num_val} test images")
-    print(f"{'model':<44}{'top-1':>8}{'p50 bs1 ms':>12}{'p50 bs64 ms':>13}{'MB':>7}")
-    out = {}
+        x = torch.from_numpy(np.concatenate(batches))
+        x = x.repeat(-(-max(args.batch) // len(x)), 1, 1, 1)
+        lat = measure(runners, lambda bs: x[:bs], args.batch, warmup=10, repeats=args.repeats)
+    print(f"{run}: {threads} threads, top-1 on {data.num_val} held-out images; calibration: {provenance}")
+    header = f"{'model':<56}{'top-1':>8}" + "".join(f"{'p50 bs' + str(b):>12}" for b in args.batch) + f"{'MB':>7}"
+    print(header)
+    out = {"run": str(run), "threads": threads, "images": data.num_val, "models": {}}
     for n in runners:
-        print(f"{n:<44}{acc[n] * 100:>7.2f}%{lat[n][1].p50:>12.3f}{lat[n][64].p50:>13.2f}{sizes[n] / 1e6:>7.2f}")
-        out[n] = {"top1": acc[n], "p50_ms": {"1": lat[n][1].p50, "64": lat[n][64].p50}, "bytes": sizes[n]}
+        cells = "".join(f"{lat[n][b].p50:>12.3f}" for b in args.batch)
+        print(f"{n:<56}{acc[n] * 100:>7.2f}%{cells}{sizes[n] / 1e6:>7.2f}")
+        out["models"][n] = {"top1": acc[n], "p50_ms": {str(b): lat[n][b].p50 for b in args.batch}, "bytes": sizes[n]}
+    nncf_ov = "NNCF default PTQ on openvino"
+    if nncf_ov in runners:
+        faster = all(lat[main][b].p50 <= lat[nncf_ov][b].p50 * (1 + TOLERANCE) for b in args.batch)
+        verdict = {
+            "as_fast_as_nncf_openvino": faster,
+            "top1_at_least_nncf": acc[main] >= acc[nncf_ov],
+            "p50_ratio_vs_nncf": {str(b): round(lat[nncf_ov][b].p50 / lat[main][b].p50, 3) for b in args.batch},
+        }
+        out["verdict"] = verdict
+        print(f"shipped vs NNCF on OpenVINO: {verdict}")
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

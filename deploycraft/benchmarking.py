@@ -1,4 +1,4 @@
-"""`deploycraft bench`: ONNX files timed side by side on ONNX Runtime CPU."""
+"""`deploycraft bench`: ONNX files timed side by side on every CPU runtime, and the machine's ceiling."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import onnx
 import torch
 
 from deploycraft.errors import UserError
+from deploycraft.runtime import CPU_RUNTIMES, available, cpu_runtimes, onnx_runner
 from deploycraft.runtime.bench import measure, physical_cores
-from deploycraft.runtime.ort import OrtRunner
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -54,53 +54,83 @@ def _input_shape(path: Path, proto: onnx.ModelProto) -> tuple[int, ...]:
     return tuple(d.dim_value for d in dims)
 
 
-def bench_onnx(paths: list[Path], batch_sizes: list[int], threads: int | None, repeats: int, warmup: int):
+def bench_onnx(
+    paths: list[Path],
+    batch_sizes: list[int],
+    threads: int | None,
+    repeats: int,
+    warmup: int,
+    runtimes: list[str] | None = None,
+    peak: bool = False,
+):
+    """Every file on every requested runtime, timed interleaved in one process; optionally the ceiling."""
     for name, value, least in (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--threads", threads, 1)):
         if value is not None and value < least:
             raise UserError(f"{name} is {value}", field=name, fix=f"give an integer >= {least}")
     bad = [b for b in batch_sizes if b < 1]
     if bad:
         raise UserError(f"--batch {bad[0]} is not a batch size", field="--batch", fix="give batch sizes >= 1")
-    protos = {Path(p): _load(Path(p)) for p in paths}
-    shapes = {_input_shape(p, proto) for p, proto in protos.items()}
-    if len(shapes) != 1:
-        raise UserError(
-            f"the models take different inputs {sorted(shapes)}",
-            field="MODEL.onnx",
-            fix="compare models of one input shape",
-        )
-    shape = shapes.pop()
+    runtimes = runtimes or cpu_runtimes()
+    for r in runtimes:
+        if r not in CPU_RUNTIMES:
+            raise UserError(f"unknown runtime {r!r}", field="--runtime", fix=f"use one of {', '.join(CPU_RUNTIMES)}")
+        if not available(r):
+            raise UserError(f"{r} is not installed", field="--runtime", fix=f"pip install {r}, or leave it out")
+    if not paths and not peak:
+        raise UserError("nothing to time", field="MODEL.onnx", fix="give .onnx files, or --peak for the ceiling")
     threads = threads or physical_cores()
-    runners = {}
-    for p in paths:
+    text: list[str] = []
+    out: dict = {"threads": threads, "runtimes": runtimes}
+    if paths:
+        protos = {Path(p): _load(Path(p)) for p in paths}
+        shapes = {_input_shape(p, proto) for p, proto in protos.items()}
+        if len(shapes) != 1:
+            raise UserError(
+                f"the models take different inputs {sorted(shapes)}",
+                field="MODEL.onnx",
+                fix="compare models of one input shape",
+            )
+        shape = shapes.pop()
+        runners = {}
+        for p in paths:
+            for r in runtimes:
+                try:
+                    runners[f"{p} @{r}"] = onnx_runner(r, Path(p), threads)
+                except Exception as exc:  # noqa: BLE001 - the runtime refuses the graph: the user's file
+                    first = (str(exc).strip().splitlines() or [""])[0][:160]
+                    raise UserError(
+                        f"{r} cannot load {p} ({first})", field="MODEL.onnx", fix="check the model with onnx.checker"
+                    ) from None
+        gen = torch.Generator().manual_seed(0)
+        sample = torch.randn(max(batch_sizes), *shape, generator=gen)
         try:
-            runners[str(p)] = OrtRunner(Path(p), threads)
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime refuses the graph: the user's file
+            res = measure(runners, lambda bs: sample[:bs], batch_sizes, warmup, repeats)
+        except Exception as exc:  # noqa: BLE001 - a runtime rejects the input the graph declares
             first = (str(exc).strip().splitlines() or [""])[0][:160]
             raise UserError(
-                f"ONNX Runtime cannot load {p} ({first})", field="MODEL.onnx", fix="check the model with onnx.checker"
+                f"a runtime failed to run the models on input {shape} ({first})",
+                field="MODEL.onnx",
+                fix="give image classifiers with one NCHW float input",
             ) from None
-    gen = torch.Generator().manual_seed(0)
-    sample = torch.randn(max(batch_sizes), *shape, generator=gen)
-    try:
-        res = measure(runners, lambda bs: sample[:bs], batch_sizes, warmup, repeats)
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime rejects the input the graph declares
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise UserError(
-            f"ONNX Runtime failed to run the models on input {shape} ({first})",
-            field="MODEL.onnx",
-            fix="give image classifiers with one NCHW float input",
-        ) from None
-    base = str(paths[0])
-    lines = [f"ONNX Runtime CPU, {threads} threads, input {shape}, {repeats} interleaved runs"]
-    for bs in batch_sizes:
-        lines.append(f"batch {bs}:")
-        for name in runners:
-            lat = res[name][bs]
-            ratio = res[base][bs].p50 / lat.p50
-            lines.append(
-                f"  {name:<48} p50 {lat.p50:8.3f} ms  p99 {lat.p99:8.3f} ms  {lat.throughput_ips:9.0f} img/s"
-                f"  {ratio:5.2f}x vs first"
-            )
-    results = {name: {str(bs): res[name][bs].to_dict() for bs in batch_sizes} for name in runners}
-    return "\n".join(lines), {"threads": threads, "input": list(shape), "results": results}
+        base = next(iter(runners))
+        text.append(f"{', '.join(runtimes)} on the CPU, {threads} threads, input {shape}, {repeats} interleaved runs")
+        for bs in batch_sizes:
+            text.append(f"batch {bs}:")
+            for name in runners:
+                lat = res[name][bs]
+                ratio = res[base][bs].p50 / lat.p50
+                text.append(
+                    f"  {name:<56} p50 {lat.p50:8.3f} ms  p99 {lat.p99:8.3f} ms  {lat.throughput_ips:9.0f} img/s"
+                    f"  {ratio:5.2f}x vs first"
+                )
+        out["input"] = list(shape)
+        out["results"] = {name: {str(bs): res[name][bs].to_dict() for bs in batch_sizes} for name in runners}
+    if peak:
+        from deploycraft.ceiling import measure_ceiling
+
+        ceiling = measure_ceiling(runtimes, threads, repeats=max(repeats // 3, 10))
+        text.append(f"ceiling ({next(iter(ceiling.values()))['shape']}), {threads} threads:")
+        for name, c in ceiling.items():
+            text.append(f"  {name:<20} {c['gmacs']:8.1f} GMAC/s  (p50 {c['p50_ms']:.3f} ms)")
+        out["ceiling"] = ceiling
+    return "\n".join(text), out

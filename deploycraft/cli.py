@@ -150,18 +150,22 @@ def inspect(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
 
 @app.command()
 def bench(
-    models_: List[Path] = typer.Argument(..., metavar="MODEL.onnx...", help="ONNX files to compare."),
+    models_: List[Path] = typer.Argument(None, metavar="MODEL.onnx...", help="ONNX files to compare."),
     batch: List[int] = typer.Option([1], "--batch", "-b", help="Batch sizes."),
+    runtime: List[str] = typer.Option(
+        None, "--runtime", "-r", help="onnxruntime and/or openvino (default: every one installed)."
+    ),
+    peak: bool = typer.Option(False, "--peak", help="Also measure the machine's conv ceiling (GMAC/s)."),
     threads: int | None = typer.Option(None, help="Intra-op threads (default: physical cores)."),
     repeats: int = typer.Option(100, help="Timed runs per model and batch size."),
     warmup: int = typer.Option(10, help="Untimed runs first."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
 ) -> None:
-    """Time ONNX models side by side on ONNX Runtime (interleaved; ratios are within one run)."""
+    """Time ONNX models side by side on every CPU runtime (interleaved; ratios are within one run)."""
     from deploycraft.benchmarking import bench_onnx
 
     try:
-        text, results = bench_onnx(models_, batch, threads, repeats, warmup)
+        text, results = bench_onnx(models_ or [], batch, threads, repeats, warmup, runtime or None, peak)
     except UserError as exc:
         _fail(exc)
     typer.echo(text)

@@ -12,7 +12,6 @@ import torch
 
 from deploycraft.errors import UserError
 from deploycraft.models.io import load_model
-from deploycraft.names import ModelName
 
 if TYPE_CHECKING:
     from deploycraft.artifacts import RunDir
@@ -55,7 +54,8 @@ class RunContext:
     run: RunDir
     model_dir: Path | None = None  # the current float model (spec.json + weights.pt)
     reference_dir: Path | None = None  # the FP32 model before pruning: the accuracy reference
-    artifacts: dict[ModelName, Artifact] = field(default_factory=dict)
+    # Deployables by model name (names.ModelName values; plain strings keep names.py out of every stage).
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # metrics by stage type
     stage_dirs: dict[str, Path] = field(default_factory=dict)
 
@@ -80,7 +80,7 @@ class RunContext:
     def load_model(self, folder: Path | None = None) -> torch.nn.Module:
         return load_model(folder or self.model_dir)
 
-    def artifact_path(self, name: ModelName) -> Path:
+    def artifact_path(self, name: str) -> Path:
         return self.run.root / self.artifacts[name].path
 
     def apply(self, type_: str, stage_dir: Path, out: StageOutput) -> None:
@@ -91,6 +91,6 @@ class RunContext:
                 self.reference_dir = self.model_dir
         for name, art in out.artifacts.items():
             rel = str((stage_dir / art["path"]).relative_to(self.run.root))
-            self.artifacts[ModelName(name)] = Artifact(**{**art, "path": rel})
+            self.artifacts[str(name)] = Artifact(**{**art, "path": rel})
         self.results[type_] = out.metrics
         self.stage_dirs[type_] = stage_dir

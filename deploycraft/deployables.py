@@ -20,11 +20,21 @@ from deploycraft.data.transforms import InputSpec, prepare_batch
 from deploycraft.onnx_io import export_onnx, op_counts, quant_dtypes
 from deploycraft.progress import bar
 from deploycraft.quant.graph import fold_bn
-from deploycraft.quant.placement import act_quantizers, insert_quantizers
+from deploycraft.quant.placement import Target, act_quantizers, expected_int8_convs, insert_quantizers
 
-Target = Literal["onnxruntime-cpu", "tensorrt"]
-# The activation integer type each target's INT8 kernels take (docs/design.md, "two placements").
-ACTIVATION_DTYPE = {"onnxruntime-cpu": "uint8", "tensorrt": "int8"}
+# The runtime each target's files are built for (TensorRT's files run on ONNX Runtime here, for accuracy).
+TARGET_RUNTIME = {"onnxruntime-cpu": "onnxruntime", "openvino-cpu": "openvino", "tensorrt": "onnxruntime"}
+# The activation integer types each target's INT8 kernels take (docs/design.md, "placements by target").
+ACTIVATION_DTYPES = {"onnxruntime-cpu": {"uint8"}, "openvino-cpu": {"uint8", "int8"}, "tensorrt": {"int8"}}
+
+
+def build_targets(target: str) -> list[str]:
+    """The INT8 placements a recipe's target builds: its own, or (auto) one per CPU runtime installed."""
+    if target != "auto":
+        return [target]
+    from deploycraft.runtime import available
+
+    return ["onnxruntime-cpu"] + (["openvino-cpu"] if available("openvino") else [])
 
 
 @dataclass(frozen=True)
@@ -124,10 +134,56 @@ def build_deployable(
     if precision == "int8":
         if not ops.get("QuantizeLinear") or not ops.get("DequantizeLinear"):
             raise DeployableCheckError(f"{path.name} has no QuantizeLinear/DequantizeLinear pairs: {ops}")
-        expected = ACTIVATION_DTYPE[target]
+        allowed = ACTIVATION_DTYPES[target]
         dtypes = quant_dtypes(proto)
-        if set(dtypes) - {expected}:
+        if set(dtypes) - allowed:
             raise DeployableCheckError(
-                f"{path.name}: activation zero points are {dtypes}, the {target} target needs {expected}"
+                f"{path.name}: activation zero points are {dtypes}, the {target} target takes {sorted(allowed)}"
             )
     return Built(path, proto, module, ops, ranges)
+
+
+def int8_execution(path: Path, target: Target, workdir: Path) -> dict[str, Any] | None:
+    """What the target's runtime actually executes in INT8, read from its own optimized graph.
+
+    ONNX Runtime: the graph after its optimizations (QLinearConv, QLinearAdd); OpenVINO: the CPU
+    plugin's runtime model (each convolution's runtime precision). None for TensorRT (not here).
+    """
+    if target == "onnxruntime-cpu":
+        from deploycraft.runtime.ort import optimized_op_counts
+
+        opt = optimized_op_counts(path, workdir)
+        convs = sum(opt.get(k, 0) for k in ("QLinearConv", "Conv", "FusedConv", "NhwcFusedConv"))
+        return {
+            "runtime": "onnxruntime",
+            "int8_convs": opt.get("QLinearConv", 0),
+            "convs": convs,
+            "int8_adds": opt.get("QLinearAdd", 0),
+            "ops": opt,
+        }
+    if target == "openvino-cpu":
+        from deploycraft.runtime.openvino import INT8, runtime_layers
+
+        layers = runtime_layers(path)
+        convs = {p: v for (kind, p), v in layers.items() if kind == "Convolution"}
+        return {
+            "runtime": "openvino",
+            "int8_convs": sum(v for p, v in convs.items() if p in INT8),
+            "convs": sum(convs.values()),
+            "ops": {f"{kind}:{p}": v for (kind, p), v in sorted(layers.items())},
+        }
+    return None
+
+
+def check_int8_execution(path: Path, target: Target, qmodel: nn.Module, workdir: Path) -> dict[str, Any] | None:
+    """``int8_execution`` held to the placement: fewer INT8 convs than it quantizes is an error."""
+    proof = int8_execution(path, target, workdir)
+    if proof is None:
+        return None
+    proof["expected_int8_convs"] = expected = expected_int8_convs(qmodel, target)
+    if proof["int8_convs"] < expected:
+        raise DeployableCheckError(
+            f"{proof['runtime']} would run only {proof['int8_convs']} of the {expected} convs that {path.name} "
+            f"quantizes in INT8 ({proof['convs']} convs in all): the rest would run in float"
+        )
+    return proof

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from deploycraft.names import ModelName
+from deploycraft.names import RUNTIME_LABELS, ModelName, split_row
 
 
 def pretty(name: str) -> str:
-    """A model's label in report.md."""
+    """A model's label in report.md: ``int8_onnx@openvino`` is "INT8 ONNX on OpenVINO"."""
+    model, runtime = split_row(name)
     try:
-        return ModelName(name).label
+        label = ModelName(model).label
     except ValueError:
-        return name
+        label = model
+    return label if runtime is None else f"{label} on {RUNTIME_LABELS.get(runtime, runtime)}"
 
 
 def fmt_pct(x: float | None) -> str:

@@ -2,7 +2,7 @@
 
 Used where latency is a target (pruning) rather than a report: the model goes through the one
 deployable builder into a temporary ONNX file (INT8 calibrated quickly with the max calibrator),
-then is timed on ONNX Runtime CPU.
+then is timed on the target's runtime (ONNX Runtime or OpenVINO, on the CPU).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from deploycraft.deployables import PROBE_SETTINGS, build_deployable
+from deploycraft.deployables import PROBE_SETTINGS, TARGET_RUNTIME, build_deployable
+from deploycraft.runtime import onnx_runner
 from deploycraft.runtime.bench import measure
-from deploycraft.runtime.ort import OrtRunner
 
 
 def onnx_latency_ms(
@@ -36,7 +36,7 @@ def onnx_latency_ms(
         build_deployable(
             model, precision, path, sample, target=target, settings=PROBE_SETTINGS, calibration=calibration, show=False
         )
-        runner = OrtRunner(path, threads)
+        runner = onnx_runner(TARGET_RUNTIME[target], path, threads)
         x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(1))
         result = measure(
             {"probe": runner}, lambda bs: x, [batch_size], warmup=10, repeats=repeats, rounds=1, show=False

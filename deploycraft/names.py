@@ -14,8 +14,10 @@ class ModelName(str, Enum):
     FP32_TORCH_CUDA = "fp32_torch_cuda"
     UNPRUNED_FP32_ONNX = "unpruned_fp32_onnx"
     UNPRUNED_INT8_ONNX = "unpruned_int8_onnx"
+    UNPRUNED_INT8_OPENVINO = "unpruned_int8_openvino"
     FP32_ONNX = "fp32_onnx"
     INT8_ONNX = "int8_onnx"
+    INT8_OPENVINO = "int8_openvino"
 
     def __str__(self) -> str:
         return self.value
@@ -32,13 +34,44 @@ _LABELS = {
     ModelName.FP32_TORCH_CUDA: "FP32 torch, CUDA",
     ModelName.UNPRUNED_FP32_ONNX: "unpruned FP32 ONNX",
     ModelName.UNPRUNED_INT8_ONNX: "unpruned INT8 ONNX",
+    ModelName.UNPRUNED_INT8_OPENVINO: "unpruned INT8 ONNX for OpenVINO",
     ModelName.FP32_ONNX: "FP32 ONNX",
     ModelName.INT8_ONNX: "INT8 ONNX",
+    ModelName.INT8_OPENVINO: "INT8 ONNX for OpenVINO",
+}
+RUNTIME_LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "openvino-bf16": "OpenVINO, bf16"}
+
+# The INT8 file each target gets (TensorRT's placement is ONNX Runtime's file name: one INT8 per run),
+# its file name in the stage folder, and the unpruned comparison verify builds the same way.
+INT8_NAME = {
+    "onnxruntime-cpu": ModelName.INT8_ONNX,
+    "tensorrt": ModelName.INT8_ONNX,
+    "openvino-cpu": ModelName.INT8_OPENVINO,
+}
+ARTIFACT_FILE = {
+    ModelName.FP32_ONNX: "model_fp32.onnx",
+    ModelName.INT8_ONNX: "model_int8.onnx",
+    ModelName.INT8_OPENVINO: "model_int8_openvino.onnx",
+}
+UNPRUNED = {
+    ModelName.FP32_ONNX: ModelName.UNPRUNED_FP32_ONNX,
+    ModelName.INT8_ONNX: ModelName.UNPRUNED_INT8_ONNX,
+    ModelName.INT8_OPENVINO: ModelName.UNPRUNED_INT8_OPENVINO,
 }
 
-# The deployable the latency gates look at: the most optimized one the run produced.
+
+def row_name(model: ModelName | str, runtime: str | None) -> str:
+    """The report's name of a model on a runtime: ``int8_onnx`` on its own runtime, else ``int8_onnx@openvino``."""
+    return str(model) if runtime is None else f"{model}@{runtime}"
+
+
+def split_row(name: str) -> tuple[str, str | None]:
+    model, _, runtime = name.partition("@")
+    return model, runtime or None
+
+
+# Without an INT8 deployable, the one the latency gates look at: the most optimized the run produced.
 MAIN_ORDER = (
-    ModelName.INT8_ONNX,
     ModelName.FP32_ONNX,
     ModelName.PRUNED_FP32_TORCH,
     ModelName.DISTILLED_FP32_TORCH,
@@ -49,4 +82,5 @@ PRUNING_PAIRS = (
     (ModelName.FP32_TORCH, ModelName.PRUNED_FP32_TORCH),
     (ModelName.UNPRUNED_FP32_ONNX, ModelName.FP32_ONNX),
     (ModelName.UNPRUNED_INT8_ONNX, ModelName.INT8_ONNX),
+    (ModelName.UNPRUNED_INT8_OPENVINO, ModelName.INT8_OPENVINO),
 )

@@ -290,6 +290,9 @@ class Pipeline:
         if ctx.model_dir is not None:
             for f in ("spec.json", "weights.pt"):
                 shipped[f"deploy/torch/{f}"] = ctx.model_dir / f
+        serving = self._serving(ctx)
+        if serving is not None:
+            shipped[f"deploy/triton/{self.recipe.name}/1/model.onnx"] = serving.pop("source")
         tmp = root / ".deploy-new"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -299,11 +302,63 @@ class Pipeline:
             if expected is None or entry["sha256"] != expected["sha256"]:
                 raise RuntimeError(f"{src.relative_to(root)} changed while the run was shipping it")
             files[rel] = entry
+        if serving is not None:
+            for rel, text in serving.items():
+                files[rel] = af.atomic_write_text(tmp / Path(rel).relative_to("deploy"), text)
         self._retire_deploy()
         tmp.rename(self.run.deploy)
         report, written = write_report(ctx)
         files.update(written)
         return [f"gate {g['name']} failed: {g['detail']}" for g in report.get("gates", []) if not g["passed"]], files
+
+    def _serving(self, ctx: RunContext) -> dict[str, Any] | None:
+        """The shipped deployable (verify's main, else the target's INT8, else the FP32 ONNX): its
+        description and a Triton model repository for it. None when the run made no ONNX file."""
+        import json
+
+        from deploycraft.deployables import TARGET_RUNTIME
+        from deploycraft.names import INT8_NAME, ModelName, split_row
+        from deploycraft.runtime.bench import physical_cores
+        from deploycraft.serving import deployable_description, triton_config
+
+        verify = ctx.results.get("verify") or {}
+        main = verify.get("main")
+        if main is None or split_row(main)[0] not in ctx.artifacts:
+            default = INT8_NAME.get(self.recipe.target, ModelName.INT8_ONNX)
+            main = next((n.value for n in (default, ModelName.FP32_ONNX) if n.value in ctx.artifacts), None)
+        if main is None:
+            return None
+        model, on = split_row(main)
+        art = ctx.artifacts[model]
+        runtime = "openvino" if on in ("openvino", "openvino-bf16") else (on or art.backend)
+        if runtime not in ("onnxruntime", "openvino"):
+            runtime = TARGET_RUNTIME.get(self.recipe.target, "onnxruntime")
+        precision = "bf16" if on == "openvino-bf16" else art.precision
+        measured = (verify.get("models") or {}).get(main)
+        threads = (measured or {}).get("threads") or physical_cores()
+        vcfg = self.recipe.stage("verify")
+        max_batch = max(vcfg.batch_sizes) if vcfg is not None else 64
+        classes = ctx.recipe.model.num_classes
+        config = triton_config(
+            self.recipe.name,
+            runtime,
+            ctx.in_chans,
+            self.recipe.data.image_size,
+            classes,
+            max_batch,
+            threads,
+            "bf16" if precision == "bf16" else "f32",
+        )
+        desc = deployable_description(
+            main, f"deploy/{Path(art.path).name}", runtime, precision, threads, self.recipe.target, measured
+        )
+        desc["input"] = input_spec(self.recipe.data).to_dict()
+        desc["triton"] = f"deploy/triton/{self.recipe.name}"
+        return {
+            "source": self.run.root / art.path,
+            f"deploy/triton/{self.recipe.name}/config.pbtxt": config,
+            "deploy/deployable.json": json.dumps(desc, indent=2) + "\n",
+        }
 
     def _retire_deploy(self) -> None:
         """Remove the old deploy/ if it holds exactly what the last manifest says deploycraft put there;

@@ -30,7 +30,6 @@ ORDER_TEXT = " -> ".join(
     "/".join(st.type for st in recipe_stages() if st.rank == rank)
     for rank in sorted({st.rank for st in recipe_stages()})
 )
-TARGETS = ("onnxruntime-cpu", "tensorrt")
 
 
 class Recipe(Strict):
@@ -48,13 +47,15 @@ class Recipe(Strict):
     )
     model: ModelConfig = Field(description="The architecture and where its weights come from.")
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset, resolution and normalization.")
-    target: Literal["onnxruntime-cpu", "tensorrt"] = Field(
+    target: Literal["onnxruntime-cpu", "openvino-cpu", "tensorrt", "auto"] = Field(
         "onnxruntime-cpu",
         description="Deployment target: the runtime the deployables are built for. onnxruntime-cpu: U8 "
         "asymmetric activations with S8 per-channel weights, Q/DQ around every conv and both inputs of each "
-        "residual add (ONNX Runtime runs QLinearConv/QLinearAdd); widths pruned to multiples of 16. tensorrt: "
-        "S8 symmetric everywhere, Q/DQ on conv inputs and the residual skip input only (TensorRT fuses "
-        "conv+add+ReLU).",
+        "residual add (ONNX Runtime runs QLinearConv/QLinearAdd). openvino-cpu: the same tensors with "
+        "symmetric activations (U8 after ReLU, S8 elsewhere), run by OpenVINO. tensorrt: S8 symmetric "
+        "everywhere, Q/DQ on conv inputs and the residual skip input only (TensorRT fuses conv+add+ReLU). "
+        "auto: build for every installed CPU runtime, measure every deployable on every runtime at the "
+        "recipe's batch sizes, and ship the fastest inside verify's accuracy budget.",
     )
     stages: list[StageUnion] = Field(min_length=1, description="The stages, run in this order.")
 

@@ -15,7 +15,7 @@ from deploycraft.formatting import pretty
 from deploycraft.machine import hardware, versions
 from deploycraft.models.io import load_model
 from deploycraft.models.profile import count_macs, count_params
-from deploycraft.names import PRUNING_PAIRS, ModelName
+from deploycraft.names import PRUNING_PAIRS, ModelName, split_row
 from deploycraft.stages import STAGES
 
 
@@ -23,10 +23,11 @@ def _model_entries(ctx, verify: dict[str, Any] | None, macs: int | None, params:
     entries: dict[str, dict] = {}
     measured = (verify or {}).get("models", {})
     bs = str((verify or {}).get("batch_sizes", [1])[0])
-    names = list(measured) or ([ModelName.FP32_TORCH.value] + [n.value for n in ctx.artifacts])
+    names = list(measured) or ([ModelName.FP32_TORCH.value] + list(ctx.artifacts))
     for name in names:
         m = measured.get(name)
-        artifact = ctx.artifacts.get(ModelName(name))
+        model, _ = split_row(name)
+        artifact = ctx.artifacts.get(model)
         art = {**artifact.describe(), "deploy_path": artifact.deploy_path} if artifact is not None else {}
         entry: dict[str, Any] = {
             "path": art.get("deploy_path") or (m or {}).get("path") or "deploy/torch/weights.pt",
@@ -48,18 +49,39 @@ def _model_entries(ctx, verify: dict[str, Any] | None, macs: int | None, params:
             entry["throughput_ips"] = lat["throughput_ips"]
             entry["latency_by_batch"] = m["latency"]
             entry["threads"] = m.get("threads")
+        if m and "gmacs" in m:
+            entry["gmacs"] = m["gmacs"][bs]
+            entry["ceiling_fraction"] = m["ceiling_fraction"][bs]
+            entry["gmacs_by_batch"] = m["gmacs"]
+            entry["ceiling_fraction_by_batch"] = m["ceiling_fraction"]
         entries[name] = entry
     ref = (verify or {}).get("reference")
     if ref in entries and entries[ref]["top1"] is not None:
         for e in entries.values():
             if e["top1"] is not None:
                 e["top1_drop"] = round(entries[ref]["top1"] - e["top1"], 6)
-    for base in ("fp32_torch", "fp32_onnx"):
+    fastest = (verify or {}).get("fastest_fp32", {})
+    bases = {"fp32_torch": "fp32_torch", "fp32_onnx": "fp32_onnx", "fastest_fp32": fastest.get(bs)}
+    for key, base in bases.items():
         if base in entries and entries[base]["latency_ms"]:
             for e in entries.values():
                 if e["latency_ms"]:
-                    e[f"speedup_vs_{base}"] = round(entries[base]["latency_ms"]["p50"] / e["latency_ms"]["p50"], 3)
+                    e[f"speedup_vs_{key}"] = round(entries[base]["latency_ms"]["p50"] / e["latency_ms"]["p50"], 3)
     return entries
+
+
+def headline(models: dict[str, dict], main: str | None, fastest: dict[str, str]) -> list[dict[str, Any]]:
+    """The shipped deployable against the fastest FP32 runtime and the FP32 torch model, per batch size."""
+    if main not in models or not models[main].get("latency_by_batch"):
+        return []
+    rows = []
+    for bs, lat in models[main]["latency_by_batch"].items():
+        row = {"batch_size": int(bs), "main": main, "p50_ms": lat["p50"], "fastest_fp32": fastest.get(bs)}
+        for key, base in (("fastest_fp32", fastest.get(bs)), ("fp32_torch", "fp32_torch")):
+            other = (models.get(base) or {}).get("latency_by_batch", {}).get(bs)
+            row[f"speedup_vs_{key}"] = round(other["p50"] / lat["p50"], 3) if other else None
+        rows.append(row)
+    return rows
 
 
 def pruning_summary(models: dict[str, dict], batch_sizes: list[int]) -> list[dict[str, Any]]:
@@ -108,11 +130,18 @@ def build_report(ctx) -> dict[str, Any]:
         "gates": gates,
         "reference": (verify or {}).get("reference"),
         "main": (verify or {}).get("main"),
+        "fastest_fp32": (verify or {}).get("fastest_fp32", {}),
+        "headline": [],
+        "candidates": (verify or {}).get("candidates", []),
+        "unsupported": (verify or {}).get("unsupported", {}),
+        "ceiling": (verify or {}).get("ceiling", {}),
+        "target": recipe.target,
         "stages": {k: v for k, v in ctx.results.items() if k != "verify"},
         "pruning": [],
         "hardware": hardware(),
         "versions": versions(),
     }
+    report["headline"] = headline(report["models"], report["main"], report["fastest_fp32"])
     if "prune" in ctx.results:
         report["pruning"] = pruning_summary(report["models"], (verify or {}).get("batch_sizes", [1]))
     return report
@@ -153,7 +182,23 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(line for section in sections for line in section(report)) + "\n"
 
 
+# The y axis spans at least this many points of top-1: a 0.03-point difference stays a small one.
+MIN_TOP1_SPAN = 2.0
+_MARKERS = {"torch": "o", "torch-cuda": "D", "onnxruntime": "s", "openvino": "^"}
+_COLORS = {"fp32": "tab:blue", "bf16": "tab:green", "fp16": "tab:olive", "int8": "tab:red"}
+
+
+def top1_axis(ys: list[float]) -> tuple[float, float]:
+    """The top-1 axis (percent): the points with a margin, at least MIN_TOP1_SPAN wide, inside [0, 100]."""
+    mid, span = (min(ys) + max(ys)) / 2, max(max(ys) - min(ys), MIN_TOP1_SPAN)
+    lo, hi = mid - span * 0.65, mid + span * 0.65
+    shift = max(0.0, -lo) - max(0.0, hi - 100.0)
+    return max(0.0, lo + shift), min(100.0, hi + shift)
+
+
 def plot_accuracy_latency(report: dict[str, Any], path: Path) -> bool:
+    """Top-1 against p50 latency, one numbered point per model; the key beside the axes names them, so
+    no label leaves the frame or hides another however close the points are."""
     points = [(n, m) for n, m in report["models"].items() if m.get("top1") is not None and m.get("latency_ms")]
     if len(points) < 2:
         return False
@@ -162,22 +207,34 @@ def plot_accuracy_latency(report: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, m in points:
-        ax.scatter(m["latency_ms"]["p50"], m["top1"] * 100, s=60)
-        ax.annotate(
-            pretty(name),
-            (m["latency_ms"]["p50"], m["top1"] * 100),
-            textcoords="offset points",
-            xytext=(6, 4),
-            fontsize=8,
+    fig = plt.figure(figsize=(10, 4.2), dpi=120)
+    ax = fig.add_axes((0.075, 0.13, 0.47, 0.76))
+    xs = [m["latency_ms"]["p50"] for _, m in points]
+    ys = [m["top1"] * 100 for _, m in points]
+    for i, (name, m) in enumerate(points, 1):
+        ax.scatter(
+            xs[i - 1],
+            ys[i - 1],
+            s=70,
+            marker=_MARKERS.get(m["backend"], "o"),
+            color=_COLORS.get(m["precision"], "tab:gray"),
+            edgecolor="black" if name == report.get("main") else "none",
+            linewidth=1.5,
+            zorder=3,
         )
+        ax.annotate(str(i), (xs[i - 1], ys[i - 1]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
+    lo, hi = min(xs), max(xs)
+    ax.set_xlim(lo / 1.4, hi * 1.4)
+    ax.set_ylim(*top1_axis(ys))
     ax.set_xlabel(f"p50 latency, ms (batch {points[0][1]['batch_size']}, log scale)")
     ax.set_ylabel("top-1, %")
-    ax.set_title(f"{report['recipe']}: accuracy vs latency")
+    ax.set_title(f"{report['recipe']}: accuracy vs latency", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    key = [f"{i:>2} {'*' if n == report.get('main') else ' '} {pretty(n)}" for i, (n, _) in enumerate(points, 1)]
+    key += ["", "* shipped (outlined)", "colour: precision (blue FP32, green BF16, red INT8)"]
+    key += ["marker: runtime (o torch, □ ONNX Runtime, △ OpenVINO)"]
+    fig.text(0.57, 0.89, "\n".join(key), va="top", ha="left", fontsize=7, family="monospace")
     path.parent.mkdir(parents=True, exist_ok=True)
     with af.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

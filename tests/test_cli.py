@@ -95,11 +95,13 @@ def test_bench_compares_onnx_files(tmp_path, tiny_resnet):
     export_onnx(fold_bn(tiny_resnet), torch.randn(2, 3, 16, 16), a, metadata=meta)
     export_onnx(fold_bn(tiny_resnet), torch.randn(2, 3, 16, 16), b, metadata=meta)
     out = tmp_path / "bench.json"
-    proc = run_cli("bench", a, b, "--batch", "1", "--batch", "4", "--repeats", "5", "--warmup", "1", "--json", out)
+    proc = run_cli(
+        "bench", a, b, "-b", "1", "-b", "4", "--repeats", "5", "--warmup", "1", "-r", "onnxruntime", "--json", out
+    )
     assert proc.returncode == 0, proc.stderr
     assert "batch 4:" in proc.stdout and "x vs first" in proc.stdout
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {str(a), str(b)} and results[str(a)]["4"]["p50"] > 0
+    assert set(results) == {f"{a} @onnxruntime", f"{b} @onnxruntime"} and results[f"{a} @onnxruntime"]["4"]["p50"] > 0
 
 
 def test_bench_missing_file_is_a_user_error(tmp_path):

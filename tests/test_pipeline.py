@@ -24,10 +24,16 @@ def _run(raw, out):
     return Pipeline(build_recipe(raw), out).execute()
 
 
+def _with_ceiling() -> dict:
+    raw = smoke_recipe()
+    raw["stages"][3]["ceiling"] = True
+    return raw
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
-    ctx = _run(smoke_recipe(), out)
+    ctx = _run(_with_ceiling(), out)
     return ctx, out
 
 
@@ -35,7 +41,17 @@ def test_run_folder_contract(smoke_run):
     _, out = smoke_run
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"] == "smoke" and report["status"] == "passed"
-    assert set(report["models"]) == {"fp32_torch", "fp32_onnx", "int8_onnx"}
+    assert set(report["models"]) >= {"fp32_torch", "fp32_onnx", "int8_onnx"}
+    from deploycraft.runtime import available
+
+    if available("openvino"):  # every ONNX deployable also runs on OpenVINO
+        assert {"fp32_onnx@openvino", "int8_onnx@openvino"} <= set(report["models"])
+        assert report["models"]["int8_onnx@openvino"]["backend"] == "openvino"
+    assert report["main"] == "int8_onnx"  # the target's INT8 file on its own runtime ships
+    assert report["fastest_fp32"]["1"] in report["models"]
+    assert report["headline"] and report["headline"][0]["speedup_vs_fastest_fp32"] > 0
+    assert report["ceiling"]["onnxruntime:int8"]["gmacs"] > 0
+    assert 0 < report["models"]["int8_onnx"]["ceiling_fraction"] < 2
     for name, m in report["models"].items():
         for key in (
             "path",
@@ -56,7 +72,7 @@ def test_run_folder_contract(smoke_run):
     assert report["models"]["int8_onnx"]["precision"] == "int8"
     assert all("passed" in g and "value" in g and "limit" in g for g in report["gates"])
     md = (out / "report.md").read_text()
-    assert "| INT8 ONNX |" in md and "## Gates" in md
+    assert "| INT8 ONNX **(shipped)** |" in md and "## Gates" in md and "faster than the fastest FP32 runtime" in md
     assert (out / "plots" / "accuracy_vs_latency.png").stat().st_size > 1000
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
 
@@ -67,17 +83,49 @@ def test_manifest_hashes_every_file(smoke_run):
     assert set(manifest["versions"]) >= {"python", "torch", "onnx", "onnxruntime", "deploycraft"}
     assert manifest["hardware"]["cpu_model"] and "cpu_flags" in manifest["hardware"]
     listed = {f["path"]: f for f in manifest["files"]}
-    for rel in ("report.json", "report.md", "deploy/model_int8.onnx", "deploy/model_fp32.onnx", "recipe.yaml"):
+    shipped = (
+        "report.json",
+        "report.md",
+        "deploy/model_int8.onnx",
+        "deploy/model_fp32.onnx",
+        "recipe.yaml",
+        "deploy/deployable.json",
+        "deploy/triton/smoke/config.pbtxt",
+        "deploy/triton/smoke/1/model.onnx",
+    )
+    for rel in shipped:
         assert rel in listed, rel
         assert listed[rel]["sha256"] == sha256_file(out / rel)
     assert manifest["input"]["image_size"] == 16
+
+
+def test_shipped_deployable_and_triton_repository(smoke_run):
+    """deploy/ says which file ships on which runtime, and holds a Triton model repository for it that
+    Triton's own ModelConfig protobuf parses."""
+    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is a dev dependency")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    _, out = smoke_run
+    desc = json.loads((out / "deploy" / "deployable.json").read_text())
+    assert (
+        desc["model"] == "int8_onnx" and desc["runtime"] == "onnxruntime" and desc["file"] == "deploy/model_int8.onnx"
+    )
+    assert desc["measured"]["top1"] is not None and desc["input"]["image_size"] == 16
+    config = text_format.Parse((out / "deploy/triton/smoke/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == "smoke" and config.backend == "onnxruntime" and config.max_batch_size == 1
+    assert list(config.input[0].dims) == [3, 16, 16] and config.input[0].name == "input"
+    assert list(config.output[0].dims) == [10] and config.output[0].name == "logits"
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert config.HasField("dynamic_batching")
+    assert sha256_file(out / "deploy/triton/smoke/1/model.onnx") == sha256_file(out / "deploy/model_int8.onnx")
 
 
 def test_second_run_is_cached(smoke_run):
     ctx, out = smoke_run
     before = json.loads((out / "report.json").read_text())
     started = time.time()
-    _run(smoke_recipe(), out)
+    _run(_with_ceiling(), out)
     status = json.loads((out / "run.json").read_text())
     assert all(s["cached"] for s in status["stages"])
     after = json.loads((out / "report.json").read_text())

@@ -18,20 +18,28 @@ from deploycraft.quant.calibrators import HistogramCalibrator
 class ActQuantizer(nn.Module):
     """Per-tensor activation quantizer: observes in calibration mode, fake-quantizes afterwards.
 
-    ``unsigned``: U8 asymmetric (ONNX Runtime CPU); else S8 symmetric with zero point 0 (TensorRT).
+    ``scheme``: ``u8`` asymmetric U8 with a zero point (ONNX Runtime CPU); ``s8`` symmetric S8 with zero
+    point 0 (TensorRT); ``sym`` symmetric with zero point 0, U8 where calibration saw no negative value
+    (after a ReLU) and S8 elsewhere (OpenVINO's CPU rules, as NNCF places them for it).
     """
 
-    def __init__(self, unsigned: bool):
+    SCHEMES = ("u8", "s8", "sym")
+
+    def __init__(self, scheme: str = "u8"):
         super().__init__()
-        self.unsigned = unsigned
+        if scheme not in self.SCHEMES:
+            raise ValueError(f"unknown activation scheme {scheme!r}; expected one of {self.SCHEMES}")
+        self.scheme = scheme
         self.register_buffer("scale", torch.ones(()))  # 0-d: ORT fuses QLinearAdd only for scalar qparams
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        # U8 or S8: fixed by the scheme, or (sym) set by calibration; a buffer, so saved with the scales.
+        self.register_buffer("unsigned", torch.tensor(scheme == "u8"))
         self.mode = "off"  # off | calibrate | quantize
         self.calibrator: HistogramCalibrator | None = None
 
     @property
     def qrange(self) -> tuple[int, int]:
-        return (0, 255) if self.unsigned else (-128, 127)
+        return (0, 255) if bool(self.unsigned) else (-128, 127)
 
     def start_calibration(self) -> None:
         self.calibrator = HistogramCalibrator()
@@ -39,8 +47,12 @@ class ActQuantizer(nn.Module):
 
     def finish_calibration(self, method: str, percentile: float) -> tuple[float, float]:
         assert self.calibrator is not None
+        if self.scheme == "sym":
+            self.unsigned.fill_(self.calibrator.min >= 0.0)
+        unsigned = bool(self.unsigned)
+        symmetric = self.scheme == "s8" or (self.scheme == "sym" and not unsigned)
         lo, hi = self.calibrator.range(
-            method, symmetric=not self.unsigned, percentile=percentile, levels=255 if self.unsigned else 254
+            method, symmetric=symmetric, percentile=percentile, levels=255 if unsigned else 254
         )
         self.set_range(lo, hi)
         self.calibrator = None
@@ -48,10 +60,13 @@ class ActQuantizer(nn.Module):
         return lo, hi
 
     def set_range(self, lo: float, hi: float) -> None:
-        if self.unsigned:
+        if self.scheme == "u8":
             scale = (hi - lo) / 255.0
             zp = int(round(-lo / scale))
             zp = min(max(zp, 0), 255)
+        elif bool(self.unsigned):  # sym on a non-negative tensor: [0, hi] over 0..255
+            scale = hi / 255.0
+            zp = 0
         else:
             scale = max(abs(lo), abs(hi)) / 127.0
             zp = 0
@@ -68,7 +83,9 @@ class ActQuantizer(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        kind = "u8 asymmetric" if self.unsigned else "s8 symmetric"
+        kind = {"u8": "u8 asymmetric", "s8": "s8 symmetric"}.get(self.scheme) or (
+            f"{'u8' if bool(self.unsigned) else 's8'} symmetric"
+        )
         return f"{kind}, mode={self.mode}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
 
 

@@ -1,13 +1,20 @@
 """Where the Q/DQ pairs go: a function of the deployment target.
 
-Both placements start from the BN-folded graph and quantize every Conv/Linear weight per output
-channel. They differ in the activations (docs/design.md, "placements by target"):
+Every placement starts from the BN-folded graph and quantizes every Conv/Linear weight per output
+channel (S8 symmetric). They differ in the activations (docs/design.md, "placements by target"):
 
 onnxruntime-cpu (U8 asymmetric activations)
     ONNX Runtime turns DQ -> Conv -> Q into QLinearConv and DQ, DQ -> Add -> Q into QLinearAdd; an
     op whose output is not quantized stays in float. So every conv input, both inputs of each
     residual add and the add's output are quantized. Max-pool and flatten share the quantizer of
     their input, so ONNX Runtime drops their Q/DQ and runs them on uint8 directly.
+
+openvino-cpu (symmetric activations, zero points 0: U8 after a ReLU, S8 elsewhere)
+    The same tensors as for ONNX Runtime: the inputs of every quantizable op (convs, the linear,
+    both inputs of each residual add), which is where NNCF places FakeQuantize for OpenVINO's CPU
+    plugin on these graphs (measured on ResNet-20/50: conv inputs, both add inputs, the pooled
+    features); the plugin then runs every conv as a U8/I8 convolution with the add fused in.
+    Symmetric activations are NNCF's default ("performance" preset) for the CPU.
 
 tensorrt (S8 symmetric everywhere, zero points 0)
     TensorRT fuses Conv + Add + ReLU into one INT8 kernel when the *skip* input of the add carries
@@ -31,8 +38,12 @@ from deploycraft.models.layers import ResidualAdd
 from deploycraft.quant.graph import fold_bn
 from deploycraft.quant.modules import ActQuantizer, QuantConv2d, QuantLinear
 
-Target = Literal["onnxruntime-cpu", "tensorrt"]
-TARGETS: tuple[str, ...] = ("onnxruntime-cpu", "tensorrt")
+Target = Literal["onnxruntime-cpu", "openvino-cpu", "tensorrt"]
+TARGETS: tuple[str, ...] = ("onnxruntime-cpu", "openvino-cpu", "tensorrt")
+# Activation scheme per target (quant/modules.py: ActQuantizer) and whether the target quantizes conv
+# outputs and both inputs of residual adds ("outputs") or conv inputs and the skip input only ("inputs").
+ACTIVATION_SCHEME = {"onnxruntime-cpu": "u8", "openvino-cpu": "sym", "tensorrt": "s8"}
+PLACEMENT = {"onnxruntime-cpu": "outputs", "openvino-cpu": "outputs", "tensorrt": "inputs"}
 
 _PASSTHROUGH_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 _PASSTHROUGH_FUNCTIONS = {torch.flatten, torch.reshape}
@@ -86,7 +97,7 @@ def plan(gm: fx.GraphModule, target: Target) -> list[list[fx.Node]]:
         if isinstance(x, fx.Node):
             need[x] = None
 
-    ort = target == "onnxruntime-cpu"
+    ort = PLACEMENT[target] == "outputs"  # ONNX Runtime's rules (OpenVINO's quantize the same tensors)
     for n in gm.graph.nodes:
         m = _module(gm, n)
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -135,10 +146,9 @@ def insert_quantizers(
     gm = fold_bn(float_model)
     groups = plan(gm, target)
     graph = gm.graph
-    unsigned = target == "onnxruntime-cpu"
     for i, group in enumerate(groups):
         name = f"act_quant_{i}"
-        gm.add_module(name, ActQuantizer(unsigned=unsigned))
+        gm.add_module(name, ActQuantizer(ACTIVATION_SCHEME[target]))
         for n in group:
             with graph.inserting_after(n):
                 q = graph.call_module(name, args=(n,))
@@ -159,3 +169,29 @@ def insert_quantizers(
 
 def act_quantizers(model: nn.Module) -> list[tuple[str, ActQuantizer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantizer)]
+
+
+def expected_int8_convs(qmodel: fx.GraphModule, target: Target) -> int:
+    """How many convs the placement lets the target's runtime run in INT8.
+
+    A conv runs in INT8 when its input is quantized (weights always are); ONNX Runtime also needs its
+    output (or the output of the ReLU right after it) quantized to form a QLinearConv. The quantize
+    stage holds the runtime's own optimized graph to this number, so a file that would silently run
+    convs in float never ships.
+    """
+    need_output = target == "onnxruntime-cpu"
+    count = 0
+    for n in qmodel.graph.nodes:
+        if not isinstance(_module(qmodel, n), QuantConv2d):
+            continue
+        src = n.args[0]
+        if not (isinstance(src, fx.Node) and isinstance(_module(qmodel, src), ActQuantizer)):
+            continue
+        if need_output:
+            users = list(n.users)
+            if len(users) == 1 and _is_relu(qmodel, users[0]):
+                users = list(users[0].users)
+            if not any(isinstance(_module(qmodel, u), ActQuantizer) for u in users):
+                continue
+        count += 1
+    return count

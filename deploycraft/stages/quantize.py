@@ -18,13 +18,22 @@ from pydantic import Field, model_validator
 
 from deploycraft.artifacts import write_json
 from deploycraft.config import FieldError, StageConfig
-from deploycraft.deployables import ACTIVATION_DTYPE, QuantSettings, build_deployable, onnx_metadata, quantized_module
+from deploycraft.deployables import (
+    TARGET_RUNTIME,
+    DeployableCheckError,
+    QuantSettings,
+    build_deployable,
+    build_targets,
+    check_int8_execution,
+    onnx_metadata,
+    quantized_module,
+)
 from deploycraft.models.io import read_spec
-from deploycraft.names import ModelName
-from deploycraft.onnx_io import relative_error
+from deploycraft.names import ARTIFACT_FILE, INT8_NAME
+from deploycraft.onnx_io import quant_dtypes, relative_error
 from deploycraft.progress import log
 from deploycraft.quant.placement import act_quantizers
-from deploycraft.runtime.ort import OrtRunner, optimized_op_counts
+from deploycraft.runtime import onnx_runner
 from deploycraft.stages.base import Stage, StageOutput, register_stage
 
 
@@ -63,6 +72,10 @@ class QuantizeConfig(StageConfig):
         return QuantSettings(self.calibrator, self.percentile, self.per_channel, self.reduce_range, self.batch_size)
 
 
+# quant_state.pt and quant.json of the recipe's target keep their names; auto adds the OpenVINO ones.
+STATE_SUFFIX = {"onnxruntime-cpu": "", "tensorrt": "", "openvino-cpu": "_openvino"}
+
+
 def load_quantized(float_model: torch.nn.Module, target: str, cfg: QuantizeConfig, state_path: Path):
     """Rebuild the calibrated simulation: same placement, then the saved scales and weights."""
     qmodel = quantized_module(float_model, target, cfg.settings)
@@ -83,13 +96,46 @@ class QuantizeStage(Stage):
 
     def run(self, ctx, workdir: Path) -> StageOutput:
         cfg = self.config
-        target = ctx.recipe.target
         data = ctx.data
         model = ctx.load_model()
         images, provenance = data.calibration_images(cfg.num_calibration)
         spec = read_spec(ctx.model_dir)
-        path = workdir / "model_int8.onnx"
-        log(f"  calibrating activation quantizers ({cfg.calibrator}) on {len(images)} images: {provenance}")
+        check = data.sample_input(64)
+        artifacts, per_target = {}, {}
+        skipped = {}
+        for target in build_targets(ctx.recipe.target):
+            try:
+                artifact, metrics = self._build(ctx, model, target, images, provenance, spec, check, workdir)
+            except Exception as exc:
+                if ctx.recipe.target != "auto":
+                    raise
+                # auto tries every CPU runtime; one that cannot take this network is left out, and said so
+                skipped[target] = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+                log(f"  [yellow]{target}: left out of auto ({skipped[target]})[/]")
+                continue
+            artifacts[INT8_NAME[target].value] = artifact
+            per_target[target] = metrics
+        if not per_target:
+            raise DeployableCheckError(f"no INT8 file could be built for any CPU runtime: {skipped}")
+        first = next(iter(per_target.values()))
+        metrics = {
+            **first,
+            "method": cfg.method,
+            "calibrator": cfg.calibrator,
+            "percentile": cfg.percentile if cfg.calibrator == "percentile" else None,
+            "calibration": provenance,
+            "calibration_images": len(images),
+            "targets": per_target,
+            "skipped_targets": skipped,
+        }
+        return StageOutput(artifacts=artifacts, metrics=metrics)
+
+    def _build(self, ctx, model, target: str, images, provenance: str, spec: dict, check, workdir: Path):
+        """One target's INT8 file, checked against its simulation and its runtime's INT8 execution."""
+        cfg, data = self.config, ctx.data
+        name = INT8_NAME[target]
+        path = workdir / ARTIFACT_FILE[name]
+        log(f"  {target}: calibrating ({cfg.calibrator}) on {len(images)} images: {provenance}")
         built = build_deployable(
             model,
             "int8",
@@ -101,77 +147,64 @@ class QuantizeStage(Stage):
             opset=cfg.opset,
             metadata=onnx_metadata(spec["arch"], "int8", target, data.spec, data.class_names),
         )
-        qmodel, ranges = built.module, built.ranges
-        torch.save(qmodel.state_dict(), workdir / "quant_state.pt")
-
+        qmodel = built.module
+        torch.save(qmodel.state_dict(), workdir / f"quant_state{STATE_SUFFIX[target]}.pt")
         # The deployed file computes what the simulation computes (up to rounding of requantization).
-        check = data.sample_input(64)
         with torch.no_grad():
             sim = qmodel(check).numpy()
-        ort_out = OrtRunner(path, threads=None)(check.numpy())
+        runtime = TARGET_RUNTIME[target]
+        out = onnx_runner(runtime, path, threads=None)(check.numpy())
         metrics = {
             "target": target,
-            "method": cfg.method,
-            "calibrator": cfg.calibrator,
-            "percentile": cfg.percentile if cfg.calibrator == "percentile" else None,
-            "calibration": provenance,
-            "calibration_images": len(images),
-            "activation_quantizers": len(ranges),
+            "runtime": runtime,
+            "activation_dtype": "/".join(sorted(set(quant_dtypes(built.proto)))),
+            "activation_quantizers": len(built.ranges),
             "weight_quantizers": sum(1 for m in qmodel.modules() if hasattr(m, "weight_scale")),
             "onnx_ops": built.ops,
-            "activation_dtype": ACTIVATION_DTYPE[target],
             "bytes": path.stat().st_size,
-            "sim_vs_onnx_rel_error": relative_error(ort_out, sim),
-            "sim_vs_onnx_top1_agreement": float((ort_out.argmax(1) == sim.argmax(1)).mean()),
+            "sim_vs_onnx_rel_error": relative_error(out, sim),
+            "sim_vs_onnx_top1_agreement": float((out.argmax(1) == sim.argmax(1)).mean()),
         }
-        if target == "onnxruntime-cpu":
-            opt = optimized_op_counts(path, workdir)
-            convs = (
-                opt.get("QLinearConv", 0) + opt.get("Conv", 0) + opt.get("FusedConv", 0) + opt.get("NhwcFusedConv", 0)
-            )
-            metrics["ort_optimized_ops"] = opt
-            metrics["int8_conv_fraction"] = opt.get("QLinearConv", 0) / convs if convs else None
+        proof = check_int8_execution(path, target, qmodel, workdir)
+        if proof is not None:
+            metrics["int8_execution"] = proof
+            metrics["int8_conv_fraction"] = proof["int8_convs"] / proof["convs"] if proof["convs"] else None
             log(
-                f"  ONNX Runtime runs {opt.get('QLinearConv', 0)}/{convs} convs and "
-                f"{opt.get('QLinearAdd', 0)} residual adds in INT8"
+                f"  {proof['runtime']} runs {proof['int8_convs']}/{proof['convs']} convs in INT8 "
+                f"(the placement quantizes {proof['expected_int8_convs']})"
             )
-        write_json(workdir / "quant.json", {"config": cfg.model_dump(mode="json"), "ranges": ranges})
-        log(f"  sim vs ONNX: top-1 agreement {metrics['sim_vs_onnx_top1_agreement']:.3f} on 64 images")
-        return StageOutput(
-            artifacts={
-                ModelName.INT8_ONNX.value: {
-                    "path": path.name,
-                    "format": "onnx",
-                    "precision": "int8",
-                    "backend": "onnxruntime",
-                    "target": target,
-                }
-            },
-            metrics=metrics,
+        log(f"  sim vs {runtime}: top-1 agreement {metrics['sim_vs_onnx_top1_agreement']:.3f} on 64 images")
+        write_json(
+            workdir / f"quant{STATE_SUFFIX[target]}.json",
+            {"config": cfg.model_dump(mode="json"), "ranges": built.ranges},
         )
+        artifact = {"path": path.name, "format": "onnx", "precision": "int8", "backend": runtime, "target": target}
+        return artifact, metrics
 
     @staticmethod
     def report_section(report: dict[str, Any]) -> list[str]:
-        lines: list[str] = []
         q = report["stages"].get("quantize")
-        if q:
-            lines += [
-                "",
-                "## Quantization",
-                "",
-                f"PTQ for {q['target']}: {q['activation_dtype']} activations ({q['calibrator']} calibrator"
-                f"{', ' + str(q['percentile']) + ' %' if q.get('percentile') else ''}), S8 per-channel weights; "
-                f"{q['activation_quantizers']} activation and {q['weight_quantizers']} weight quantizers; "
-                f"calibration: {q['calibration']}.",
-            ]
-            if q.get("int8_conv_fraction") is not None:
-                opt = q["ort_optimized_ops"]
-                lines.append(
-                    f"ONNX Runtime's optimized graph: {opt.get('QLinearConv', 0)} QLinearConv, "
-                    f"{opt.get('QLinearAdd', 0)} QLinearAdd; {q['int8_conv_fraction'] * 100:.0f} % of convs in INT8."
-                )
-            lines.append(
-                f"Simulation vs deployed file: top-1 agreement {q['sim_vs_onnx_top1_agreement'] * 100:.1f} % "
-                f"on a check batch."
+        if not q:
+            return []
+        lines = ["", "## Quantization", ""]
+        pct = f", {q['percentile']} %" if q.get("percentile") else ""
+        lines.append(
+            f"PTQ ({q['calibrator']} calibrator{pct}), S8 per-channel weights; calibration: {q['calibration']}."
+        )
+        for target, t in q.get("targets", {q["target"]: q}).items():
+            line = (
+                f"For {target}: {t['activation_dtype']} activations, {t['activation_quantizers']} activation and "
+                f"{t['weight_quantizers']} weight quantizers"
             )
+            proof = t.get("int8_execution")
+            if proof:
+                adds = f", {proof['int8_adds']} QLinearAdd" if "int8_adds" in proof else ""
+                line += (
+                    f"; {proof['runtime']}'s own graph runs {proof['int8_convs']} of {proof['convs']} convs in INT8"
+                    f"{adds} (the placement quantizes {proof['expected_int8_convs']})"
+                )
+            line += f"; simulation vs deployed file: top-1 agreement {t['sim_vs_onnx_top1_agreement'] * 100:.1f} %."
+            lines.append(line)
+        for target, why in (q.get("skipped_targets") or {}).items():
+            lines.append(f"For {target}: left out of auto — {why}.")
         return lines

@@ -1,14 +1,20 @@
-"""Verify stage: every model through its own runtime, on the held-out split, then the gates.
+"""Verify stage: every deployable on every CPU runtime, on the held-out split, then the gates.
 
-Accuracy: top-1 of the FP32 torch model (the reference) and of every deployable the run produced,
-each run by the runtime it ships for. Latency: p50/p90/p99 and throughput at each batch size, with
-warm-up, interleaved repeats and a fixed thread count for every runtime.
+Accuracy: top-1 of the FP32 torch model (the reference) and of every deployable the run produced, on
+every installed CPU runtime that can run it (ONNX Runtime, OpenVINO; FP32 files on OpenVINO also in
+bf16 where the CPU has bf16 units). Latency: p50/p90/p99 and throughput at each batch size, with
+warm-up, interleaved repeats and a fixed thread count for every runtime. Speed-ups are reported
+against the FP32 torch model and against the fastest FP32 runtime measured in the same run; the
+achieved GMAC/s of each deployable against the machine's convolution ceiling (ceiling.py). With
+``target: auto`` the fastest deployable inside the accuracy budget is the one that ships.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 from pydantic import Field
@@ -17,20 +23,28 @@ from deploycraft.config import StageConfig
 from deploycraft.deployables import build_deployable
 from deploycraft.errors import UserError
 from deploycraft.evaluate import top1
-from deploycraft.names import MAIN_ORDER, ModelName
+from deploycraft.names import INT8_NAME, MAIN_ORDER, UNPRUNED, ModelName, row_name
 from deploycraft.progress import log
+from deploycraft.runtime import available, onnx_runner
 from deploycraft.runtime.bench import measure, physical_cores
-from deploycraft.runtime.ort import OrtRunner
 from deploycraft.runtime.torch_rt import TorchRunner
 from deploycraft.stages.base import Stage, StageOutput, register_stage
 
 
 class VerifyConfig(StageConfig):
-    """Accuracy of every model through its own runtime, latency, and the gates."""
+    """Accuracy and latency of every deployable on every CPU runtime, against the FP32 references, and the
+    gates."""
 
     type: Literal["verify"] = "verify"
-    backends: list[Literal["torch", "onnxruntime"]] = Field(
-        ["torch", "onnxruntime"], description="Runtimes to measure (torch: the FP32 reference in eager mode)."
+    backends: list[Literal["torch", "onnxruntime", "openvino"]] = Field(
+        ["torch", "onnxruntime", "openvino"],
+        description="Runtimes to measure (torch: the FP32 reference in eager mode); a runtime that is not "
+        "installed is skipped with a note.",
+    )
+    bf16: bool = Field(
+        True,
+        description="Also run the FP32 ONNX file on OpenVINO in bf16 (its default on CPUs with bf16 units), "
+        "as a deployable of its own whose accuracy is measured like the others.",
     )
     batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
         [1], min_length=1, description="Batch sizes for latency; the first is the one the gates use."
@@ -49,7 +63,19 @@ class VerifyConfig(StageConfig):
         None, gt=0, description="Gate: largest p50 latency of the main deployable at batch_sizes[0]."
     )
     min_speedup: float | None = Field(
-        None, gt=0, description="Gate: smallest p50 speed-up of the main deployable over the FP32 torch model."
+        None,
+        gt=0,
+        description="Gate: smallest p50 speed-up of the main deployable over speedup_reference at batch_sizes[0].",
+    )
+    speedup_reference: Literal["fastest_fp32", "fp32_torch"] = Field(
+        "fastest_fp32",
+        description="What min_speedup compares against: the fastest FP32 ONNX runtime measured in the same run, "
+        "or the FP32 torch model in eager mode.",
+    )
+    ceiling: bool = Field(
+        True,
+        description="Measure the machine's convolution ceiling (GMAC/s of one large conv per runtime and "
+        "precision) and report each deployable's fraction of it.",
     )
     compare_unpruned: bool = Field(
         True,
@@ -58,79 +84,168 @@ class VerifyConfig(StageConfig):
     )
 
 
+def _gate(name: str, passed: bool, value: float, limit: float, detail: str) -> dict:
+    return {"name": name, "passed": bool(passed), "value": value, "limit": limit, "detail": detail}
+
+
 def evaluate_gates(
-    cfg: VerifyConfig, models: dict[str, dict[str, Any]], reference: str | None, main: str, deployables: list[str]
+    cfg: VerifyConfig,
+    models: dict[str, dict[str, Any]],
+    reference: str | None,
+    main: str,
+    gated: list[str],
+    fastest_fp32: dict[str, str],
 ) -> list[dict]:
     gates = []
     bs = str(cfg.batch_sizes[0])
     if cfg.max_accuracy_drop is not None and reference in models:
         ref = models[reference]["top1"]
-        for name in deployables:
+        for name in gated:
             m = models[name]
             drop = ref - m["top1"]
             gates.append(
-                {
-                    "name": f"accuracy_drop:{name}",
-                    "passed": drop <= cfg.max_accuracy_drop + 1e-12,
-                    "value": round(drop, 6),
-                    "limit": cfg.max_accuracy_drop,
-                    "detail": f"{name} top-1 {m['top1']:.4f} vs {reference} {ref:.4f}: drop {drop * 100:.2f} "
+                _gate(
+                    f"accuracy_drop:{name}",
+                    drop <= cfg.max_accuracy_drop + 1e-12,
+                    round(drop, 6),
+                    cfg.max_accuracy_drop,
+                    f"{name} top-1 {m['top1']:.4f} vs {reference} {ref:.4f}: drop {drop * 100:.2f} "
                     f"points (limit {cfg.max_accuracy_drop * 100:.2f})",
-                }
+                )
             )
+    p50 = models[main]["latency"][bs]["p50"]
     if cfg.max_latency_ms is not None:
-        p50 = models[main]["latency"][bs]["p50"]
         gates.append(
-            {
-                "name": f"latency_p50:{main}:bs{bs}",
-                "passed": p50 <= cfg.max_latency_ms,
-                "value": p50,
-                "limit": cfg.max_latency_ms,
-                "detail": f"{main} p50 {p50:.3f} ms at batch {bs} (limit {cfg.max_latency_ms} ms)",
-            }
+            _gate(
+                f"latency_p50:{main}:bs{bs}",
+                p50 <= cfg.max_latency_ms,
+                p50,
+                cfg.max_latency_ms,
+                f"{main} p50 {p50:.3f} ms at batch {bs} (limit {cfg.max_latency_ms} ms)",
+            )
         )
-    if cfg.min_speedup is not None and "fp32_torch" in models:
-        speedup = models["fp32_torch"]["latency"][bs]["p50"] / models[main]["latency"][bs]["p50"]
+    base = fastest_fp32.get(bs) if cfg.speedup_reference == "fastest_fp32" else ModelName.FP32_TORCH.value
+    if cfg.min_speedup is not None and base in models:
+        speedup = models[base]["latency"][bs]["p50"] / p50
         gates.append(
-            {
-                "name": f"speedup:{main}:bs{bs}",
-                "passed": speedup >= cfg.min_speedup,
-                "value": speedup,
-                "limit": cfg.min_speedup,
-                "detail": f"{main} is {speedup:.2f}x faster than fp32_torch at batch {bs} (limit {cfg.min_speedup}x)",
-            }
+            _gate(
+                f"speedup:{main}:bs{bs}",
+                speedup >= cfg.min_speedup,
+                speedup,
+                cfg.min_speedup,
+                f"{main} is {speedup:.2f}x faster than {base} at batch {bs} (limit {cfg.min_speedup}x)",
+            )
         )
     return gates
 
 
+def fastest_fp32(models: dict[str, dict[str, Any]], batch_sizes: list[int]) -> dict[str, str]:
+    """Per batch size, the FP32 ONNX row with the lowest p50: the reference a speed-up should beat."""
+    out = {}
+    for bs in map(str, batch_sizes):
+        rows = [
+            (m["latency"][bs]["p50"], n)
+            for n, m in models.items()
+            if m["format"] == "onnx" and m["precision"] == "fp32" and not n.startswith("unpruned") and "latency" in m
+        ]
+        if rows:
+            out[bs] = min(rows)[1]
+    return out
+
+
+def select_fastest(
+    candidates: dict[str, dict[str, Any]], reference_top1: float | None, budget: float | None, batch_sizes: list[int]
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """The candidate with the lowest latency inside the accuracy budget, and the table that says why.
+
+    Latency over several batch sizes is scored as the geometric mean of each candidate's p50 relative
+    to the best p50 at that batch size (1.0 = fastest at every batch size).
+    """
+    table = []
+    best = {bs: min(c["latency"][str(bs)]["p50"] for c in candidates.values()) for bs in batch_sizes}
+    for name, c in candidates.items():
+        drop = None if reference_top1 is None else reference_top1 - c["top1"]
+        inside = budget is None or drop is None or drop <= budget + 1e-12
+        score = math.exp(
+            sum(math.log(c["latency"][str(bs)]["p50"] / best[bs]) for bs in batch_sizes) / len(batch_sizes)
+        )
+        table.append(
+            {
+                "name": name,
+                "top1": c["top1"],
+                "drop": drop,
+                "within_budget": inside,
+                "p50_ms": {str(bs): c["latency"][str(bs)]["p50"] for bs in batch_sizes},
+                "relative_latency": round(score, 4),
+            }
+        )
+    table.sort(key=lambda r: (not r["within_budget"], r["relative_latency"]))
+    chosen = next((r["name"] for r in table if r["within_budget"]), None)
+    for r in table:
+        r["chosen"] = r["name"] == chosen
+    return chosen, table
+
+
 def _comparisons(ctx, workdir: Path) -> dict[ModelName, tuple[Path, dict[str, Any]]]:
-    """The unpruned model built the same way as the deployables, to measure what pruning bought."""
+    """The unpruned model built the same way as each deployable, to measure what pruning bought."""
     data = ctx.data
     reference = ctx.load_model(ctx.reference_dir)
     out: dict[ModelName, tuple[Path, dict[str, Any]]] = {}
-    if ModelName.FP32_ONNX in ctx.artifacts:
-        path = workdir / "unpruned_fp32.onnx"
-        build_deployable(reference, "fp32", path, data.sample_input(2), opset=ctx.recipe.stage("export").opset)
-        out[ModelName.UNPRUNED_FP32_ONNX] = (path, {"format": "onnx", "precision": "fp32", "backend": "onnxruntime"})
     qcfg = ctx.recipe.stage("quantize")
-    if ModelName.INT8_ONNX in ctx.artifacts and qcfg is not None:
-        path = workdir / "unpruned_int8.onnx"
-        images, _ = data.calibration_images(qcfg.num_calibration)
-        build_deployable(
-            reference,
-            "int8",
-            path,
-            data.sample_input(2),
-            target=ctx.recipe.target,
-            settings=qcfg.settings,
-            calibration=(images, data.spec),
-            opset=qcfg.opset,
-        )
-        out[ModelName.UNPRUNED_INT8_ONNX] = (
-            path,
-            {"format": "onnx", "precision": "int8", "backend": "onnxruntime", "target": ctx.recipe.target},
-        )
+    for name, art in ctx.artifacts.items():
+        unpruned = UNPRUNED.get(ModelName(name))
+        if unpruned is None or art.format != "onnx":
+            continue
+        path = workdir / f"{unpruned.value}.onnx"
+        if art.precision == "fp32":
+            build_deployable(reference, "fp32", path, data.sample_input(2), opset=ctx.recipe.stage("export").opset)
+        else:
+            images, _ = data.calibration_images(qcfg.num_calibration)
+            build_deployable(
+                reference,
+                "int8",
+                path,
+                data.sample_input(2),
+                target=art.target,
+                settings=qcfg.settings,
+                calibration=(images, data.spec),
+                opset=qcfg.opset,
+            )
+        out[unpruned] = (path, art.describe())
     return out
+
+
+@dataclass
+class Row:
+    """One model on one runtime: how to build its runner, what it is, where its file is."""
+
+    make: Callable[[], Any]
+    meta: dict[str, Any]
+    path: Path
+    size_of: str  # "reference" (unpruned) or "current"
+
+
+def _onnx_rows(name: str, path: Path, meta: dict[str, Any], size_of: str, cfg, runtimes, threads) -> dict[str, Row]:
+    """The rows of one ONNX file: on its own runtime under its plain name, on the others as name@runtime."""
+    native = meta.get("backend") or "onnxruntime"
+    rows = {}
+    for runtime in runtimes:
+        key = row_name(name, None if runtime == native else runtime)
+        rows[key] = Row(lambda r=runtime: onnx_runner(r, path, threads), {**meta, "backend": runtime}, path, size_of)
+    if cfg.bf16 and meta["precision"] == "fp32" and "openvino" in runtimes and _has_bf16():
+        rows[row_name(name, "openvino-bf16")] = Row(
+            lambda: onnx_runner("openvino", path, threads, "bf16"),
+            {**meta, "backend": "openvino", "precision": "bf16"},
+            path,
+            size_of,
+        )
+    return rows
+
+
+def _has_bf16() -> bool:
+    from deploycraft.machine import hardware
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(hardware().get("cpu_flags", [])))
 
 
 @register_stage
@@ -172,69 +287,83 @@ class VerifyStage(Stage):
         threads = cfg.threads or physical_cores()
         changed = ctx.reference_dir is not None and ctx.model_dir != ctx.reference_dir
         pruned = "prune" in ctx.results
+        runtimes = [r for r in ("onnxruntime", "openvino") if r in cfg.backends and available(r)]
+        for r in sorted(set(cfg.backends) - {"torch"} - set(runtimes)):
+            log(f"  [yellow]{r} is not installed: not measured[/]")
         sizes = {}
         for key, folder in (("reference", ctx.reference_dir), ("current", ctx.model_dir)):
             m = ctx.load_model(folder)
             sizes[key] = {"macs": count_macs(m, ctx.input_shape), "params": count_params(m)}
+        rows: dict[str, Row] = {}
+        torch_meta = {"format": "torch", "precision": "fp32", "backend": "torch"}
+        if "torch" in cfg.backends:
+            rows[ModelName.FP32_TORCH.value] = Row(
+                lambda: TorchRunner(ctx.load_model(ctx.reference_dir)),
+                torch_meta,
+                ctx.reference_dir / "weights.pt",
+                "reference",
+            )
+            if changed:
+                name = ModelName.PRUNED_FP32_TORCH if pruned else ModelName.DISTILLED_FP32_TORCH
+                rows[name.value] = Row(
+                    lambda: TorchRunner(ctx.load_model()), torch_meta, ctx.model_dir / "weights.pt", "current"
+                )
+            if ctx.device == "cuda":
+                # The deployable's FP32 model on the GPU in eager torch (end to end: copies included).
+                rows[ModelName.FP32_TORCH_CUDA.value] = Row(
+                    lambda: TorchRunner(ctx.load_model(), device="cuda"),
+                    {**torch_meta, "backend": "torch-cuda", "device": torch.cuda.get_device_name(0)},
+                    ctx.model_dir / "weights.pt",
+                    "current",
+                )
+        for name, art in ctx.artifacts.items():
+            if art.format == "onnx":
+                rows.update(
+                    _onnx_rows(name, ctx.artifact_path(name), art.describe(), "current", cfg, runtimes, threads)
+                )
+        if pruned and cfg.compare_unpruned and runtimes:
+            for name, (path, meta) in _comparisons(ctx, workdir).items():
+                native = {"backend": meta.get("backend") or "onnxruntime"}
+                rows.update(
+                    _onnx_rows(name.value, path, {**meta, **native}, "reference", cfg, [native["backend"]], threads)
+                )
+        if not rows:
+            raise UserError(
+                "verify has nothing to measure: no model reached it",
+                field="stages.verify.backends",
+                fix="add torch to backends, or add a quantize or export stage",
+            )
+        order = [m.value for m in ModelName]
+        rows = dict(sorted(rows.items(), key=lambda kv: (order.index(kv[0].split("@")[0]), kv[0])))
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            runners: dict[ModelName, Any] = {}
-            info: dict[ModelName, dict[str, Any]] = {}
-
-            def add(name: ModelName, runner, meta: dict[str, Any], path: Path, size_of: str) -> None:
-                runners[name] = runner
-                info[name] = {
-                    **meta,
-                    "path": str(path.relative_to(ctx.run.root)),
-                    "bytes": path.stat().st_size,
-                    **sizes[size_of],
+            runners, unsupported = {}, {}
+            for name, row in rows.items():
+                try:
+                    runners[name] = row.make()
+                except Exception as exc:  # noqa: BLE001 - a runtime that cannot compile a file it was not built for
+                    if "@" not in name:
+                        raise  # a deployable that its own runtime cannot load is a failure, not a footnote
+                    unsupported[name] = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+                    log(f"  [yellow]{name}: the runtime cannot compile this file ({unsupported[name]})[/]")
+            rows = {n: r for n, r in rows.items() if n in runners}
+            info: dict[str, dict[str, Any]] = {
+                name: {
+                    **row.meta,
+                    "path": str(row.path.relative_to(ctx.run.root)),
+                    "bytes": row.path.stat().st_size,
+                    **sizes[row.size_of],
+                    "threads": threads,
                 }
-
-            torch_meta = {"format": "torch", "precision": "fp32", "backend": "torch"}
-            if "torch" in cfg.backends:
-                add(
-                    ModelName.FP32_TORCH,
-                    TorchRunner(ctx.load_model(ctx.reference_dir)),
-                    torch_meta,
-                    ctx.reference_dir / "weights.pt",
-                    "reference",
-                )
-                if changed:
-                    name = ModelName.PRUNED_FP32_TORCH if pruned else ModelName.DISTILLED_FP32_TORCH
-                    add(name, TorchRunner(ctx.load_model()), torch_meta, ctx.model_dir / "weights.pt", "current")
-                if ctx.device == "cuda":
-                    # The deployable's FP32 model on the GPU in eager torch (end to end: copies included).
-                    gpu_meta = {**torch_meta, "backend": "torch-cuda", "device": torch.cuda.get_device_name(0)}
-                    add(
-                        ModelName.FP32_TORCH_CUDA,
-                        TorchRunner(ctx.load_model(), device="cuda"),
-                        gpu_meta,
-                        ctx.model_dir / "weights.pt",
-                        "current",
-                    )
-            if "onnxruntime" in cfg.backends:
-                for name, art in ctx.artifacts.items():
-                    if art.format == "onnx":
-                        path = ctx.artifact_path(name)
-                        add(name, OrtRunner(path, threads), art.describe(), path, "current")
-                if pruned and cfg.compare_unpruned:
-                    for name, (path, meta) in _comparisons(ctx, workdir).items():
-                        add(name, OrtRunner(path, threads), meta, path, "reference")
-            if not runners:
-                raise UserError(
-                    "verify has nothing to measure: no model reached it",
-                    field="stages.verify.backends",
-                    fix="add torch to backends, or add a quantize or export stage",
-                )
-            order = list(ModelName)
-            runners = dict(sorted(runners.items(), key=lambda kv: order.index(kv[0])))
+                for name, row in rows.items()
+            }
             log(f"  {len(runners)} models, {threads} threads, held-out split: {data.val_name}")
             for name, runner in runners.items():
                 info[name]["top1"] = top1(
                     lambda x, r=runner: r(r.prepare(x)), data, cfg.eval_batch_size, f"top-1 {name}"
                 )
-                log(f"  {name:<20} top-1 {info[name]['top1']:.4f}")
+                log(f"  {name:<28} top-1 {info[name]['top1']:.4f}")
             sample = data.sample_input(max(cfg.batch_sizes))
             lat = measure(
                 runners,
@@ -243,31 +372,47 @@ class VerifyStage(Stage):
                 cfg.warmup,
                 cfg.repeats,
             )
-            for name in runners:
-                info[name]["latency"] = {str(bs): lat[name][bs].to_dict() for bs in cfg.batch_sizes}
-                info[name]["threads"] = threads
-            for bs in map(str, cfg.batch_sizes):
-                for name in runners:
-                    l = info[name]["latency"][bs]
-                    log(
-                        f"  {name:<20} batch {bs}: p50 {l['p50']:.3f} ms, p99 {l['p99']:.3f} ms, "
-                        f"{l['throughput_ips']:.0f} img/s"
-                    )
+            ceiling = {}
+            if cfg.ceiling and runtimes:
+                from deploycraft.ceiling import measure_ceiling
+
+                log("  the machine's convolution ceiling (one large conv per runtime and precision):")
+                ceiling = measure_ceiling(runtimes, threads)
+                for k, c in ceiling.items():
+                    log(f"    {k:<20} {c['gmacs']:8.1f} GMAC/s ({c['p50_ms']:.3f} ms)")
         finally:
             torch.set_num_threads(previous_threads)
-        info = {n: info[n] for n in runners}
-        reference = next((n for n in (ModelName.FP32_TORCH, ModelName.FP32_ONNX) if n in info), None)
-        deployables = [n for n in info if n in ctx.artifacts] or [n for n in info if n != reference]
-        main = next(n for n in (*MAIN_ORDER, *info) if n in info)
-        gates = evaluate_gates(cfg, info, reference, main, deployables)
+        for name in runners:
+            m = info[name]
+            m["latency"] = {str(bs): lat[name][bs].to_dict() for bs in cfg.batch_sizes}
+            peak = ceiling.get(f"{m['backend']}:{m['precision']}")
+            if peak:
+                gmacs = {str(bs): m["macs"] * bs / (lat[name][bs].p50 / 1e3) / 1e9 for bs in cfg.batch_sizes}
+                m["gmacs"] = {bs: round(v, 1) for bs, v in gmacs.items()}
+                m["ceiling_fraction"] = {bs: round(v / peak["gmacs"], 3) for bs, v in gmacs.items()}
+        for bs in map(str, cfg.batch_sizes):
+            for name in runners:
+                lt = info[name]["latency"][bs]
+                log(
+                    f"  {name:<28} batch {bs}: p50 {lt['p50']:.3f} ms, p99 {lt['p99']:.3f} ms, "
+                    f"{lt['throughput_ips']:.0f} img/s"
+                )
+        reference = next((n for n in (ModelName.FP32_TORCH.value, ModelName.FP32_ONNX.value) if n in info), None)
+        fastest = fastest_fp32(info, cfg.batch_sizes)
+        main, candidates, gated = self._main(ctx, cfg, info, reference)
+        gates = evaluate_gates(cfg, info, reference, main, gated, fastest)
         for g in gates:
             log(f"  gate {g['name']}: {'[green]passed[/]' if g['passed'] else '[red]FAILED[/]'} ({g['detail']})")
         return StageOutput(
             metrics={
-                "models": {n.value: m for n, m in info.items()},
+                "models": info,
                 "gates": gates,
-                "reference": reference.value if reference else None,
-                "main": main.value,
+                "reference": reference,
+                "main": main,
+                "fastest_fp32": fastest,
+                "candidates": candidates,
+                "unsupported": unsupported,
+                "ceiling": ceiling,
                 "threads": threads,
                 "batch_sizes": cfg.batch_sizes,
                 "held_out": data.val_name,
@@ -276,9 +421,43 @@ class VerifyStage(Stage):
         )
 
     @staticmethod
+    def _main(ctx, cfg: VerifyConfig, info: dict[str, dict], reference: str | None) -> tuple[str, list, list[str]]:
+        """The deployable that ships (and that the latency gates judge), the auto candidates, the gated rows.
+
+        A fixed target ships its INT8 file on its own runtime (else the FP32 ONNX); every deployable the
+        run produced is held to the accuracy gate. ``auto`` ships the fastest measured candidate inside
+        the accuracy budget; only that one is gated.
+        """
+        deployables = [n for n in info if n in ctx.artifacts]
+        target = ctx.recipe.target
+        if target == "auto":
+            pool = {
+                n: m for n, m in info.items() if m["format"] == "onnx" and not n.startswith("unpruned") and "top1" in m
+            }
+            if pool:
+                ref_top1 = info[reference]["top1"] if reference else None
+                main, table = select_fastest(pool, ref_top1, cfg.max_accuracy_drop, cfg.batch_sizes)
+                if main is None:  # nothing inside the budget: ship nothing silently wrong, let the gate fail
+                    main = table[0]["name"]
+                log(f"  target auto: {main} is the fastest inside the accuracy budget")
+                return main, table, [main]
+        int8 = INT8_NAME.get(target)
+        if int8 is not None and int8.value in info:
+            main = int8.value
+        else:
+            main = next(
+                n.value for n in (*MAIN_ORDER, *map(ModelName, [k.split("@")[0] for k in info])) if n.value in info
+            )
+        return main, [], deployables or [n for n in info if n != reference]
+
+    @staticmethod
     def report_section(report: dict[str, Any]) -> list[str]:
-        """One row per model at the first batch size; a line per other batch size; then the gates."""
+        """The models table at the first batch size (a line per other batch size), the headline speed-up
+        against the fastest FP32 runtime, the ceiling, auto's candidates, then the gates."""
         from deploycraft.formatting import fmt_mb, fmt_pct, pretty
+
+        def x(v: float | None) -> str:
+            return "—" if v is None else f"{v:.2f}×"
 
         lines: list[str] = []
         models = report["models"]
@@ -289,23 +468,24 @@ class VerifyStage(Stage):
             "",
             f"Top-1 on the held-out split ({report.get('held_out') or 'not measured'}); latency at batch {bs}"
             + (f", {threads} threads" if threads else "")
-            + ", medians of interleaved repeats.",
+            + ", medians of interleaved repeats; speed-ups are ratios of p50 within this run.",
             "",
-            "| model | precision | backend | top-1 | drop vs ref. | p50 ms | p99 ms | img/s | speed-up vs FP32 torch "
-            "| speed-up vs FP32 ONNX | MACs | size |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | precision | runtime | top-1 | drop vs ref. | p50 ms | p99 ms | img/s | vs FP32 torch "
+            "| vs fastest FP32 | GMAC/s (of ceiling) | MACs | size |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, m in models.items():
             lat = m.get("latency_ms") or {}
             drop = m.get("top1_drop")
+            gm = f"{m['gmacs']:.0f} ({m['ceiling_fraction'] * 100:.0f} %)" if m.get("gmacs") is not None else "—"
+            shipped = " **(shipped)**" if name == report.get("main") else ""
             lines.append(
-                f"| {pretty(name)} | {m['precision']} | {m['backend']}"
+                f"| {pretty(name)}{shipped} | {m['precision']} | {m['backend']}"
                 f"{' (' + m['target'] + ')' if m.get('target') else ''} | {fmt_pct(m['top1'])} | "
                 f"{'—' if drop is None else f'{drop * 100:+.2f} pt'} | "
                 f"{lat.get('p50', float('nan')):.3f} | {lat.get('p99', float('nan')):.3f} | "
-                f"{m.get('throughput_ips') or 0:.0f} | "
-                f"{m.get('speedup_vs_fp32_torch', float('nan')):.2f}× | "
-                f"{m.get('speedup_vs_fp32_onnx', float('nan')):.2f}× | "
+                f"{m.get('throughput_ips') or 0:.0f} | {x(m.get('speedup_vs_fp32_torch'))} | "
+                f"{x(m.get('speedup_vs_fastest_fp32'))} | {gm} | "
                 f"{(m.get('macs') or 0) / 1e6:.1f} M | {fmt_mb(m.get('bytes'))} |"
             )
         other_bs = sorted({b for m in models.values() for b in (m.get("latency_by_batch") or {})} - {str(bs)}, key=int)
@@ -326,6 +506,46 @@ class VerifyStage(Stage):
                 "",
                 f"Model: {first['params'] / 1e6:.2f} M parameters, {first['macs'] / 1e6:.1f} M MACs per image.",
             ]
+        for h in report.get("headline", []):
+            lines += [
+                "",
+                f"**Batch {h['batch_size']}: {pretty(h['main'])} is {x(h['speedup_vs_fastest_fp32'])} faster than the "
+                f"fastest FP32 runtime ({pretty(h['fastest_fp32']) if h['fastest_fp32'] else '—'}) and "
+                f"{x(h['speedup_vs_fp32_torch'])} faster than FP32 torch.**",
+            ]
+        for name, why in (report.get("unsupported") or {}).items():
+            lines += ["", f"Not measured: {pretty(name)} — the runtime cannot compile this file ({why})."]
+        if report.get("ceiling"):
+            lines += [
+                "",
+                "Ceiling ("
+                + next(iter(report["ceiling"].values()))["shape"]
+                + "): "
+                + "; ".join(f"{k.replace(':', ' ')} {c['gmacs']:.0f} GMAC/s" for k, c in report["ceiling"].items())
+                + ".",
+            ]
+        if report.get("candidates"):
+            bss = list(report["candidates"][0]["p50_ms"])
+            lines += [
+                "",
+                "## Target auto: the candidates",
+                "",
+                "The fastest candidate inside the accuracy budget ships; latency over the batch sizes is the "
+                "geometric mean of each p50 relative to the best at that batch size.",
+                "",
+                "| candidate | top-1 | drop | within budget | "
+                + " | ".join(f"p50 batch {b}" for b in bss)
+                + " | relative latency | shipped |",
+                "|---|---|---|---|" + "---|" * len(bss) + "---|---|",
+            ]
+            for c in report["candidates"]:
+                drop = "—" if c["drop"] is None else f"{c['drop'] * 100:+.2f} pt"
+                inside = "yes" if c["within_budget"] else "no"
+                lines.append(
+                    f"| {pretty(c['name'])} | {fmt_pct(c['top1'])} | {drop} | {inside} | "
+                    + " | ".join(f"{c['p50_ms'][b]:.3f} ms" for b in bss)
+                    + f" | {c['relative_latency']:.3f} | {'**yes**' if c['chosen'] else ''} |"
+                )
         if report["gates"]:
             lines += ["", "## Gates", "", "| gate | result | detail |", "|---|---|---|"]
             for g in report["gates"]:

@@ -57,12 +57,28 @@ def test_mse_clips_heavy_tails_but_not_uniform():
 
 
 def test_quantizer_scale_and_zero_point():
-    q = ActQuantizer(unsigned=True)
+    q = ActQuantizer("u8")
     q.set_range(-1.0, 3.0)
     assert float(q.scale) == pytest.approx(4 / 255) and int(q.zero_point) == 64
-    s = ActQuantizer(unsigned=False)
+    s = ActQuantizer("s8")
     s.set_range(-1.0, 3.0)
     assert float(s.scale) == pytest.approx(3 / 127) and int(s.zero_point) == 0
     s.mode = "quantize"
     out = s(torch.tensor([3.0, -3.0, 0.0]))
     assert torch.allclose(out, torch.tensor([3.0, -3.0, 0.0]), atol=1e-6)
+
+
+def test_symmetric_scheme_picks_u8_after_relu_and_s8_otherwise():
+    relu_out, signed = ActQuantizer("sym"), ActQuantizer("sym")
+    pos, mixed = torch.rand(1000) * 3, torch.randn(1000)
+    for q, x in ((relu_out, pos), (signed, mixed)):
+        q.start_calibration()
+        q(x)
+        q.finish_calibration("max", 100.0)
+    assert bool(relu_out.unsigned) and relu_out.qrange == (0, 255) and int(relu_out.zero_point) == 0
+    assert float(relu_out.scale) == pytest.approx(float(pos.max()) / 255)
+    assert not bool(signed.unsigned) and signed.qrange == (-128, 127) and int(signed.zero_point) == 0
+    assert float(signed.scale) == pytest.approx(float(mixed.abs().max()) / 127)
+    again = ActQuantizer("sym")
+    again.load_state_dict(relu_out.state_dict())
+    assert bool(again.unsigned)  # the calibrated choice is saved with the scales

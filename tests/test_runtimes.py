@@ -1,0 +1,170 @@
+"""CPU runtimes beside ONNX Runtime (OpenVINO), the proof of INT8 execution per target, the choice of the
+fastest deployable (target auto), the ceiling, and `deploycraft bench` on every runtime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deploycraft.data.transforms import InputSpec
+from deploycraft.deployables import DeployableCheckError, QuantSettings, build_deployable, check_int8_execution
+from deploycraft.onnx_io import quant_dtypes, relative_error
+from deploycraft.runtime import available
+from deploycraft.stages.verify import fastest_fp32, select_fastest
+from tests.conftest import run_cli
+
+needs_openvino = pytest.mark.skipif(
+    not available("openvino"), reason="openvino is not installed (pip install openvino)"
+)
+SPEC = InputSpec(16, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def _calib(n=32):
+    return torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+@needs_openvino
+def test_openvino_runs_the_fp32_file_like_onnx_runtime(tmp_path, tiny_resnet):
+    from deploycraft.runtime.openvino import OvRunner
+    from deploycraft.runtime.ort import OrtRunner
+
+    path = tmp_path / "m.onnx"
+    x = torch.randn(4, 3, 16, 16)
+    build_deployable(tiny_resnet, "fp32", path, x[:2])
+    ort, ov = OrtRunner(path)(x.numpy()), OvRunner(path, threads=1, precision="f32")(x.numpy())
+    assert relative_error(ov, ort) < 1e-4
+    bf16 = OvRunner(path, threads=1, precision="bf16")(x.numpy())
+    assert relative_error(bf16, ort) < 0.1  # bf16 keeps 8 bits of mantissa: close, not equal
+
+
+@needs_openvino
+@pytest.mark.parametrize("target", ["onnxruntime-cpu", "openvino-cpu"])
+def test_every_conv_runs_in_int8_on_its_runtime(tmp_path, tiny_resnet, target):
+    path = tmp_path / "q.onnx"
+    built = build_deployable(
+        tiny_resnet, "int8", path, torch.randn(2, 3, 16, 16), target=target, calibration=(_calib(), SPEC)
+    )
+    proof = check_int8_execution(path, target, built.module, tmp_path)
+    assert proof["int8_convs"] == proof["convs"] == proof["expected_int8_convs"] == 21
+    if target == "openvino-cpu":  # symmetric: U8 after ReLU, S8 on the signed tensors (the input, conv outputs)
+        assert set(quant_dtypes(built.proto)) == {"uint8", "int8"}
+
+
+@needs_openvino
+def test_openvino_placement_compiles_where_the_asymmetric_one_does_not(tmp_path):
+    """PyramidNet's zero-padded shortcuts: OpenVINO 2026.4's low-precision passes fail on the asymmetric
+    (zero-point) file; the symmetric openvino-cpu placement compiles and runs every conv in INT8."""
+    from deploycraft.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("pyramidnet20_a48", num_classes=10, in_chans=1).eval()
+    spec = InputSpec(28, 1, (0.5,), (0.25,))
+    calib = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "p.onnx"
+    built = build_deployable(
+        model, "int8", path, torch.randn(2, 1, 28, 28), target="openvino-cpu", calibration=(calib, spec)
+    )
+    proof = check_int8_execution(path, "openvino-cpu", built.module, tmp_path)
+    assert proof["int8_convs"] == proof["convs"] == proof["expected_int8_convs"] == 19
+
+
+def test_a_file_that_would_run_in_float_is_refused(tmp_path, tiny_resnet, monkeypatch):
+    import deploycraft.deployables as dep
+
+    path = tmp_path / "q.onnx"
+    built = build_deployable(tiny_resnet, "int8", path, torch.randn(2, 3, 16, 16), calibration=(_calib(), SPEC))
+    real = dep.int8_execution
+
+    def fewer(p, target, workdir):
+        proof = real(p, target, workdir)
+        return {**proof, "int8_convs": proof["int8_convs"] - 3}
+
+    monkeypatch.setattr(dep, "int8_execution", fewer)
+    with pytest.raises(DeployableCheckError, match="would run only 18 of the 21 convs .* in float"):
+        check_int8_execution(path, "onnxruntime-cpu", built.module, tmp_path)
+
+
+def _stub(top1: float, p50: dict[str, float]) -> dict:
+    return {"top1": top1, "format": "onnx", "precision": "int8", "latency": {b: {"p50": v} for b, v in p50.items()}}
+
+
+def test_auto_picks_the_fastest_inside_the_budget():
+    candidates = {
+        "fp32_onnx": _stub(0.90, {"1": 3.0, "64": 60.0}),
+        "int8_onnx": _stub(0.895, {"1": 1.2, "64": 30.0}),
+        "int8_openvino": _stub(0.897, {"1": 1.3, "64": 20.0}),  # a bit slower at 1, much faster at 64
+        "int8_onnx@openvino": _stub(0.70, {"1": 0.5, "64": 10.0}),  # fastest, but outside the budget
+    }
+    chosen, table = select_fastest(candidates, reference_top1=0.90, budget=0.01, batch_sizes=[1, 64])
+    assert chosen == "int8_openvino"
+    assert [r["name"] for r in table][:3] == ["int8_openvino", "int8_onnx", "fp32_onnx"]
+    assert table[-1]["name"] == "int8_onnx@openvino" and not table[-1]["within_budget"]
+    assert sum(r["chosen"] for r in table) == 1
+    # geometric mean of p50 / best measured p50 over the batch sizes (best: 0.5 ms at 1, 10 ms at 64)
+    assert table[0]["relative_latency"] == pytest.approx(((1.3 / 0.5) * (20 / 10)) ** 0.5, rel=1e-3)
+    nothing, _ = select_fastest(candidates, reference_top1=0.99, budget=0.01, batch_sizes=[1, 64])
+    assert nothing is None
+
+
+def test_fastest_fp32_ignores_int8_and_unpruned_rows():
+    models = {
+        "fp32_onnx": {**_stub(0.9, {"1": 3.0}), "precision": "fp32"},
+        "fp32_onnx@openvino": {**_stub(0.9, {"1": 2.0}), "precision": "fp32"},
+        "fp32_onnx@openvino-bf16": {**_stub(0.9, {"1": 1.0}), "precision": "bf16"},
+        "unpruned_fp32_onnx": {**_stub(0.9, {"1": 0.5}), "precision": "fp32"},
+        "int8_onnx": _stub(0.9, {"1": 0.4}),
+    }
+    assert fastest_fp32(models, [1]) == {"1": "fp32_onnx@openvino"}
+
+
+@needs_openvino
+def test_bench_times_files_on_every_runtime_and_the_ceiling(tmp_path, tiny_resnet):
+    path = tmp_path / "m.onnx"
+    build_deployable(
+        tiny_resnet, "fp32", path, torch.randn(2, 3, 16, 16), metadata={"deploycraft.input": SPEC.to_dict()}
+    )
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", path, "--batch", "2", "--repeats", "6", "--warmup", "1", "--peak", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert set(results["results"]) == {f"{path} @onnxruntime", f"{path} @openvino"}
+    assert set(results["ceiling"]) >= {"onnxruntime:fp32", "onnxruntime:int8", "openvino:fp32", "openvino:int8"}
+    assert all(c["gmacs"] > 1 for c in results["ceiling"].values())
+
+
+def test_plot_keeps_small_differences_small(tmp_path):
+    from deploycraft.report import MIN_TOP1_SPAN, plot_accuracy_latency, top1_axis
+
+    lo, hi = top1_axis([91.00, 90.97])
+    assert hi - lo >= MIN_TOP1_SPAN and lo < 90.97 and hi > 91.0  # 0.03 points stay 0.03 points of a >= 2-point axis
+    assert top1_axis([0.0, 0.5])[0] == 0.0 and top1_axis([99.9, 100.0])[1] == 100.0  # never outside [0, 100]
+    models = {
+        n: {"top1": t, "latency_ms": {"p50": p}, "batch_size": 1, "backend": "onnxruntime", "precision": "int8"}
+        for n, t, p in (("fp32_onnx", 0.9100, 2.0), ("int8_onnx", 0.9097, 1.0))
+    }
+    assert plot_accuracy_latency({"recipe": "r", "models": models, "main": "int8_onnx"}, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_symmetric_int8_matches_its_simulation_on_onnx_runtime(tmp_path, tiny_resnet):
+    """The OpenVINO placement is plain QDQ: ONNX Runtime runs it too, and computes what torch simulates."""
+    path = tmp_path / "q.onnx"
+    built = build_deployable(
+        tiny_resnet,
+        "int8",
+        path,
+        torch.randn(2, 3, 16, 16),
+        target="openvino-cpu",
+        settings=QuantSettings(calibrator="max", percentile=100.0),
+        calibration=(_calib(), SPEC),
+    )
+    from deploycraft.runtime.ort import OrtRunner
+
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        sim = built.module(x).numpy()
+    out = OrtRunner(path)(x.numpy())
+    assert relative_error(out, sim) < 0.1 and np.mean(out.argmax(1) == sim.argmax(1)) >= 0.75
