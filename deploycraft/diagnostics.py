@@ -621,10 +621,12 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_gradient_flow(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
-    """Per-layer weight and output gradient norms (log scale) for every network and state."""
+    """Per-layer weight and output gradient norms (log scale) for every network and state: one line style per
+    network, one colour per state (init, epochs, final)."""
     curves = [(k, g) for k, r in results.items() for g in r.get("gradient_flow", [])]
     if not curves:
         return None
+    states = list(dict.fromkeys(g["label"] for _, g in curves))
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for ax, key, title in (
@@ -635,7 +637,10 @@ def plot_gradient_flow(results: dict[str, dict[str, Any]], path: Path) -> Path |
             ys = [r[key] for r in g["layers"]]
             xs = [j + 1 for j, v in enumerate(ys) if v > 0]
             style = _LINE_STYLES[list(results).index(label) % len(_LINE_STYLES)]
-            ax.plot(xs, [v for v in ys if v > 0], style, marker=".", ms=3, lw=1, label=f"{label}: {g['label']}")
+            color = f"C{states.index(g['label']) % 10}"
+            ax.plot(
+                xs, [v for v in ys if v > 0], style, color=color, marker=".", ms=3, lw=1, label=f"{label}: {g['label']}"
+            )
         ax.set_yscale("log")
         ax.set_xlabel("layer (forward order; convs and the classifier)")
         ax.set_ylabel("gradient norm (log scale)")
