@@ -160,8 +160,11 @@ def diagnose(
     stage: str | None = typer.Option(
         None, "--stage", help="Run folder: diagnose the model of this stage (default: train's, else the last)."
     ),
-    checkpoint: List[Path] | None = typer.Option(
-        None, "--checkpoint", "-c", help="A training checkpoint (e.g. an epoch's checkpoint.pt): add its gradient flow."
+    checkpoint: List[str] | None = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="A training checkpoint (an epoch's checkpoint.pt) whose gradient flow to add; N:PATH for the N-th target.",
     ),
     analysis: List[str] | None = typer.Option(
         None, "--analysis", "-a", help="gradients, responses, skip or lesion (repeat; default all)."

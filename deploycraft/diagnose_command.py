@@ -3,8 +3,9 @@
 A target is a run folder (its trained model by default, or the model of ``--stage``; read only from stages
 whose records check out, as `inspect` does) or a recipe (its starting model: the seeded random init or
 ``model.weights``). A run folder whose diagnose stage completed is not measured again unless asked: its
-verified result is taken as it is. With one target, ``--checkpoint`` adds the gradient flow of training
-checkpoints (a train stage writes ``checkpoint.pt`` after each epoch). The output folder gets
+verified result is taken as it is. ``--checkpoint`` adds the gradient flow of training
+checkpoints (a train stage writes ``checkpoint.pt`` after each epoch; with several targets, ``N:PATH`` names
+the target). The output folder gets
 ``diagnose.json`` (every figure of every target and the comparisons of `diagnostics.compare`),
 ``diagnose.md`` and the plots, drawn with every target in each.
 """
@@ -150,6 +151,31 @@ def load_target(path: Path, overrides: list[str], stage: str | None, settings: D
     return _load_recipe(path, overrides, settings)
 
 
+def checkpoints_by_target(specs: list[str], targets: int) -> dict[int, list[Path]]:
+    """``--checkpoint`` values: PATH (one target), or N:PATH for the N-th target (1-based) of several."""
+    out: dict[int, list[Path]] = {}
+    for spec in specs:
+        head, sep, rest = spec.partition(":")
+        if sep and head.isdigit():
+            index, path = int(head), Path(rest)
+            if not 1 <= index <= targets:
+                raise UserError(
+                    f"--checkpoint {spec}: there is no target {index} ({targets} given)",
+                    field="--checkpoint",
+                    fix="number the targets from 1 in the order given",
+                )
+        elif targets == 1:
+            index, path = 1, Path(spec)
+        else:
+            raise UserError(
+                f"--checkpoint {spec}: with {targets} targets, say whose checkpoint it is",
+                field="--checkpoint",
+                fix="write N:PATH, N the target's position (1 = the first)",
+            )
+        out.setdefault(index - 1, []).append(path)
+    return out
+
+
 def _checkpoint_snapshots(target: Target, paths: list[Path]) -> dict[str, nn.Module]:
     """Each checkpoint loaded into a copy of the target's model, labelled by its epoch (or file name)."""
     from deploycraft.models.io import load_checkpoint, read_checkpoint
@@ -195,7 +221,7 @@ def run(
     paths: list[Path],
     output_dir: Path | None,
     settings: DiagnoseConfig,
-    checkpoints: list[Path] | None = None,
+    checkpoints: list[str] | None = None,
     overrides: list[str] | None = None,
     stage: str | None = None,
     recompute: bool = False,
@@ -203,12 +229,7 @@ def run(
     """Diagnose every target, compare them, write the output folder; returns it and its markdown."""
     if not paths:
         raise UserError("no target", field="TARGET", fix="give run folders or recipes")
-    if checkpoints and len(paths) > 1:
-        raise UserError(
-            "--checkpoint needs exactly one target (a checkpoint belongs to one network)",
-            field="--checkpoint",
-            fix="diagnose that network alone",
-        )
+    by_target = checkpoints_by_target([str(c) for c in checkpoints or []], len(paths))
     targets = [load_target(p, overrides or [], stage, settings, recompute) for p in paths]
     labels: list[str] = []
     for t in targets:  # unique labels: resnet56, resnet56-2, ...
@@ -220,8 +241,8 @@ def run(
         labels.append(label)
     out = Path(output_dir) if output_dir is not None else default_output_dir(paths, labels)
     check_output_dir(out)
-    if checkpoints:
-        targets[0].snapshots = _checkpoint_snapshots(targets[0], list(checkpoints))
+    for index, ckpts in by_target.items():
+        targets[index].snapshots = _checkpoint_snapshots(targets[index], ckpts)
     results: dict[str, dict[str, Any]] = {}
     for t in targets:
         log(f"[bold]diagnose[/] {t.label}: {t.source}")

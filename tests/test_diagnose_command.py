@@ -54,6 +54,14 @@ def test_checkpoint_adds_its_epoch_to_the_gradient_flow(run_dir, tmp_path):
     assert [g["label"] for g in flows] == ["init", "epoch 1", "final"]
     # The checkpoint of the last epoch holds the final weights: the same gradients.
     assert flows[1]["layers"] == flows[2]["layers"]
+    # With two targets, N:PATH says whose checkpoint it is.
+    code, _, stderr = _invoke("diagnose", run_dir, run_dir, "-c", f"2:{ckpt}", "-o", tmp_path / "two")
+    assert code == 0, stderr
+    targets = json.loads((tmp_path / "two" / "diagnose.json").read_text())["targets"]
+    assert [[g["label"] for g in t["result"]["gradient_flow"]] for t in targets.values()] == [
+        ["init", "final"],
+        ["init", "epoch 1", "final"],
+    ]
 
 
 def test_recompute_and_stage_choice(run_dir, tmp_path):
@@ -112,6 +120,8 @@ def test_bad_targets_and_output_folders(run_dir, tmp_path):
     code, _, stderr = _invoke("diagnose", tmp_path / "user")
     assert code == 2 and "not a deploycraft run folder" in stderr
     code, _, stderr = _invoke("diagnose", run_dir, run_dir, "-c", "x.pt")
-    assert code == 2 and "--checkpoint" in stderr
+    assert code == 2 and "--checkpoint" in stderr and "N:PATH" in stderr
+    code, _, stderr = _invoke("diagnose", run_dir, run_dir, "-c", "3:x.pt")
+    assert code == 2 and "no target 3" in stderr
     code, _, stderr = _invoke("diagnose", tmp_path / "missing.yaml")
     assert code == 2 and "does not exist" in stderr
