@@ -476,8 +476,8 @@ class PruneStage(Stage):
                     f"Lesion ranking (Veit et al. 2016; each removable block deleted alone, {les['images']} training "
                     f"images, top-1 {les['base_top1'] * 100:.2f} % intact; rank 1 costs the least): the removed "
                     f"blocks rank {ranks} of {len(les['blocks'])}; the lesion ranking's own choice would be "
-                    f"{', '.join(rel['lesion_choice'])} ({rel['overlap']} in common). Their deletions one at a time "
-                    f"cost {rel['removed_top1_drop_sum'] * 100:.2f} points of top-1 in sum."
+                    f"{', '.join(rel['lesion_choice'])} ({rel['overlap']} in common). Deleted one at a time, they "
+                    f"change top-1 by {-rel['removed_top1_drop_sum'] * 100:+.2f} points in sum."
                     + (f" Spearman correlation of the loss and lesion rankings: {rho:.2f}." if rho is not None else ""),
                 ]
             if p.get("latency_after_ms") is not None:
