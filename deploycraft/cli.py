@@ -149,6 +149,56 @@ def inspect(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
 
 
 @app.command()
+def diagnose(
+    targets: List[Path] = typer.Argument(..., metavar="RUN_DIR|RECIPE...", help="Run folders or recipes to diagnose."),
+    output_dir: Path | None = typer.Option(
+        None,
+        "--output-dir",
+        "-o",
+        help="Output folder (default RUN_DIR/diagnose for one run folder, else artifacts/diagnose/<names>).",
+    ),
+    stage: str | None = typer.Option(
+        None, "--stage", help="Run folder: diagnose the model of this stage (default: train's, else the last)."
+    ),
+    checkpoint: List[str] | None = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="A training checkpoint (an epoch's checkpoint.pt) whose gradient flow to add; N:PATH for the N-th target.",
+    ),
+    analysis: List[str] | None = typer.Option(
+        None, "--analysis", "-a", help="gradients, responses, skip or lesion (repeat; default all)."
+    ),
+    images: int | None = typer.Option(None, help="Held-out images for responses, skip usage, lesions (default 2000)."),
+    train_images: int | None = typer.Option(None, help="Training images for the training error (default 2000)."),
+    gradient_batches: int | None = typer.Option(None, help="Batches the gradient norms are averaged over (default 4)."),
+    batch_size: int | None = typer.Option(None, help="Images per batch (default 128)."),
+    recompute: bool = typer.Option(False, help="Measure again even where the run folder has a diagnose stage."),
+    set_: List[str] | None = SetOption,
+) -> None:
+    """Gradient flow, layer responses, skip usage and lesions of run folders or recipes, compared side by side."""
+    from deploycraft import diagnose_command
+
+    try:
+        settings = diagnose_command.settings_from_options(
+            {
+                "analyses": analysis,
+                "images": images,
+                "train_images": train_images,
+                "gradient_batches": gradient_batches,
+                "batch_size": batch_size,
+            }
+        )
+        out, text = diagnose_command.run(
+            targets, output_dir, settings, checkpoint or [], set_ or [], stage=stage, recompute=recompute
+        )
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(text)
+    typer.echo(f"output folder: {out}")
+
+
+@app.command()
 def bench(
     models_: List[Path] = typer.Argument(None, metavar="MODEL.onnx...", help="ONNX files to compare."),
     batch: List[int] = typer.Option([1], "--batch", "-b", help="Batch sizes."),

@@ -173,6 +173,48 @@ def test_depth_pruning_through_the_stage(tmp_path):
     assert p["macs_ratio"] < 1.0
     model = load_model(next((tmp_path / "run" / "stages").glob("*-prune-*")) / "model")
     assert sum(isinstance(m, torch.nn.Identity) for m in model.modules()) >= 3
+    # The lesion study of the same blocks on the same batches: deleting a block's branch is removing the block,
+    # so its loss increase is the block score.
+    lesion = p["block_lesion"]["blocks"]
+    assert set(lesion) == set(p["block_scores"])
+    for name, b in lesion.items():
+        assert b["loss_increase"] == pytest.approx(p["block_scores"][name], abs=1e-5)
+    assert sorted(b["rank"] for b in lesion.values()) == list(range(1, len(lesion) + 1))
+    rel = p["lesion_relation"]
+    assert rel["removed_lesion_ranks"] == {n: lesion[n]["rank"] for n in p["removed_blocks"]}
+    assert -1 <= rel["spearman_loss_vs_lesion"] <= 1
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Lesion ranking (Veit et al. 2016" in report and "raised the training loss least" in report
+
+
+def test_depth_pruning_by_the_lesion_ranking(tmp_path):
+    raw = chain(
+        target_macs=None,
+        channel_ratio=0.0,
+        remove_blocks=3,
+        block_cost="none",
+        block_ranking="lesion",
+        steps=1,
+        finetune=None,
+    )
+    raw["stages"] = raw["stages"][:2]
+    Pipeline(build_recipe(raw), tmp_path / "run").execute()
+    p = json.loads((tmp_path / "run" / "report.json").read_text())["stages"]["prune"]
+    assert p["block_ranking"] == "lesion"
+    assert sorted(p["lesion_relation"]["removed_lesion_ranks"].values()) == [1, 2, 3]
+    assert p["lesion_relation"]["overlap"] == 3
+    assert "least top-1 (lesion ranking)" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_lesion_relation_spearman():
+    from deploycraft.stages.prune import lesion_relation
+
+    lesion = {"blocks": {b: {"rank": r, "top1_drop": r / 100} for b, r in (("a", 1), ("b", 2), ("c", 3))}}
+    same = lesion_relation(["a"], lesion, {"a": 0.1, "b": 0.2, "c": 0.3})
+    assert same["spearman_loss_vs_lesion"] == 1 and same["overlap"] == 1 and same["lesion_choice"] == ["a"]
+    reverse = lesion_relation(["c"], lesion, {"a": 0.3, "b": 0.2, "c": 0.1})
+    assert reverse["spearman_loss_vs_lesion"] == -1 and reverse["removed_lesion_ranks"] == {"c": 3}
+    assert reverse["removed_top1_drop_sum"] == pytest.approx(0.03)
 
 
 def test_too_many_blocks_is_a_user_error(tmp_path):

@@ -151,6 +151,7 @@ FAMILIES = [
     "highway_conv",
     "shake_resnet26_2x32d",
     "resnet110_sd",
+    "plain20",
 ]
 
 

@@ -2,8 +2,9 @@
 
 One `ResNet` class builds ResNet-18..152 (ImageNet layout), the CIFAR ResNets (6n+2 layers),
 ResNeXt (grouped 3x3, Xie et al. 2017), Wide ResNet-50-2 (wider bottleneck, Zagoruyko &
-Komodakis 2016), SE-ResNet/SE-ResNeXt (Hu et al. 2018) and stochastic depth (Huang et al. 2016):
-the variants are constructor arguments. State-dict keys follow torchvision (conv1, bn1,
+Komodakis 2016), SE-ResNet/SE-ResNeXt (Hu et al. 2018), stochastic depth (Huang et al. 2016) and
+the plain networks of He et al. 2016 (the same layers without shortcuts): the variants are
+constructor arguments. State-dict keys follow torchvision (conv1, bn1,
 layer1.0.conv1, layer1.0.downsample.0, fc), so torchvision checkpoints load with strict=True.
 
 Registered entrypoints only fill in arguments:
@@ -11,6 +12,8 @@ Registered entrypoints only fill in arguments:
   resnext101_32x8d, resnext101_64x4d; SE-ResNet-50 and SE-ResNeXt-50 (32x4d).
 - CIFAR layout: resnet20..110 (He et al. 2016, section 4.2), se_resnet20/56/110, ResNeXt-29
   (Xie et al. 2017, section 5.3) and resnet110_sd (stochastic depth, Huang et al. 2016).
+- Plain CIFAR nets (family "plain"): plain20..110, resnet20..110 with ``shortcut="none"``, the
+  baselines of He et al. 2016 (Fig. 6 and 7) for the degradation problem.
 """
 
 from __future__ import annotations
@@ -33,12 +36,18 @@ from deploycraft.models.layers import (
 )
 from deploycraft.models.registry import register_model
 
-Shortcut = Literal["A", "B", "C"]
+Shortcut = Literal["A", "B", "C", "none"]
+SHORTCUTS = ("A", "B", "C", "none")
 
 
 def make_shortcut(cin: int, cout: int, stride: int, option: Shortcut) -> nn.Module | None:
-    """Shortcut options of He et al. 2016: A zero-pad, B project where the shape changes, C always project."""
+    """Shortcut options of He et al. 2016: A zero-pad, B project where the shape changes, C always project.
+
+    "none" has no shortcut at all (a plain network); the block then has no residual add either.
+    """
     changes_shape = stride != 1 or cin != cout
+    if option == "none":
+        return None
     if option == "A":
         return PadShortcut(cin, cout, stride) if changes_shape else None
     if option == "B" and not changes_shape:
@@ -58,6 +67,15 @@ SE_MIN_HIDDEN = 8
 def make_se(channels: int, reduction: int | None) -> SqueezeExcite | None:
     """The SE gate on a block's residual branch (before the add), or None without SE."""
     return SqueezeExcite(channels, reduction, min_channels=SE_MIN_HIDDEN) if reduction else None
+
+
+def _drop_path(survival_prob: float, shortcut: Shortcut) -> StochasticDepth | None:
+    """Stochastic depth on the residual branch; a plain block has no branch to drop (its output is the net's path)."""
+    if survival_prob >= 1.0:
+        return None
+    if shortcut == "none":
+        raise ValueError("stochastic depth needs a shortcut: a plain network (shortcut='none') cannot drop blocks")
+    return StochasticDepth(survival_prob)
 
 
 class BasicBlock(nn.Module):
@@ -84,17 +102,21 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.se = make_se(planes, se_reduction)
         self.downsample = make_shortcut(inplanes, planes, stride, shortcut)
-        self.drop_path = StochasticDepth(survival_prob) if survival_prob < 1.0 else None
-        self.add = ResidualAdd(act=True)
+        self.drop_path = _drop_path(survival_prob, shortcut)
+        self.add = ResidualAdd(act=True) if shortcut != "none" else None
 
     def zero_init_last(self) -> None:
-        nn.init.zeros_(self.bn2.weight)
+        # A plain block whose last BN starts at zero would output zeros: every layer after it sees a constant.
+        if self.add is not None:
+            nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.se is not None:
             out = self.se(out)
+        if self.add is None:  # plain: the ReLU follows the BN directly (He et al. 2016, Fig. 3 middle)
+            return self.relu(out)
         if self.drop_path is not None:
             out = self.drop_path(out)
         skip = self.downsample(x) if self.downsample is not None else x
@@ -129,11 +151,12 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=False)
         self.se = make_se(outplanes, se_reduction)
         self.downsample = make_shortcut(inplanes, outplanes, stride, shortcut)
-        self.drop_path = StochasticDepth(survival_prob) if survival_prob < 1.0 else None
-        self.add = ResidualAdd(act=True)
+        self.drop_path = _drop_path(survival_prob, shortcut)
+        self.add = ResidualAdd(act=True) if shortcut != "none" else None
 
     def zero_init_last(self) -> None:
-        nn.init.zeros_(self.bn3.weight)
+        if self.add is not None:  # see BasicBlock.zero_init_last
+            nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -141,6 +164,8 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         if self.se is not None:
             out = self.se(out)
+        if self.add is None:
+            return self.relu(out)
         if self.drop_path is not None:
             out = self.drop_path(out)
         skip = self.downsample(x) if self.downsample is not None else x
@@ -155,7 +180,8 @@ class ResNet(ClassifierNet):
         layers: blocks per stage.
         widths: base widths per stage (64,128,256,512 ImageNet; 16,32,64 CIFAR).
         stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "cifar" (3x3/1 conv, no pool).
-        shortcut: "A" zero-pad, "B" projection where the shape changes (default), "C" projection always.
+        shortcut: "A" zero-pad, "B" projection where the shape changes (default), "C" projection always,
+            "none" no shortcut and no residual add: the plain network of He et al. 2016.
         groups, base_width: ResNeXt cardinality and width per group; WRN-50-2 is base_width=128.
         se_reduction: add an SE gate to every block with this reduction (16 in the paper).
         final_survival_prob: stochastic depth p_L; survival decays linearly over blocks to it.
@@ -181,8 +207,8 @@ class ResNet(ClassifierNet):
         super().__init__()
         if len(widths) != len(layers):
             raise ValueError(f"{len(layers)} stages need {len(layers)} widths, got {widths}")
-        if shortcut not in ("A", "B", "C"):
-            raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {shortcut!r}")
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut must be one of {', '.join(map(repr, SHORTCUTS))}, got {shortcut!r}")
         self.num_classes = num_classes
         stem_width = widths[0]
         self.conv1, self.maxpool = resnet_stem(stem, in_chans, stem_width)
@@ -409,3 +435,39 @@ def resnet110_sd(**kwargs) -> ResNet:
     # (a subsampling) plus zero-padded channels: He et al.'s option A, parameter-free.
     kwargs.setdefault("shortcut", "A")
     return _cifar(110, **kwargs)
+
+
+# Plain networks (He et al. 2016, section 4.2 and Fig. 6): the CIFAR ResNets without their shortcuts. The stage
+# openers' stride-2 3x3 convs change the width themselves, so nothing else changes; at 56 layers and more
+# they train to a higher training error than their 20-layer version (the degradation problem).
+
+
+def _cifar_plain(depth: int, **kwargs) -> ResNet:
+    if "shortcut" in kwargs:
+        raise TypeError("plain networks have no shortcut argument (use resnet* for shortcut options)")
+    return _cifar(depth, shortcut="none", **kwargs)
+
+
+@register_model("plain", input_style="cifar")
+def plain20(**kwargs) -> ResNet:
+    return _cifar_plain(20, **kwargs)
+
+
+@register_model("plain", input_style="cifar")
+def plain32(**kwargs) -> ResNet:
+    return _cifar_plain(32, **kwargs)
+
+
+@register_model("plain", input_style="cifar")
+def plain44(**kwargs) -> ResNet:
+    return _cifar_plain(44, **kwargs)
+
+
+@register_model("plain", input_style="cifar")
+def plain56(**kwargs) -> ResNet:
+    return _cifar_plain(56, **kwargs)
+
+
+@register_model("plain", input_style="cifar")
+def plain110(**kwargs) -> ResNet:
+    return _cifar_plain(110, **kwargs)

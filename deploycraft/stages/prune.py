@@ -110,6 +110,14 @@ class PruneConfig(StageConfig):
         description="remove_blocks: rank blocks by loss increase per element of their input activations "
         "(on CPU, high-resolution narrow blocks cost the most per MAC), or by loss increase alone.",
     )
+    block_ranking: Literal["loss", "lesion"] = Field(
+        "loss",
+        description="remove_blocks: what ranks the blocks (divided by the cost of block_cost): the rise of the "
+        "training loss when the block alone is deleted, or the lesion ranking of Veit et al. 2016 (the drop of "
+        "top-1 when it alone is deleted, ties broken by the loss). Both are measured on the same block_batches "
+        "training batches, never on the held-out split, and the report shows where the removed blocks stand in "
+        "the lesion ranking either way.",
+    )
     finetune: FinetuneConfig | None = Field(
         None, description="Fine-tune after each pruning step (null: none; use a distill stage after prune)."
     )
@@ -177,7 +185,12 @@ def _resume_plan(path: Path) -> dict | None:
 
 
 def choose_blocks(model, data, shape, cfg: PruneConfig) -> dict:
-    """The residual blocks whose removal raises the training loss least, measured on a few batches."""
+    """The residual blocks to remove, ranked by ``block_ranking`` on a few training batches.
+
+    Besides the loss increases (``block_scores``) it records the lesion study of every removable block on
+    the same batches (``block_lesion``: top-1 drop and loss increase when the block alone is deleted), so the
+    report can show where the removed blocks stand in the lesion ranking whichever ranking chose them.
+    """
     names = removable_blocks(model, shape)
     if len(names) < cfg.remove_blocks:
         raise UserError(
@@ -192,12 +205,54 @@ def choose_blocks(model, data, shape, cfg: PruneConfig) -> dict:
         if len(batches) >= cfg.block_batches:
             break
     scores = block_scores(model, list(names), batches)
+    lesion = block_lesion(model, names, batches)
     # Loss increase per element of the block's activations: at equal loss, drop the block that moves the
     # most data. On CPU the narrow, high-resolution early blocks dominate INT8 time (ResNet-56 at 28 px:
     # a stage-1 conv takes 2.4x a stage-3 conv with the same MACs), so they are the ones worth removing.
-    ranking = {n: scores[n] / names[n] for n in names} if cfg.block_cost == "activations" else scores
+    cost = names if cfg.block_cost == "activations" else dict.fromkeys(names, 1)
+    if cfg.block_ranking == "lesion":
+        ranking = {n: (lesion["blocks"][n]["top1_drop"] / cost[n], scores[n] / cost[n]) for n in names}
+    else:
+        ranking = {n: scores[n] / cost[n] for n in names}
     chosen = set(sorted(names, key=ranking.get)[: cfg.remove_blocks])
-    return {"removed_blocks": [n for n in names if n in chosen], "block_scores": scores}
+    return {"removed_blocks": [n for n in names if n in chosen], "block_scores": scores, "block_lesion": lesion}
+
+
+def block_lesion(model, names: dict[str, int], batches) -> dict:
+    """Veit et al. 2016's lesion study of the removable blocks on training batches: top-1 and loss after
+    deleting each block alone (the branch zeroed at its add, which for these blocks is removing it)."""
+    from deploycraft.diagnostics import lesion_study, lesion_units
+
+    units = [u for u in lesion_units(model, batches[0][0][:2]) if u.name in names]
+    study = lesion_study(model, batches, units, show=False)
+    blocks = {
+        u["name"]: {"top1_drop": u["drop"], "loss_increase": u["loss"] - study["base_loss"]} for u in study["units"]
+    }
+    # Rank 1 = the block whose deletion costs the least top-1 (then the least loss).
+    order = sorted(blocks, key=lambda n: (blocks[n]["top1_drop"], blocks[n]["loss_increase"]))
+    for rank, n in enumerate(order, 1):
+        blocks[n]["rank"] = rank
+    return {"base_top1": study["base_top1"], "images": study["images"], "blocks": blocks}
+
+
+def lesion_relation(removed: list[str], lesion: dict, scores: dict[str, float]) -> dict:
+    """How the removed blocks stand in the lesion ranking: their ranks, the blocks the lesion ranking would have
+    removed, and the Spearman correlation of the loss ranking with the lesion ranking over all blocks."""
+    blocks = lesion["blocks"]
+    n = len(blocks)
+    by_lesion = sorted(blocks, key=lambda b: blocks[b]["rank"])
+    loss_rank = {b: i for i, b in enumerate(sorted(blocks, key=scores.get), 1)}
+    rho = None
+    if n > 1:
+        d2 = sum((loss_rank[b] - blocks[b]["rank"]) ** 2 for b in blocks)
+        rho = 1 - 6 * d2 / (n * (n * n - 1))
+    return {
+        "removed_lesion_ranks": {b: blocks[b]["rank"] for b in removed},
+        "lesion_choice": by_lesion[: len(removed)],
+        "overlap": len(set(removed) & set(by_lesion[: len(removed)])),
+        "spearman_loss_vs_lesion": rho,
+        "removed_top1_drop_sum": sum(blocks[b]["top1_drop"] for b in removed),
+    }
 
 
 @register_stage
@@ -350,6 +405,7 @@ class PruneStage(Stage):
             "target_value": target_value,
             "removed_blocks": plan.get("removed_blocks", []),
             "block_scores": plan.get("block_scores", {}),
+            "block_ranking": cfg.block_ranking,
             "ratio": ratio,
             "importance": cfg.importance,
             "round_to": settings.round_to,
@@ -367,6 +423,11 @@ class PruneStage(Stage):
             "top1_after_finetune": history[-1].get("top1_after_finetune") if history else None,
             "history": history,
         }
+        if plan.get("block_lesion"):
+            metrics["block_lesion"] = plan["block_lesion"]
+            metrics["lesion_relation"] = lesion_relation(
+                metrics["removed_blocks"], plan["block_lesion"], metrics["block_scores"]
+            )
         if target_name == "target_latency_ms":
             measured = latency(model)
             metrics.update(
@@ -407,10 +468,29 @@ class PruneStage(Stage):
                 f"{p['params_after'] / 1e6:.3f} M; widths now {p['distinct_widths_after']}.",
             ]
             if p.get("removed_blocks"):
+                how = (
+                    "those whose deletion cost the least top-1 (lesion ranking)"
+                    if p.get("block_ranking") == "lesion"
+                    else "those whose removal raised the training loss least"
+                )
                 lines.append(
                     f"Depth: removed {len(p['removed_blocks'])} residual blocks ({', '.join(p['removed_blocks'])}), "
-                    "those whose removal raised the training loss least."
+                    f"{how}."
                 )
+            rel = p.get("lesion_relation")
+            if rel:
+                les = p["block_lesion"]
+                ranks = ", ".join(f"{b} {r}" for b, r in rel["removed_lesion_ranks"].items())
+                rho = rel["spearman_loss_vs_lesion"]
+                lines += [
+                    "",
+                    f"Lesion ranking (Veit et al. 2016; each removable block deleted alone, {les['images']} training "
+                    f"images, top-1 {les['base_top1'] * 100:.2f} % intact; rank 1 costs the least): the removed "
+                    f"blocks rank {ranks} of {len(les['blocks'])}; the lesion ranking's own choice would be "
+                    f"{', '.join(rel['lesion_choice'])} ({rel['overlap']} in common). Deleted one at a time, they "
+                    f"change top-1 by {-rel['removed_top1_drop_sum'] * 100:+.2f} points in sum."
+                    + (f" Spearman correlation of the loss and lesion rankings: {rho:.2f}." if rho is not None else ""),
+                ]
             if p.get("latency_after_ms") is not None:
                 lines.append(
                     f"Latency target {p['target_value']} ms ({p['latency_precision']}, batch "

@@ -1,0 +1,127 @@
+"""`deploycraft diagnose`: run folders and recipes, reuse of the diagnose stage, checkpoints, comparisons,
+and one-line errors. The CLI runs in-process (typer's CliRunner over the real app)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from deploycraft.cli import app
+from deploycraft.pipeline import Pipeline
+from deploycraft.recipe import build_recipe
+from tests.conftest import smoke_recipe, write_recipe
+
+TRAIN = {"type": "train", "epochs": 1, "batch_size": 64, "lr": 0.05, "eval_each_epoch": False}
+SMALL = ["--images", "32", "--train-images", "32", "--batch-size", "16", "--gradient-batches", "1"]
+
+
+def _invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dc") / "run"
+    diag = {"type": "diagnose", "images": 32, "train_images": 32, "gradient_batches": 1, "batch_size": 16}
+    Pipeline(build_recipe(smoke_recipe(stages=[TRAIN, diag])), out).execute()
+    return out
+
+
+def test_run_folder_reuses_its_diagnose_stage(run_dir):
+    code, stdout, stderr = _invoke("diagnose", run_dir)
+    assert code == 0, stderr
+    out = run_dir / "diagnose"
+    record = json.loads((out / "diagnose.json").read_text())
+    (target,) = record["targets"].values()
+    assert "the run's diagnose stage" in target["source"] and target["settings"]["images"] == 32
+    stage = json.loads((run_dir / "report.json").read_text())["stages"]["diagnose"]
+    assert target["result"]["lesion"] == stage["lesion"]
+    assert set(record["plots"]) == {"gradient_flow", "layer_responses", "skip_usage", "lesion"}
+    assert all((out / f).is_file() for f in record["plots"].values())
+    assert "Lesion study" in stdout and (out / "diagnose.md").read_text() in stdout
+    assert record["comparison"] is None
+
+
+def test_checkpoint_adds_its_epoch_to_the_gradient_flow(run_dir, tmp_path):
+    (ckpt,) = (run_dir / "stages").glob("*-train-*/checkpoint.pt")
+    code, _, stderr = _invoke("diagnose", run_dir, "-c", ckpt, "-o", tmp_path / "out")
+    assert code == 0, stderr
+    (target,) = json.loads((tmp_path / "out" / "diagnose.json").read_text())["targets"].values()
+    flows = target["result"]["gradient_flow"]
+    assert [g["label"] for g in flows] == ["init", "epoch 1", "final"]
+    # The checkpoint of the last epoch holds the final weights: the same gradients.
+    assert flows[1]["layers"] == flows[2]["layers"]
+    # With two targets, N:PATH says whose checkpoint it is.
+    code, _, stderr = _invoke("diagnose", run_dir, run_dir, "-c", f"2:{ckpt}", "-o", tmp_path / "two")
+    assert code == 0, stderr
+    targets = json.loads((tmp_path / "two" / "diagnose.json").read_text())["targets"]
+    assert [[g["label"] for g in t["result"]["gradient_flow"]] for t in targets.values()] == [
+        ["init", "final"],
+        ["init", "epoch 1", "final"],
+    ]
+
+
+def test_recompute_and_stage_choice(run_dir, tmp_path):
+    code, _, stderr = _invoke("diagnose", run_dir, "--recompute", "-a", "skip", *SMALL, "-o", tmp_path / "a")
+    assert code == 0, stderr
+    (target,) = json.loads((tmp_path / "a" / "diagnose.json").read_text())["targets"].values()
+    assert "diagnose stage" not in target["source"] and "gradient_flow" not in target["result"]
+    assert len(target["result"]["skip_usage"]) == 9
+    code, _, stderr = _invoke("diagnose", run_dir, "--stage", "init", "-a", "lesion", *SMALL, "-o", tmp_path / "b")
+    assert code == 0, stderr
+    (target,) = json.loads((tmp_path / "b" / "diagnose.json").read_text())["targets"].values()
+    assert "init stage" in target["source"] and len(target["result"]["lesion"]["units"]) == 9
+
+
+def test_two_recipes_compared(tmp_path):
+    data = {"dataset": "synthetic", "image_size": 16, "channels": 3, "train_subset": 64, "val_subset": 32}
+    a = write_recipe(tmp_path / "a.yaml", smoke_recipe(model={"arch": "resnet20"}, data=data, stages=[TRAIN]))
+    b = write_recipe(tmp_path / "b.yaml", smoke_recipe(model={"arch": "plain20"}, data=data, stages=[TRAIN]))
+    out = tmp_path / "cmp"
+    code, stdout, stderr = _invoke("diagnose", a, b, "-a", "gradients", "-a", "responses", *SMALL, "-o", out)
+    assert code == 0, stderr
+    record = json.loads((out / "diagnose.json").read_text())
+    assert list(record["targets"]) == ["resnet20", "plain20"]
+    c = record["comparison"]
+    (pair,) = c["responses_smaller"]
+    assert pair["a"] == "resnet20" and pair["b"] == "plain20" and pair["layers"] == 19
+    assert set(c["gradient_span_at_init"]) == {"resnet20", "plain20"}
+    # An untrained recipe model is its own initialisation: one gradient flow, labelled init.
+    assert [g["label"] for g in record["targets"]["plain20"]["result"]["gradient_flow"]] == ["init"]
+    assert "## Comparison" in stdout and "3x3 layers" in stdout
+    # The same folder again is the output of an earlier diagnose: replaced, not refused.
+    code, _, stderr = _invoke("diagnose", a, "-a", "skip", *SMALL, "-o", out)
+    assert code == 0, stderr
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--images", "0"], "--images"),
+        (["-a", "lesions"], "--analysis"),
+        (["--stage", "prune"], "--stage"),
+        (["--set", "seed=1"], "--set"),
+    ],
+)
+def test_bad_options_are_one_line(run_dir, tmp_path, args, field):
+    code, stdout, stderr = _invoke("diagnose", run_dir, *args, "-o", tmp_path / "o")
+    assert code == 2 and field in stderr and "fix:" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_bad_targets_and_output_folders(run_dir, tmp_path):
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("mine")
+    code, _, stderr = _invoke("diagnose", run_dir, "-o", tmp_path / "user")
+    assert code == 2 and "--output-dir" in stderr and (tmp_path / "user" / "notes.txt").read_text() == "mine"
+    code, _, stderr = _invoke("diagnose", tmp_path / "user")
+    assert code == 2 and "not a deploycraft run folder" in stderr
+    code, _, stderr = _invoke("diagnose", run_dir, run_dir, "-c", "x.pt")
+    assert code == 2 and "--checkpoint" in stderr and "N:PATH" in stderr
+    code, _, stderr = _invoke("diagnose", run_dir, run_dir, "-c", "3:x.pt")
+    assert code == 2 and "no target 3" in stderr
+    code, _, stderr = _invoke("diagnose", tmp_path / "missing.yaml")
+    assert code == 2 and "does not exist" in stderr
