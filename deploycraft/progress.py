@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True, highlight=False)
 
 _log_file: Path | None = None
+_quiet = False  # the ranks other than 0 of a data-parallel run: one console for the run (rank 0's)
 
 
 def set_log_file(path: Path | None) -> None:
@@ -20,8 +21,13 @@ def set_log_file(path: Path | None) -> None:
     _log_file = path
 
 
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
 def log(message: str, style: str | None = None, to_console: bool = True) -> None:
-    if to_console:
+    if to_console and not _quiet:
         console.print(message, style=style, soft_wrap=True)  # one line stays one line in logs and pipes
     if _log_file is not None:
         with open(_log_file, "a", encoding="utf-8") as fh:
@@ -68,8 +74,19 @@ class PlainBar:
         pass
 
 
+class SilentBar:
+    def advance(self, n: int = 1, **fields) -> None:
+        pass
+
+    def update(self, **fields) -> None:
+        pass
+
+
 @contextmanager
-def bar(description: str, total: int) -> Iterator[Bar | PlainBar]:
+def bar(description: str, total: int) -> Iterator[Bar | PlainBar | SilentBar]:
+    if _quiet:
+        yield SilentBar()
+        return
     if not console.is_terminal or total <= 0:  # total 0: silent
         yield PlainBar(description, total)
         return
