@@ -46,9 +46,14 @@ def torchrun(*args, nproc: int = 2) -> list[str]:
     ]
 
 
-def launch(*args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def launch(*args, env: dict | None = None, timeout: int = 600, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(
-        torchrun(*args), cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout
+        torchrun(*args, nproc=nproc),
+        cwd=REPO,
+        env={**ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -156,6 +161,8 @@ def test_killed_rank_resumes_bit_identical(runs, tmp_path):
 
 
 def test_failure_on_one_rank_stops_every_rank_with_one_line(runs, tmp_path):
+    """A fault on rank 1 in epoch 2: one line naming rank 1 and the cause, run.json says so; then one
+    process resumes the checkpoint two processes wrote (any world size resumes it)."""
     out = tmp_path / "run"
     proc = launch("run", runs.recipe, "--output-dir", out, env={"DEPLOYCRAFT_TEST_FAULT": "1:1:2"}, timeout=300)
     assert proc.returncode != 0
@@ -167,3 +174,8 @@ def test_failure_on_one_rank_stops_every_rank_with_one_line(runs, tmp_path):
     assert status["status"] == "failed" and status["error"].startswith("rank 1: stage train failed")
     assert not (train_stage(out) / "stage.json").exists()
     assert json.loads((train_stage(out) / "checkpoint.json").read_text())["epoch"] == 1  # epoch 1 is kept
+    proc = run_cli("run", runs.recipe, "--output-dir", out, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming train after epoch 1/2 (checkpoint of 2 process(es), now 1)" in proc.stderr
+    history = json.loads((out / "report.json").read_text())["stages"]["train"]["history"]
+    assert [h["world_size"] for h in history] == [2, 1]
