@@ -110,6 +110,13 @@ class World:
                     field="device",
                     fix="install a CUDA build of torch (it ships NCCL), or set device: cpu (gloo)",
                 )
+            if self.local_rank >= torch.cuda.device_count():
+                raise UserError(
+                    f"process {self.local_rank} on this machine has no GPU of its own "
+                    f"({torch.cuda.device_count()} visible)",
+                    field="device",
+                    fix="start at most one process per GPU (torchrun --nproc-per-node), or set device: cpu",
+                )
             torch.cuda.set_device(self.local_rank)  # "cuda" now means this rank's GPU
             backend = "nccl"
         dist.init_process_group(
