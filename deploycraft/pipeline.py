@@ -170,7 +170,7 @@ class Pipeline:
                 status["error"] = exc.one_line() if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             if other is None and not isinstance(exc, (UserError, KeyboardInterrupt)):
                 status["traceback"] = traceback.format_exc()
-                log(status["traceback"].rstrip(), to_console=False)
+                log(status["traceback"].rstrip(), to_console=False, markup=False)
             af.write_json(run.root / "run.json", status)
             run.unlock()
             set_log_file(None)

@@ -26,12 +26,13 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-def log(message: str, style: str | None = None, to_console: bool = True) -> None:
+def log(message: str, style: str | None = None, to_console: bool = True, markup: bool = True) -> None:
+    """``markup=False`` for text that is not ours (a traceback: "[/path/file.cc:537]" is no closing tag)."""
     if to_console and not _quiet:
-        console.print(message, style=style, soft_wrap=True)  # one line stays one line in logs and pipes
+        console.print(message, style=style, soft_wrap=True, markup=markup)  # one line stays one line in logs and pipes
     if _log_file is not None:
         with open(_log_file, "a", encoding="utf-8") as fh:
-            fh.write(Console(file=None, record=False).render_str(message).plain + "\n")
+            fh.write((Console(file=None, record=False).render_str(message).plain if markup else message) + "\n")
 
 
 class Bar:
