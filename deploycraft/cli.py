@@ -1,7 +1,8 @@
 """Command line: parse, load the recipe, call the pipeline, print a summary. Nothing else lives here.
 
 Exit codes: 0 success, 1 a verification gate or an internal check failed, 2 bad input (one line on
-stderr naming the field and the fix, never a traceback).
+stderr naming the field and the fix, never a traceback). Under torchrun the line starts with the rank
+that failed, and only the first rank to fail prints one.
 """
 
 from __future__ import annotations
@@ -26,9 +27,15 @@ app = typer.Typer(
 SetOption = typer.Option(None, "--set", "-s", help="Override a recipe field: path=value (e.g. stages.train.epochs=3).")
 
 
-def _fail(exc: UserError) -> None:
-    typer.echo(f"error: {exc.one_line()}", err=True)
+def _fail(exc: UserError, world=None) -> None:
+    _say(world, "error: ", exc.one_line())
     raise typer.Exit(2)
+
+
+def _say(world, lead: str, message: str) -> None:
+    """Print one line (naming the rank in a data-parallel run) unless another rank of the run failed first."""
+    if world is None or world.claim_failure(message):
+        typer.echo(f"{lead}{world.label if world is not None else ''}{message}", err=True)
 
 
 def _version(value: bool) -> None:
@@ -54,27 +61,36 @@ def run(
         None, "--output-dir", "-o", help="Run folder (default artifacts/<name>/<run id>/)."
     ),
 ) -> None:
-    """Run every stage of RECIPE; a re-run resumes from the last completed stage."""
+    """Run every stage of RECIPE; a re-run resumes from the last completed stage. Under `torchrun
+    --nproc-per-node N -m deploycraft run RECIPE` training and distillation run data-parallel on N processes."""
+    from deploycraft.distributed import PeerFailure, interruptible, launch
     from deploycraft.pipeline import Pipeline
     from deploycraft.recipe import load_recipe
 
-    try:
-        r = load_recipe(recipe, set_ or [])
-        pipeline = Pipeline(r, output_dir, source=str(recipe))
-        pipeline.execute()
-    except UserError as exc:
-        _fail(exc)
-    except GateFailure as exc:
-        typer.echo(f"verification failed: {exc}", err=True)
-        _summary(pipeline.run.root)
-        raise typer.Exit(1) from None
-    except StageFailure as exc:
-        typer.echo(f"error: {exc} — fix: run the same command again to resume; if it fails again, report it", err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: run the same command again to resume from the last completed stage", err=True)
-        raise typer.Exit(130) from None
-    _summary(pipeline.run.root)
+    with launch() as world:
+        try:
+            r = load_recipe(recipe, set_ or [])
+            pipeline = Pipeline(r, output_dir, source=str(recipe), world=world)
+            with interruptible():
+                pipeline.execute()
+        except PeerFailure:
+            world.linger()  # another rank failed first and said so; the launcher stops this one
+            raise typer.Exit(1) from None
+        except UserError as exc:
+            _fail(exc, world)
+        except GateFailure as exc:
+            typer.echo(f"verification failed: {exc}", err=True)
+            _summary(pipeline.run.root)
+            raise typer.Exit(1) from None
+        except StageFailure as exc:
+            _say(world, "error: ", f"{exc} — fix: run the same command again to resume; if it fails again, report it")
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            if world.is_main and world.failure() is None:
+                typer.echo("interrupted: run the same command again to resume from the last completed stage", err=True)
+            raise typer.Exit(130) from None
+        if world.is_main:
+            _summary(pipeline.run.root)
 
 
 def _summary(run_dir: Path) -> None:

@@ -201,3 +201,27 @@ class OptimConfig(Strict):
     crop_padding: int = Field(4, ge=0, description="Augmentation: zero-pad by this many pixels, then random-crop.")
     hflip: bool = Field(True, description="Augmentation: random horizontal flips.")
     eval_each_epoch: bool = Field(True, description="Evaluate top-1 on the held-out split after every epoch.")
+
+
+class ParallelOptimConfig(OptimConfig):
+    """The optimizer settings of a stage that trains data-parallel under torchrun (train, distill): every
+    process takes its part of each global batch (docs/design.md, "Data-parallel runs")."""
+
+    batch_size: int = Field(
+        128,
+        ge=1,
+        description="Mini-batch size. Global: a data-parallel run (torchrun, N processes) splits every batch "
+        "over the N processes (batch_size / N images each), so batch_size, lr and the schedule mean the same "
+        "for any N.",
+    )
+    lr: float = Field(
+        0.1,
+        gt=0,
+        description="Peak learning rate of SGD (reached after the warm-up), for the global batch_size: not "
+        "scaled with the number of processes.",
+    )
+    sync_batchnorm: bool = Field(
+        False,
+        description="Data-parallel runs on GPUs: BatchNorm statistics over the whole global batch (torch's "
+        "SyncBatchNorm) instead of each process's part. CUDA only; a single process ignores it.",
+    )

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deploycraft.distributed import World
 from deploycraft.errors import UserError
 from deploycraft.models.io import load_model
 
@@ -58,6 +59,7 @@ class RunContext:
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # metrics by stage type
     stage_dirs: dict[str, Path] = field(default_factory=dict)
+    world: World = field(default_factory=World)  # the processes of a data-parallel run (one by default)
 
     @cached_property
     def data(self) -> DataModule:
@@ -79,6 +81,11 @@ class RunContext:
 
     def load_model(self, folder: Path | None = None) -> torch.nn.Module:
         return load_model(folder or self.model_dir)
+
+    def load_shared_model(self, folder: Path | None = None) -> torch.nn.Module:
+        """The model on every rank of a data-parallel stage, read by rank 0 (other machines may not see the
+        run folder); the same as ``load_model`` in a single process."""
+        return self.world.load_model(folder or self.model_dir)
 
     def artifact_path(self, name: str) -> Path:
         return self.run.root / self.artifacts[name].path

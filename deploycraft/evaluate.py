@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from deploycraft.progress import bar
 
+if TYPE_CHECKING:
+    from deploycraft.distributed import World
+
 Predict = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
 
-def top1(predict: Predict, data, batch_size: int = 256, description: str = "evaluate") -> float:
+def top1(
+    predict: Predict, data, batch_size: int = 256, description: str = "evaluate", world: World | None = None
+) -> float:
+    """Top-1 on the held-out split. With a ``world`` of several ranks (all of them calling this with the same
+    model) each rank evaluates every world_size-th batch and the counts are summed over the ranks."""
+    shard = world.shard if world is not None else None
     correct = total = 0
-    steps = -(-data.num_val // batch_size)
-    with bar(description, steps) as b:
-        for x, y in data.val_batches(batch_size):
+    with bar(description, data.num_val_batches(batch_size, shard)) as b:
+        for x, y in data.val_batches(batch_size, shard):
             logits = predict(x)
             if isinstance(logits, torch.Tensor):
                 pred = logits.argmax(1).cpu()
@@ -25,6 +32,8 @@ def top1(predict: Predict, data, batch_size: int = 256, description: str = "eval
             correct += int((pred == y).sum())
             total += len(y)
             b.advance(acc=correct / total)
+    if shard is not None:
+        correct, total = world.all_reduce_sum([correct, total])
     return correct / max(total, 1)
 
 

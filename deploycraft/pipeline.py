@@ -6,6 +6,10 @@ top-level fields it reads (``Stage.reads``), its own config, the fingerprint of 
 every stage after it run again. A stage folder is reused only when its record and every file it
 lists check out (artifacts.verify_stage), in this run folder or, copied, from a sibling run folder;
 a damaged one is reported by file and re-run, never shipped. Training resumes from its last epoch.
+
+Under torchrun (distributed.py) rank 0 alone reads and writes the run folder and makes every decision
+(reuse or run, the records, the outcome) and publishes it; the other ranks follow: they run the
+data-parallel stages with it and wait, idle, while it runs the others.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from deploycraft import __version__
 from deploycraft import artifacts as af
 from deploycraft.context import RunContext, resolve_device
 from deploycraft.data.transforms import input_spec
+from deploycraft.distributed import PeerFailure, World, disarm
 from deploycraft.errors import GateFailure, StageFailure, UserError
 from deploycraft.fingerprint import fingerprint
 from deploycraft.machine import hardware, versions
@@ -99,10 +104,13 @@ def write_manifest(run: af.RunDir, extra: dict[str, Any], files: dict[str, dict[
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, output_dir: Path | None = None, source: str | None = None):
+    def __init__(
+        self, recipe: Recipe, output_dir: Path | None = None, source: str | None = None, world: World | None = None
+    ):
         self.recipe = recipe
         self.run = af.RunDir(output_dir or default_run_dir(recipe))
         self.source = source
+        self.world = world or World()
         self._current = "setup"  # what is running, for the one-line error of an internal failure
 
     def preflight(self) -> None:
@@ -113,14 +121,25 @@ class Pipeline:
         self.run.check_usable(self.recipe.name)
 
     def execute(self) -> RunContext:
+        world = self.world
+        world.start(resolve_device(self.recipe.device))
+        if not world.is_main:
+            return self._follow()
         self.preflight()
         run = self.run
         previous = af.read_status(run.root)
         run.create()
         run.lock()
         set_log_file(run.root / "log.txt")
-        ctx = RunContext(self.recipe, run)
-        status: dict[str, Any] = {"recipe": self.recipe.name, "status": "running", "started": time.time(), "stages": []}
+        ctx = RunContext(self.recipe, run, world=world)
+        status: dict[str, Any] = {
+            "recipe": self.recipe.name,
+            "status": "running",
+            "started": time.time(),
+            "world_size": world.size,
+            "backend": world.backend,
+            "stages": [],
+        }
         written = {
             "recipe.yaml": af.atomic_write_text(
                 run.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
@@ -128,6 +147,8 @@ class Pipeline:
         }
         af.write_json(run.root / "run.json", status)
         log(f"[bold]deploycraft run[/] {self.recipe.name} -> {run.root}")
+        if world.parallel:
+            log(f"data-parallel: {world.size} process(es), {world.backend}; rank 0 writes this folder")
         if previous.get("status") == "interrupted":
             log("[yellow]the previous run in this folder was interrupted: resuming from its last completed step[/]")
         if self.recipe.threads:
@@ -136,17 +157,25 @@ class Pipeline:
             records = self._run_stages(ctx, status)
             gate_failures, files = self._finish(ctx, records)
         except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
+            disarm()
+            other = world.failure()  # another rank failed first: this exception follows from that
+            if other is not None:
+                status["status"] = "failed"
+                status["error"] = other
+            elif isinstance(exc, KeyboardInterrupt):
                 status["status"] = "interrupted"
             else:
                 status["status"] = "failed"
-            status["error"] = exc.one_line() if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, (UserError, KeyboardInterrupt)):
+            if other is None:
+                status["error"] = exc.one_line() if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            if other is None and not isinstance(exc, (UserError, KeyboardInterrupt)):
                 status["traceback"] = traceback.format_exc()
-                log(status["traceback"].rstrip(), to_console=False)
+                log(status["traceback"].rstrip(), to_console=False, markup=False)
             af.write_json(run.root / "run.json", status)
             run.unlock()
             set_log_file(None)
+            if other is not None:
+                raise PeerFailure(other) from exc
             if isinstance(exc, (UserError, KeyboardInterrupt, GateFailure)):
                 raise
             raise StageFailure(self._current, exc, run.root) from exc
@@ -162,6 +191,7 @@ class Pipeline:
             {
                 "recipe": self.recipe.name,
                 "status": status["status"],
+                "world_size": world.size,
                 "stages": status["stages"],
                 "input": input_spec(self.recipe.data).to_dict(),
             },
@@ -169,8 +199,28 @@ class Pipeline:
         )
         run.unlock()
         set_log_file(None)
+        world.publish(status["status"])  # the other ranks end with rank 0
         if gate_failures:
             raise GateFailure("; ".join(gate_failures))
+        return ctx
+
+    def _follow(self) -> RunContext:
+        """A rank other than 0: run the data-parallel stages with rank 0, wait idle while it runs the others,
+        take every decision from it, write nothing."""
+        ctx = RunContext(self.recipe, self.run, world=self.world)
+        if self.recipe.threads:
+            torch.set_num_threads(self.recipe.threads)
+        try:
+            self._run_stages(ctx, None)
+            self.world.publish(None)
+        except BaseException as exc:
+            disarm()
+            other = self.world.failure()
+            if other is not None and not isinstance(exc, PeerFailure):
+                raise PeerFailure(other) from exc
+            if isinstance(exc, (UserError, KeyboardInterrupt, PeerFailure)):
+                raise
+            raise StageFailure(self._current, exc) from exc
         return ctx
 
     def _base(self) -> dict[str, Any]:
@@ -215,60 +265,75 @@ class Pipeline:
                 return record
         return None
 
-    def _run_stages(self, ctx: RunContext, status: dict) -> list[tuple[Path, dict[str, Any]]]:
+    def _run_stages(self, ctx: RunContext, status: dict | None) -> list[tuple[Path, dict[str, Any]]]:
+        """Every stage in order: rank 0 decides to reuse or run it and publishes the decision and the record;
+        a data-parallel stage runs on every rank, any other on rank 0 alone (``status`` is rank 0's)."""
         r = self.recipe
-        base = self._base()
-        model = r.model.model_dump(mode="json")
-        if r.model.weights is not None:
-            model["weights_sha256"] = af.sha256_file(Path(r.model.weights))
-        previous = af.sha256_json({**base, "model": model, "in_chans": ctx.in_chans})
+        world = self.world
+        main = world.is_main
+        if main:
+            base = self._base()
+            model = r.model.model_dump(mode="json")
+            if r.model.weights is not None:
+                model["weights_sha256"] = af.sha256_file(Path(r.model.weights))
+            previous = af.sha256_json({**base, "model": model, "in_chans": ctx.in_chans})
         records = []
         steps: list[tuple[str, Any]] = [("init", None)] + [(s.type, s) for s in r.stages]
         for index, (type_, cfg) in enumerate(steps):
             if cfg is not None and not cfg.enabled:
                 log(f"[dim]- {type_}: disabled[/]")
                 continue
-            code = stage_code(type_)
-            key = af.sha256_json(
-                {
-                    **base,
-                    "previous": previous,
-                    "stage": cfg.model_dump(mode="json") if cfg is not None else None,
-                    "reads": self._reads(type_),
-                    "code": code["sha256"],
-                }
-            )
-            stage_dir = self.run.stage_dir(index, type_, key)
             self._current = type_
-            record = self._reuse(type_, stage_dir, key)
-            if record is None:
-                stage_dir.mkdir(parents=True, exist_ok=True)
-                log(f"[bold cyan]▶ {type_}[/]")
-                status["stages"].append({"type": type_, "key": key, "dir": stage_dir.name, "cached": False})
-                started = time.time()
-                out = STAGES[type_](cfg).run(ctx, stage_dir)
-                duration = round(time.time() - started, 2)
-                record = af.write_stage_record(
-                    stage_dir,
+            decision = None
+            if main:
+                code = stage_code(type_)
+                key = af.sha256_json(
                     {
-                        "type": type_,
-                        "key": key,
-                        "config": cfg.model_dump(mode="json") if cfg is not None else None,
-                        "code": code,
-                        "started": started,
-                        "duration_s": duration,
-                        "output": asdict(out),
-                    },
+                        **base,
+                        "previous": previous,
+                        "stage": cfg.model_dump(mode="json") if cfg is not None else None,
+                        "reads": self._reads(type_),
+                        "code": code["sha256"],
+                    }
                 )
-                status["stages"][-1]["duration_s"] = duration
-                log(f"[green]✓[/] {type_} [dim]({duration:.1f} s)[/]")
-            else:
+                stage_dir = self.run.stage_dir(index, type_, key)
+                decision = {"dir": stage_dir.name, "record": self._reuse(type_, stage_dir, key)}
+            decision = world.publish(decision)
+            stage_dir, record = self.run.stages / decision["dir"], decision["record"]
+            if record is None:
+                if main:
+                    stage_dir.mkdir(parents=True, exist_ok=True)
+                    log(f"[bold cyan]▶ {type_}[/]")
+                    status["stages"].append({"type": type_, "key": key, "dir": stage_dir.name, "cached": False})
+                started = time.time()
+                stage = STAGES[type_](cfg)
+                if main or stage.runs_data_parallel():
+                    out = stage.run(ctx, stage_dir)
+                if main:
+                    duration = round(time.time() - started, 2)
+                    record = af.write_stage_record(
+                        stage_dir,
+                        {
+                            "type": type_,
+                            "key": key,
+                            "config": cfg.model_dump(mode="json") if cfg is not None else None,
+                            "code": code,
+                            "started": started,
+                            "duration_s": duration,
+                            "output": asdict(out),
+                        },
+                    )
+                    status["stages"][-1]["duration_s"] = duration
+                    log(f"[green]✓[/] {type_} [dim]({duration:.1f} s)[/]")
+                record = world.publish(record)
+            elif main:
                 status["stages"].append({"type": type_, "key": key, "dir": stage_dir.name, "cached": True})
                 log(f"[green]✓[/] {type_} [dim](cached: {stage_dir.name})[/]")
             ctx.apply(type_, stage_dir, StageOutput(**record["output"]))
             records.append((stage_dir, record))
-            previous = record["digest"]
-            af.write_json(self.run.root / "run.json", status)
+            if main:
+                previous = record["digest"]
+                af.write_json(self.run.root / "run.json", status)
         return records
 
     def _finish(self, ctx: RunContext, records: list[tuple[Path, dict[str, Any]]]) -> tuple[list[str], dict]:

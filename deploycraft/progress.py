@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True, highlight=False)
 
 _log_file: Path | None = None
+_quiet = False  # the ranks other than 0 of a data-parallel run: one console for the run (rank 0's)
 
 
 def set_log_file(path: Path | None) -> None:
@@ -20,12 +21,18 @@ def set_log_file(path: Path | None) -> None:
     _log_file = path
 
 
-def log(message: str, style: str | None = None, to_console: bool = True) -> None:
-    if to_console:
-        console.print(message, style=style, soft_wrap=True)  # one line stays one line in logs and pipes
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def log(message: str, style: str | None = None, to_console: bool = True, markup: bool = True) -> None:
+    """``markup=False`` for text that is not ours (a traceback: "[/path/file.cc:537]" is no closing tag)."""
+    if to_console and not _quiet:
+        console.print(message, style=style, soft_wrap=True, markup=markup)  # one line stays one line in logs and pipes
     if _log_file is not None:
         with open(_log_file, "a", encoding="utf-8") as fh:
-            fh.write(Console(file=None, record=False).render_str(message).plain + "\n")
+            fh.write((Console(file=None, record=False).render_str(message).plain if markup else message) + "\n")
 
 
 class Bar:
@@ -68,8 +75,19 @@ class PlainBar:
         pass
 
 
+class SilentBar:
+    def advance(self, n: int = 1, **fields) -> None:
+        pass
+
+    def update(self, **fields) -> None:
+        pass
+
+
 @contextmanager
-def bar(description: str, total: int) -> Iterator[Bar | PlainBar]:
+def bar(description: str, total: int) -> Iterator[Bar | PlainBar | SilentBar]:
+    if _quiet:
+        yield SilentBar()
+        return
     if not console.is_terminal or total <= 0:  # total 0: silent
         yield PlainBar(description, total)
         return

@@ -39,7 +39,12 @@ class Recipe(Strict):
     )
     description: str = Field("", description="Free text, copied into the report.")
     seed: int = Field(0, description="Seed of model init, data order, augmentation and subsets.")
-    threads: int | None = Field(None, ge=1, description="Torch intra-op threads for training; default: all cores.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch intra-op threads for training, per process; default: all cores (under torchrun: "
+        "OMP_NUM_THREADS, which torchrun sets to 1 when it starts several processes on a machine).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="Where torch trains, distills and fine-tunes (and, on cuda, where verify also times the FP32 "

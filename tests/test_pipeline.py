@@ -164,6 +164,19 @@ def test_failed_stage_resumes_from_last_completed(tmp_path, monkeypatch):
     assert calls == [1]
 
 
+def test_failure_text_that_looks_like_markup_is_recorded(tmp_path, monkeypatch):
+    """gloo's "[/path/pair.cc:537] Connection closed by peer" is no closing tag: run.json and log.txt get it."""
+
+    def boom(self, ctx, workdir):
+        raise RuntimeError("[/src/gloo/pair.cc:537] Connection closed by peer")
+
+    monkeypatch.setattr(STAGES["init"], "run", boom)
+    with pytest.raises(StageFailure, match="Connection closed by peer"):
+        _run(smoke_recipe(), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
+    assert "[/src/gloo/pair.cc:537] Connection closed by peer" in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_gate_failure_exits_1_and_says_why(tmp_path):
     raw = smoke_recipe()
     raw["stages"][3]["min_speedup"] = 1000.0

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from deploycraft.data import fashion_mnist
-from deploycraft.data.transforms import Augment, input_spec, prepare_batch
+from deploycraft.data.transforms import Augment, draw_augment, input_spec, prepare_batch
 from deploycraft.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +45,23 @@ def _batches(
         return
     loader = DataLoader(Subset(source, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     yield from loader
+
+
+def _batch_list(
+    source, batches: list[torch.Tensor], num_workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The given index batches in order (a rank's share of an epoch); an empty one stays empty."""
+    if isinstance(source, TensorSource):
+        for idx in batches:
+            yield source.get(idx)
+        return
+    nonempty = [b.tolist() for b in batches if len(b)]
+    loaded = iter(DataLoader(source, batch_sampler=nonempty, num_workers=num_workers)) if nonempty else iter(())
+    for idx in batches:
+        if len(idx):
+            yield next(loaded)
+        else:
+            yield torch.empty((0, source.channels, source.image_size, source.image_size), dtype=torch.uint8), idx
 
 
 def synthetic_source(n: int, seed: int, size: int = 32, num_classes: int = 10) -> TensorSource:
@@ -133,9 +150,14 @@ class DataModule:
         return math.ceil(self.num_train / batch_size)
 
     def train_epoch(
-        self, batch_size: int, epoch: int, augment: Augment | None
+        self, batch_size: int, epoch: int, augment: Augment | None, shard: tuple[int, int] | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled, augmented batches of one epoch; the same (seed, epoch) gives the same batches."""
+        """Shuffled, augmented batches of one epoch; the same (seed, epoch) gives the same batches.
+
+        With ``shard=(rank, world_size)`` each batch of ``batch_size`` (the global batch) is cut into
+        world_size contiguous parts (sizes differ by at most one; a part may be empty in a last, small
+        batch) and this rank gets its part, augmented exactly as the whole batch would be in one process:
+        the epoch's order and every image's augmentation depend on the seed alone."""
         if self.train is None:
             raise UserError(
                 f"{self.location} has no training split",
@@ -144,17 +166,44 @@ class DataModule:
             )
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = self.train_index[torch.randperm(len(self.train_index), generator=gen)]
-        for images, labels in _batches(self.train, order, batch_size, self.cfg.num_workers):
-            yield prepare_batch(images, self.spec, augment, gen), labels
+        if shard is None:
+            for images, labels in _batches(self.train, order, batch_size, self.cfg.num_workers):
+                yield prepare_batch(images, self.spec, augment, gen), labels
+            return
+        rank, world_size = shard
+        parts, draws = [], []
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            sizes = [len(part) for part in torch.tensor_split(batch, world_size)]
+            lo = sum(sizes[:rank])
+            hi = lo + sizes[rank]
+            parts.append(batch[lo:hi])
+            draws.append(draw_augment(augment, len(batch), gen)[lo:hi] if augment is not None else None)
+        for (images, labels), draw in zip(_batch_list(self.train, parts, self.cfg.num_workers), draws, strict=True):
+            yield prepare_batch(images, self.spec, augment, draw=draw), labels
 
     # --- evaluation -----------------------------------------------------------------------------
     @property
     def num_val(self) -> int:
         return len(self.val_index)
 
-    def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in _batches(self.val, self.val_index, batch_size, self.cfg.num_workers):
+    def val_batches(
+        self, batch_size: int, shard: tuple[int, int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Held-out batches in order; with ``shard=(rank, world_size)`` only batches rank, rank + world_size,
+        ...: every image is evaluated in the same batch as in one process, by exactly one rank."""
+        if shard is None:
+            for images, labels in _batches(self.val, self.val_index, batch_size, self.cfg.num_workers):
+                yield prepare_batch(images, self.spec), labels
+            return
+        rank, world_size = shard
+        batches = [self.val_index[i : i + batch_size] for i in range(0, len(self.val_index), batch_size)]
+        for images, labels in _batch_list(self.val, batches[rank::world_size], self.cfg.num_workers):
             yield prepare_batch(images, self.spec), labels
+
+    def num_val_batches(self, batch_size: int, shard: tuple[int, int] | None = None) -> int:
+        steps = math.ceil(self.num_val / batch_size)
+        return steps if shard is None else len(range(shard[0], steps, shard[1]))
 
     def sample_input(self, batch_size: int = 2) -> torch.Tensor:
         images, _ = next(_batches(self.val, self.val_index[:batch_size], batch_size))

@@ -59,17 +59,44 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=downsampling)
 
 
-def random_crop_flip(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
+@dataclass(frozen=True)
+class AugmentDraw:
+    """The random choices of one batch: crop offsets (n, 2) and horizontal flips (n,), each None when off.
+
+    Drawn for a whole (global) batch and sliced per rank, so an image is augmented the same way whatever
+    the number of processes its batch is split over."""
+
+    offsets: torch.Tensor | None
+    flips: torch.Tensor | None
+
+    def __getitem__(self, part: slice) -> AugmentDraw:
+        return AugmentDraw(
+            None if self.offsets is None else self.offsets[part], None if self.flips is None else self.flips[part]
+        )
+
+
+def draw_augment(aug: Augment, n: int, gen: torch.Generator) -> AugmentDraw:
+    """Crop offsets first, then flips: the order the generator has always been consumed in (resumed and
+    earlier runs stay bit-identical)."""
+    p = aug.crop_padding
+    offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=gen) if p > 0 else None
+    flips = torch.rand(n, generator=gen) < 0.5 if aug.hflip else None
+    return AugmentDraw(offsets, flips)
+
+
+def apply_crop_flip(x: torch.Tensor, aug: Augment, draw: AugmentDraw) -> torch.Tensor:
     n, _, h, w = x.shape
     p = aug.crop_padding
-    if p > 0:
+    if draw.offsets is not None and n > 0:  # n = 0: a rank's empty part of a last batch
         padded = F.pad(x, (p, p, p, p))  # zero padding: the background of the image after scaling
-        offs = torch.randint(0, 2 * p + 1, (n, 2), generator=gen)
-        x = torch.stack([padded[i, :, oy : oy + h, ox : ox + w] for i, (oy, ox) in enumerate(offs.tolist())])
-    if aug.hflip:
-        flip = torch.rand(n, generator=gen) < 0.5
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+        x = torch.stack([padded[i, :, oy : oy + h, ox : ox + w] for i, (oy, ox) in enumerate(draw.offsets.tolist())])
+    if draw.flips is not None:
+        x = torch.where(draw.flips.view(n, 1, 1, 1), x.flip(-1), x)
     return x
+
+
+def random_crop_flip(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
+    return apply_crop_flip(x, aug, draw_augment(aug, len(x), gen))
 
 
 def prepare_batch(
@@ -77,14 +104,19 @@ def prepare_batch(
     spec: InputSpec,
     augment: Augment | None = None,
     generator: torch.Generator | None = None,
+    draw: AugmentDraw | None = None,
 ) -> torch.Tensor:
-    """uint8 NCHW (any size, 1 or 3 channels) -> normalized float32 NCHW at ``spec``."""
+    """uint8 NCHW (any size, 1 or 3 channels) -> normalized float32 NCHW at ``spec``.
+
+    Augmentation takes its random choices from ``draw`` if given, else from ``generator``."""
     x = images.float().div_(255.0)
     x = resize(x, spec.image_size)
     if augment is not None:
-        if generator is None:
-            raise ValueError("augmentation needs an explicit generator for reproducibility")
-        x = random_crop_flip(x, augment, generator)
+        if draw is None:
+            if generator is None:
+                raise ValueError("augmentation needs an explicit generator for reproducibility")
+            draw = draw_augment(augment, len(x), generator)
+        x = apply_crop_flip(x, augment, draw)
     x = convert_channels(x, spec.channels)
     mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)

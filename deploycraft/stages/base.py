@@ -10,6 +10,10 @@ A stage is a class registered by ``@register_stage`` with
 - ``preflight(pre, index)``: checks that need files or the built model, also before anything runs;
 - ``run(ctx, workdir) -> StageOutput``: the work, reading the current model and deployables from the
   run context and writing only into ``workdir``;
+- ``data_parallel`` (or ``runs_data_parallel()``, for a stage that trains only in some configs): whether
+  every rank of a torchrun launch runs it (training through ``train_epochs`` with ``ctx.world``, models
+  through ``ctx.load_shared_model``; only rank 0 writes, and only rank 0's output counts) or rank 0 alone
+  while the other ranks wait (the default);
 - ``report_section(report)``: its lines of report.md, rendered from report.json alone.
 
 Adding a stage is adding its module to this package (it is discovered), its tests and its docs.
@@ -48,6 +52,8 @@ class Stage:
     reads: ClassVar[tuple[str, ...]] = ()
     # Internal stages (the starting model) are not recipe entries.
     internal: ClassVar[bool] = False
+    # Run on every rank of a data-parallel launch (torchrun) rather than on rank 0 alone.
+    data_parallel: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig | None):
         self.config = config
@@ -59,6 +65,10 @@ class Stage:
     @classmethod
     def preflight(cls, pre: Preflight, index: int) -> None:
         """Checks that need the file system or a built model, before any stage runs (validate runs them too)."""
+
+    def runs_data_parallel(self) -> bool:
+        """Whether every rank of a data-parallel launch runs this stage with this config."""
+        return self.data_parallel
 
     def run(self, ctx: RunContext, workdir: Path) -> StageOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -11,13 +11,14 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import Field
 
-from deploycraft.config import FilePath, ModelConfig, OptimConfig, StageConfig
+from deploycraft.config import FilePath, ModelConfig, ParallelOptimConfig, StageConfig
 from deploycraft.distill import Distiller, stage_modules
 from deploycraft.errors import UserError
 from deploycraft.evaluate import top1, torch_predictor
-from deploycraft.models.io import load_checkpoint, load_model, read_spec, save_model
+from deploycraft.models.io import load_checkpoint, load_model, make_spec, read_spec, save_model, width_diff
 from deploycraft.models.registry import create_model
 from deploycraft.progress import log
 from deploycraft.stages.base import Stage, StageOutput, register_stage
@@ -28,13 +29,18 @@ class TeacherConfig(ModelConfig):
     weights: FilePath = Field(description="The teacher's trained checkpoint (required).")
 
 
-class DistillConfig(StageConfig, OptimConfig):
+class DistillConfig(StageConfig, ParallelOptimConfig):
     """Knowledge distillation (Hinton et al. 2015): the student (the current model) learns from the teacher's
     softened outputs and, optionally, its stage features."""
 
     type: Literal["distill"] = "distill"
     epochs: int = Field(2, ge=1, description="Epochs of distillation.")
-    lr: float = Field(0.02, gt=0, description="Peak learning rate of SGD (reached after the warm-up).")
+    lr: float = Field(
+        0.02,
+        gt=0,
+        description="Peak learning rate of SGD (reached after the warm-up), for the global batch_size: not "
+        "scaled with the number of processes.",
+    )
     warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up length in epochs (fractions allowed).")
     teacher: TeacherConfig | None = Field(
         None, description="Teacher model; default: the model before pruning (the train stage's output)."
@@ -50,13 +56,34 @@ class DistillConfig(StageConfig, OptimConfig):
 
 
 def build_teacher(ctx, cfg: DistillConfig):
+    """The teacher on every rank (rank 0 reads its weights)."""
     if cfg.teacher is None:
-        return ctx.load_model(ctx.reference_dir), "the model before pruning"
+        return ctx.load_shared_model(ctx.reference_dir), "the model before pruning"
     t = cfg.teacher
     kwargs = {"num_classes": t.num_classes, "in_chans": t.in_chans or ctx.in_chans, **t.kwargs}
-    teacher = create_model(t.arch, **kwargs)
-    load_checkpoint(teacher, Path(t.weights), strict=t.strict, reset_classifier=False)
-    return teacher.eval(), f"{t.arch} from {t.weights}"
+
+    def make():
+        teacher = create_model(t.arch, **kwargs)
+        load_checkpoint(teacher, Path(t.weights), strict=t.strict, reset_classifier=False)
+        return teacher
+
+    def spec_of(teacher):
+        with torch.device("meta"):  # the default widths, without drawing from the random generator
+            default = create_model(t.arch, **kwargs)
+        return make_spec(t.arch, kwargs, width_diff(teacher, default))
+
+    return ctx.world.share_model(make, spec_of).eval(), f"{t.arch} from {t.weights}"
+
+
+def _saved_control(folder: Path):
+    """The control model a previous, interrupted run of this stage finished, if it loads."""
+    if not (folder / "spec.json").is_file():
+        return None
+    try:
+        return load_model(folder)
+    except Exception as exc:  # noqa: BLE001 - a damaged control model is trained again
+        log(f"[yellow]  the control model is damaged ({exc.__class__.__name__}); training it again[/]")
+        return None
 
 
 @register_stage
@@ -66,6 +93,7 @@ class DistillStage(Stage):
     rank = 2
     report_order = 3
     reads = ("device",)
+    data_parallel = True
     config: DistillConfig
 
     @classmethod
@@ -116,8 +144,8 @@ class DistillStage(Stage):
     def run(self, ctx, workdir: Path) -> StageOutput:
         cfg = self.config
         data = ctx.data
-        spec = read_spec(ctx.model_dir)
-        student = ctx.load_model()
+        world = ctx.world
+        student = ctx.load_shared_model()
         teacher, teacher_desc = build_teacher(ctx, cfg)
         if teacher.get_classifier().out_features != student.get_classifier().out_features:
             raise UserError(
@@ -133,8 +161,8 @@ class DistillStage(Stage):
             "feature_weight": cfg.feature_weight,
             "epochs": cfg.epochs,
         }
-        metrics["top1_student_before"] = top1(torch_predictor(student), data, 256, "top-1 student before")
-        metrics["top1_teacher"] = top1(torch_predictor(teacher), data, 256, "top-1 teacher")
+        metrics["top1_student_before"] = top1(torch_predictor(student), data, 256, "top-1 student before", world)
+        metrics["top1_teacher"] = top1(torch_predictor(teacher), data, 256, "top-1 teacher", world)
         log(
             f"  teacher ({teacher_desc}) top-1 {metrics['top1_teacher']:.4f}; student before "
             f"{metrics['top1_student_before']:.4f}"
@@ -155,23 +183,23 @@ class DistillStage(Stage):
                 extra=distiller.adapters,
                 device=ctx.device,
                 field="stages.distill",
+                world=world,
             )
         finally:
             distiller.close()
             teacher.to("cpu")
         metrics["top1_kd"] = history[-1]["val_top1"]
         metrics["history"] = history
-        save_model(student, workdir / "model", spec["arch"], spec["kwargs"])
+        spec = read_spec(ctx.model_dir) if world.is_main else None
+        if world.is_main:
+            save_model(student, workdir / "model", spec["arch"], spec["kwargs"])
         if cfg.control:
             control_dir = workdir / "control"
-            control = None
-            if (control_dir / "model" / "spec.json").is_file():
-                try:
-                    control = load_model(control_dir / "model")
-                except Exception as exc:  # noqa: BLE001 - a damaged control model is trained again
-                    log(f"[yellow]  the control model is damaged ({exc.__class__.__name__}); training it again[/]")
+            control = world.share_model(
+                lambda: _saved_control(control_dir / "model"), lambda _: read_spec(control_dir / "model")
+            )
             if control is not None:
-                metrics["top1_control"] = top1(torch_predictor(control), data, 256, "top-1 control")
+                metrics["top1_control"] = top1(torch_predictor(control), data, 256, "top-1 control", world)
             else:
                 control = initial
                 ctrl = train_epochs(
@@ -183,14 +211,18 @@ class DistillStage(Stage):
                     label="control fine-tune",
                     device=ctx.device,
                     field="stages.distill",
+                    world=world,
                 )
                 metrics["top1_control"] = ctrl[-1]["val_top1"]
-                save_model(control, control_dir / "model", spec["arch"], spec["kwargs"])
+                if world.is_main:
+                    save_model(control, control_dir / "model", spec["arch"], spec["kwargs"])
             metrics["kd_minus_control"] = metrics["top1_kd"] - metrics["top1_control"]
             log(
                 f"  KD top-1 {metrics['top1_kd']:.4f} vs plain fine-tuning {metrics['top1_control']:.4f} "
                 f"({metrics['kd_minus_control'] * 100:+.2f} points)"
             )
+        if not world.is_main:
+            return StageOutput()  # rank 0 writes the stage; its output is the stage's
         return StageOutput(model="model", metrics=metrics)
 
     @staticmethod

@@ -40,7 +40,8 @@ from deploycraft.stages.train import train_epochs
 
 
 class FinetuneConfig(OptimConfig):
-    """Short recovery training after each pruning step (plain cross-entropy)."""
+    """Short recovery training after each pruning step (plain cross-entropy); in a data-parallel run it runs on
+    rank 0 alone, with the rest of the prune stage."""
 
     lr: float = Field(0.01, gt=0, description="Peak learning rate of SGD (reached after the warm-up).")
     warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up length in epochs (fractions allowed).")

@@ -4,6 +4,9 @@ Resumable: after every epoch the model, optimizer and history go to ``checkpoint
 stage folder. Batch order and augmentation of epoch e come from a generator seeded by (seed, e), and
 torch's global RNG (stochastic depth, shake-shake) is reseeded per epoch, so a run resumed after a
 kill ends with the same weights as an uninterrupted one.
+
+Data-parallel under torchrun (``train_epochs`` with a world of several ranks, docs/design.md): DDP, the
+global batch split over the ranks, rank 0 writing the checkpoint, which any world size resumes.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deploycraft.artifacts import atomic_write_bytes, read_json, write_json
-from deploycraft.config import OptimConfig, StageConfig
+from deploycraft.config import OptimConfig, ParallelOptimConfig, StageConfig
 from deploycraft.data.transforms import Augment
+from deploycraft.distributed import SINGLE, World, sync_batchnorm
 from deploycraft.errors import UserError
 from deploycraft.evaluate import top1, torch_predictor
 from deploycraft.models.io import read_spec, save_model
@@ -28,7 +32,7 @@ from deploycraft.progress import bar, log
 from deploycraft.stages.base import Stage, StageOutput, register_stage
 
 
-class TrainConfig(StageConfig, OptimConfig):
+class TrainConfig(StageConfig, ParallelOptimConfig):
     """Train from scratch, or fine-tune model.weights."""
 
     type: Literal["train"] = "train"
@@ -91,13 +95,30 @@ def train_epochs(
     extra: nn.Module | None = None,
     device: str = "cpu",
     field: str = "stages.train",
+    world: World | None = None,
 ) -> list[dict]:
     """Train ``model`` in place for cfg.epochs, resuming from ``workdir/checkpoint.pt``; returns the history.
 
     ``loss_fn(model, x, y) -> (loss, logits)`` replaces plain cross-entropy (distillation uses it);
     ``extra`` holds trainable helpers of the loss (distillation adapters), optimized and checkpointed
     with the model. ``field`` is the recipe path of ``cfg``, named when training diverges.
+
+    With a ``world`` of several ranks every rank calls this with the same model and data: DDP averages the
+    gradients; cfg.batch_size is the global batch, of which each rank takes its part
+    (``DataModule.train_epoch``), and each part's loss is weighted by its share of the batch, so the
+    gradient is the global batch's mean and lr and schedule mean what they mean in one process; held-out
+    top-1 is sharded over the ranks; rank 0 alone writes the checkpoint, and a run of any world size
+    resumes it (the state holds no per-rank parts).
     """
+    world = world or SINGLE
+    parallel = world.size > 1
+    sync_bn = getattr(cfg, "sync_batchnorm", False) and parallel  # ParallelOptimConfig's field
+    if sync_bn and not str(device).startswith("cuda"):
+        raise UserError(
+            "sync_batchnorm needs GPUs: torch's SyncBatchNorm synchronizes only CUDA tensors",
+            field=f"{field}.sync_batchnorm",
+            fix="set sync_batchnorm: false on CPU (each rank then normalizes over its part of the batch)",
+        )
     model.to(device)
     if extra is not None:
         extra.to(device)
@@ -114,14 +135,20 @@ def train_epochs(
     ckpt_path = workdir / "checkpoint.pt"
     history: list[dict] = []
     start = 0
-    state = load_epoch_checkpoint(ckpt_path, label)
+    state = world.load_checkpoint(lambda: load_epoch_checkpoint(ckpt_path, label))
     if state is not None:
         model.load_state_dict(state["model"])
         if extra is not None:
             extra.load_state_dict(state["extra"])
         optimizer.load_state_dict(state["optimizer"])
         history, start = state["history"], state["epoch"]
-        log(f"  resuming {label} after epoch {start}/{cfg.epochs}")
+        written_by = state.get("world_size", 1)
+        log(
+            f"  resuming {label} after epoch {start}/{cfg.epochs}"
+            + (f" (checkpoint of {written_by} process(es), now {world.size})" if written_by != world.size else "")
+        )
+    if extra is not None:
+        world.sync_module(extra)  # each rank built its adapters from its own random state: take rank 0's
     steps = data.steps_per_epoch(cfg.batch_size)
     total, warmup = cfg.epochs * steps, int(round(cfg.warmup_epochs * steps))
     augment = Augment(cfg.crop_padding, cfg.hflip) if (cfg.crop_padding or cfg.hflip) else None
@@ -131,63 +158,92 @@ def train_epochs(
             logits = m(x)
             return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), logits
 
-    for epoch in range(start, cfg.epochs):
-        torch.manual_seed(seed * 7919 + epoch)
-        model.train()
-        started = time.time()
-        seen = correct = 0
-        loss_sum = 0.0
-        with bar(f"{label} epoch {epoch + 1}/{cfg.epochs}", steps) as b:
-            for i, (x, y) in enumerate(data.train_epoch(cfg.batch_size, epoch, augment)):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                lr = lr_at(epoch * steps + i, total, warmup, cfg)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                loss, logits = loss_fn(model, x, y)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise UserError(
-                        f"{label} diverged: the loss became {loss_value} in epoch {epoch + 1}, step {i + 1} "
-                        f"(learning rate {lr:.3g})",
-                        field=f"{field}.lr",
-                        fix="lower the learning rate or lengthen warmup_epochs, then run again",
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                seen += len(y)
-                loss_sum += loss_value * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                b.advance(loss=loss_sum / seen, acc=correct / seen, lr=lr)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / seen,
-            "train_top1": correct / seen,
-            "seconds": round(time.time() - started, 1),
-        }
-        if cfg.eval_each_epoch or epoch + 1 == cfg.epochs:
-            record["val_top1"] = top1(torch_predictor(model, device), data, 256, f"{label} eval")
-        history.append(record)
-        log(
-            f"  {label} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, "
-            f"train top-1 {record['train_top1']:.4f}"
-            + (f", val top-1 {record['val_top1']:.4f}" if "val_top1" in record else "")
-            + f" ({record['seconds']:.0f} s)"
-        )
-        save_epoch_checkpoint(
-            ckpt_path,
-            {
+    with sync_batchnorm(model, sync_bn):
+        net = world.wrap(model, device)
+        for epoch in range(start, cfg.epochs):
+            torch.manual_seed(seed * 7919 + epoch)  # the same on every rank: stochastic depth drops a block for all
+            net.train()
+            started = time.time()
+            seen = correct = 0
+            loss_sum = 0.0
+            with bar(f"{label} epoch {epoch + 1}/{cfg.epochs}", steps) as b:
+                for i, (x, y) in enumerate(data.train_epoch(cfg.batch_size, epoch, augment, world.shard)):
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    lr = lr_at(epoch * steps + i, total, warmup, cfg)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                    if len(y):
+                        loss, logits = loss_fn(net, x, y)
+                        loss_value = loss.item()
+                    else:  # this rank's empty part of a last, small batch: DDP still needs its (zero) gradients
+                        loss, logits, loss_value = net(x).sum() * 0.0, None, 0.0
+                    if not math.isfinite(loss_value):
+                        raise UserError(
+                            f"{label} diverged: the loss became {loss_value} in epoch {epoch + 1}, step {i + 1} "
+                            f"(learning rate {lr:.3g})",
+                            field=f"{field}.lr",
+                            fix="lower the learning rate or lengthen warmup_epochs, then run again",
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    if parallel:
+                        # DDP averages the ranks' gradients; weighting each part by its share of the global
+                        # batch makes that average the global batch's mean (parts differ in a last batch).
+                        global_batch = min(cfg.batch_size, data.num_train - i * cfg.batch_size)
+                        (loss * (len(y) * world.size / global_batch)).backward()
+                        if extra is not None:
+                            world.average_gradients(extra)
+                    else:
+                        loss.backward()
+                    optimizer.step()
+                    seen += len(y)
+                    loss_sum += loss_value * len(y)
+                    if logits is not None:
+                        correct += int((logits.argmax(1) == y).sum())
+                    b.advance(loss=loss_sum / max(seen, 1), acc=correct / max(seen, 1), lr=lr)
+            if parallel:
+                loss_sum, correct, seen = world.all_reduce_sum([loss_sum, correct, seen])
+                # BN statistics: each rank updated its own in the last step; rank 0's are the model's.
+                world.sync_module(model, buffers_only=True)
+            record = {
                 "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "extra": extra.state_dict() if extra is not None else {},
-                "optimizer": optimizer.state_dict(),
-                "history": history,
-            },
-        )
+                "train_loss": loss_sum / seen,
+                "train_top1": correct / seen,
+                "seconds": round(time.time() - started, 1),
+                "world_size": world.size,
+            }
+            if cfg.eval_each_epoch or epoch + 1 == cfg.epochs:
+                record["val_top1"] = top1(torch_predictor(model, device), data, 256, f"{label} eval", world)
+            history.append(record)
+            log(
+                f"  {label} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, "
+                f"train top-1 {record['train_top1']:.4f}"
+                + (f", val top-1 {record['val_top1']:.4f}" if "val_top1" in record else "")
+                + f" ({record['seconds']:.0f} s"
+                + (f", {world.size} processes" if parallel else "")
+                + ")"
+            )
+            if world.is_main:
+                save_epoch_checkpoint(
+                    ckpt_path,
+                    {
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "extra": extra.state_dict() if extra is not None else {},
+                        "optimizer": optimizer.state_dict(),
+                        "history": history,
+                        "world_size": world.size,
+                    },
+                )
     model.to("cpu")  # pruning, export and saving work on CPU copies
     if extra is not None:
         extra.to("cpu")
     return history
+
+
+def _processes(metrics: dict[str, Any]) -> str:
+    """How a data-parallel training split its batches (nothing for one process)."""
+    n = metrics.get("world_size", 1)
+    return f" over {n} data-parallel processes ({metrics['batch_size'] / n:g} images each)" if n > 1 else ""
 
 
 @register_stage
@@ -197,6 +253,7 @@ class TrainStage(Stage):
     rank = 0
     report_order = 0
     reads = ("device",)
+    data_parallel = True
     config: TrainConfig
 
     @classmethod
@@ -215,9 +272,11 @@ class TrainStage(Stage):
         cfg = self.config
         if cfg.epochs == 0:
             return StageOutput(metrics={"epochs": 0, "note": "epochs: 0 keeps the loaded weights"})
-        model = ctx.load_model()
+        model = ctx.load_shared_model()
         data = ctx.data
-        history = train_epochs(model, data, cfg, workdir, ctx.recipe.seed, device=ctx.device)
+        history = train_epochs(model, data, cfg, workdir, ctx.recipe.seed, device=ctx.device, world=ctx.world)
+        if not ctx.world.is_main:
+            return StageOutput()  # rank 0 writes the stage; its output is the stage's
         spec = read_spec(ctx.model_dir)
         save_model(model, workdir / "model", spec["arch"], spec["kwargs"])
         last = history[-1]
@@ -228,6 +287,7 @@ class TrainStage(Stage):
             "image_size": data.spec.image_size,
             "channels": data.spec.channels,
             "batch_size": cfg.batch_size,
+            "world_size": ctx.world.size,
             "schedule": f"SGD lr {cfg.lr} momentum {cfg.momentum}, {cfg.warmup_epochs} warm-up epochs, {cfg.schedule}",
             "final_train_loss": last["train_loss"],
             "val_top1": last.get("val_top1"),
@@ -246,8 +306,9 @@ class TrainStage(Stage):
                 "## What was trained",
                 "",
                 f"{train['arch']} on {report['dataset']}: {train['epochs']} epoch(s) over {train['train_images']} "
-                f"images at {train['image_size']} px ({train['channels']} channels), batch {train['batch_size']}, "
-                f"{train['schedule']}; {train['seconds']:.0f} s. Final train loss {train['final_train_loss']:.4f}.",
+                f"images at {train['image_size']} px ({train['channels']} channels), batch {train['batch_size']}"
+                + _processes(train)
+                + f", {train['schedule']}; {train['seconds']:.0f} s. Final train loss {train['final_train_loss']:.4f}.",
                 "",
             ]
         init = report["stages"].get("init", {})
