@@ -70,14 +70,29 @@ def _model_entries(ctx, verify: dict[str, Any] | None, macs: int | None, params:
     return entries
 
 
-def headline(models: dict[str, dict], main: str | None, fastest: dict[str, str]) -> list[dict[str, Any]]:
-    """The shipped deployable against the fastest FP32 runtime and the FP32 torch model, per batch size."""
+def headline(
+    models: dict[str, dict], main: str | None, fastest: dict[str, str], fastest_file: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """The shipped deployable against the fastest FP32 runtime, the fastest run of the FP32 file (bf16
+    inside a runtime included) and the FP32 torch model, per batch size."""
     if main not in models or not models[main].get("latency_by_batch"):
         return []
+    fastest_file = fastest_file or {}
     rows = []
     for bs, lat in models[main]["latency_by_batch"].items():
-        row = {"batch_size": int(bs), "main": main, "p50_ms": lat["p50"], "fastest_fp32": fastest.get(bs)}
-        for key, base in (("fastest_fp32", fastest.get(bs)), ("fp32_torch", "fp32_torch")):
+        row = {
+            "batch_size": int(bs),
+            "main": main,
+            "p50_ms": lat["p50"],
+            "fastest_fp32": fastest.get(bs),
+            "fastest_fp32_file": fastest_file.get(bs),
+        }
+        bases = (
+            ("fastest_fp32", fastest.get(bs)),
+            ("fastest_fp32_file", fastest_file.get(bs)),
+            ("fp32_torch", "fp32_torch"),
+        )
+        for key, base in bases:
             other = (models.get(base) or {}).get("latency_by_batch", {}).get(bs)
             row[f"speedup_vs_{key}"] = round(other["p50"] / lat["p50"], 3) if other else None
         rows.append(row)
@@ -141,7 +156,9 @@ def build_report(ctx) -> dict[str, Any]:
         "hardware": hardware(),
         "versions": versions(),
     }
-    report["headline"] = headline(report["models"], report["main"], report["fastest_fp32"])
+    report["headline"] = headline(
+        report["models"], report["main"], report["fastest_fp32"], (verify or {}).get("fastest_fp32_file")
+    )
     if "prune" in ctx.results:
         report["pruning"] = pruning_summary(report["models"], (verify or {}).get("batch_sizes", [1]))
     return report

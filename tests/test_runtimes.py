@@ -118,6 +118,26 @@ def test_fastest_fp32_ignores_int8_and_unpruned_rows():
         "int8_onnx": _stub(0.9, {"1": 0.4}),
     }
     assert fastest_fp32(models, [1]) == {"1": "fp32_onnx@openvino"}
+    assert fastest_fp32(models, [1], ("fp32", "bf16")) == {"1": "fp32_onnx@openvino-bf16"}
+
+
+def test_headline_names_both_fp32_references():
+    from deploycraft.report import headline
+    from deploycraft.stages.verify import VerifyStage
+
+    lat = {"1": {"p50": 1.0}}
+    models = {
+        "int8_openvino": {"latency_by_batch": lat},
+        "fp32_onnx": {"latency_by_batch": {"1": {"p50": 3.0}}},
+        "fp32_onnx@openvino-bf16": {"latency_by_batch": {"1": {"p50": 2.0}}},
+        "fp32_torch": {"latency_by_batch": {"1": {"p50": 8.0}}},
+    }
+    rows = headline(models, "int8_openvino", {"1": "fp32_onnx"}, {"1": "fp32_onnx@openvino-bf16"})
+    assert rows[0]["speedup_vs_fastest_fp32"] == 3.0
+    assert rows[0]["speedup_vs_fastest_fp32_file"] == 2.0
+    assert rows[0]["speedup_vs_fp32_torch"] == 8.0
+    text = "\n".join(VerifyStage.report_section({"models": {}, "headline": rows, "gates": []}))
+    assert "3.00× faster than the fastest FP32 runtime" in text and ": 2.00×." in text
 
 
 @needs_openvino
