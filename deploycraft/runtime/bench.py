@@ -67,10 +67,15 @@ def measure(
     batch_sizes: list[int],
     warmup: int = 10,
     repeats: int = 100,
-    rounds: int = 5,
+    rounds: int | None = None,
     show: bool = True,
+    settle: int = 1,
 ) -> dict[str, dict[int, Latency]]:
+    """``repeats`` timed runs per model and batch size, in ``rounds`` (default: blocks of about 4 runs)
+    that visit the models in turn; each block starts with ``settle`` untimed runs, so that the thread
+    pools a runtime left spinning or asleep (its own or the previous model's) are not timed."""
     results: dict[str, dict[int, Latency]] = {name: {} for name in runners}
+    rounds = rounds or max(1, repeats // 4)
     per_round = max(1, repeats // rounds)
     with bar("latency", len(batch_sizes) * len(runners) * rounds if show else 0) as b:
         for bs in batch_sizes:
@@ -83,6 +88,8 @@ def measure(
             for _ in range(rounds):
                 for name, r in runners.items():
                     inp = inputs[name]
+                    for _ in range(settle):
+                        r(inp)
                     for _ in range(per_round):
                         t0 = time.perf_counter()
                         r(inp)
