@@ -127,6 +127,22 @@ def build_deployable(
         module = quantized_module(model, target, settings)
         images, spec = calibration
         ranges = calibrate(module, images, spec, settings, show)
+    return export_deployable(module, precision, path, sample, target, opset, dynamic_batch, metadata, ranges)
+
+
+def export_deployable(
+    module: nn.Module,
+    precision: Literal["fp32", "int8"],
+    path: Path,
+    sample: torch.Tensor,
+    target: Target = "onnxruntime-cpu",
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    metadata: dict[str, Any] | None = None,
+    ranges: dict[str, list[float]] | None = None,
+) -> Built:
+    """Export and check a folded or quantized module: ``build_deployable``'s second half, which QAT calls
+    again on the fine-tuned simulation, so its file has the PTQ file's graph."""
     proto = export_onnx(module, sample, path, opset, dynamic_batch, metadata)
     ops = op_counts(proto)
     if ops.get("BatchNormalization"):
@@ -140,7 +156,7 @@ def build_deployable(
             raise DeployableCheckError(
                 f"{path.name}: activation zero points are {dtypes}, the {target} target takes {sorted(allowed)}"
             )
-    return Built(path, proto, module, ops, ranges)
+    return Built(path, proto, module, ops, ranges or {})
 
 
 def int8_execution(path: Path, target: Target, workdir: Path) -> dict[str, Any] | None:
