@@ -1,5 +1,6 @@
 """The quantize stage with method: qat inside a run: KD and plain-QAT control reported, the PTQ file
-kept beside the shipped QAT file, both with one graph; bad QAT settings are one clear error."""
+kept beside the shipped QAT file, both with one graph, here with 4-bit weights; bad QAT settings are one
+clear error."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ QAT_STAGE = {
     "type": "quantize",
     "num_calibration": 64,
     "method": "qat",
+    "weight_bits": 4,
     "qat": {"epochs": 1, "batch_size": 64, "lr": 0.005, "distill": {"control": True}},
 }
 
@@ -43,6 +45,11 @@ def test_qat_run_reports_kd_and_control(tmp_path):
     assert types(ptq) == types(shipped)
     md = (out / "report.md").read_text()
     assert "QAT: 1 epoch(s)" in md and "plain QAT (control)" in md
+    q = report["stages"]["quantize"]
+    assert q["weight_bits"]["8"] == ["conv1", "fc"] and len(q["weight_bits"]["4"]) == 20
+    assert q["int4_initializers"] >= 20 and "Weights: 4 bits in 20 layer(s)" in md
+    # The shipped 4-bit file ran through verify on ONNX Runtime, its size beside accuracy and latency.
+    assert report["models"]["int8_onnx"]["bytes"] == shipped.stat().st_size
 
 
 def test_qat_settings_are_strict():

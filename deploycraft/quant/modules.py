@@ -204,8 +204,12 @@ class _WeightQuant:
     def narrow_for_export(self) -> None:
         """Replace a below-8-bit weight by its fake-quantized value and export it with the INT8 range."""
         if self.bits < 8 and not self.export_weights:
-            with torch.no_grad():
-                self.weight.copy_(self.qweight())
+            lo, hi = self.weight_qrange
+            w, scale = self.weight.detach().double(), self.weight_scale.detach().double()
+            if self.per_channel:
+                scale = scale.view(-1, *([1] * (w.dim() - 1)))
+            with torch.no_grad():  # in float64: exact integers even for the tiny scales of all-zero channels
+                self.weight.copy_((torch.clamp(torch.round(w / scale), lo, hi) * scale).float())
             self.export_weights = True
 
     def _fake(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:

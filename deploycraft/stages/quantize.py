@@ -20,6 +20,7 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
+import onnx
 import torch
 from pydantic import Field, model_validator
 
@@ -103,7 +104,31 @@ class QuantizeConfig(StageConfig):
         False, description="7-bit weights, for x86 CPUs without VNNI where U8S8 products can saturate."
     )
     opset: int = Field(17, ge=13, le=21, description="ONNX opset of the QDQ model (per-channel Q/DQ needs >= 13).")
+    weight_bits: int = Field(
+        8,
+        ge=2,
+        le=8,
+        description="Weight bit-width of every conv and linear layer (symmetric; per channel unless per_channel is "
+        "false); activations stay 8-bit. 4 bits or fewer are stored as ONNX INT4 (the file becomes opset 21): ONNX "
+        "Runtime dequantizes them and runs those convs in float, so they make the file smaller, not faster.",
+    )
+    ends_at_8_bits: bool = Field(
+        True, description="Keep the first conv and the classifier at 8-bit weights whatever weight_bits says."
+    )
+    layer_bits: dict[str, int] = Field(
+        {},
+        description="Weight bit-width (2-8) by module path (e.g. layer3.2.conv2), over weight_bits and ends_at_8_bits.",
+    )
     qat: QATConfig = Field(default_factory=QATConfig, description="method: qat: the fine-tuning.")
+
+    @model_validator(mode="after")
+    def _bits(self) -> QuantizeConfig:
+        for path, bits in self.layer_bits.items():
+            if not 2 <= bits <= 8:
+                raise FieldError(
+                    f"{path}: {bits} bits; weights take 2 to 8", fix="use 2..8", subfield=f"layer_bits.{path}"
+                )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -118,7 +143,16 @@ class QuantizeConfig(StageConfig):
 
     @property
     def settings(self) -> QuantSettings:
-        return QuantSettings(self.calibrator, self.percentile, self.per_channel, self.reduce_range, self.batch_size)
+        return QuantSettings(
+            self.calibrator,
+            self.percentile,
+            self.per_channel,
+            self.reduce_range,
+            self.batch_size,
+            self.weight_bits,
+            8 if self.ends_at_8_bits else None,
+            tuple(sorted(self.layer_bits.items())),
+        )
 
 
 # quant_state.pt and quant.json of the recipe's target keep their names; auto adds the OpenVINO ones.
@@ -222,6 +256,21 @@ class QuantizeStage(Stage):
                     fix="point data.train_split at the training images, or use method: ptq",
                 )
 
+    @classmethod
+    def preflight(cls, pre, index: int) -> None:
+        cfg = pre.recipe.stages[index]
+        if not cfg.enabled or not cfg.layer_bits:
+            return
+        modules = dict(pre.model.named_modules())
+        for path in cfg.layer_bits:
+            if not isinstance(modules.get(path), (torch.nn.Conv2d, torch.nn.Linear)):
+                near = [n for n, m in modules.items() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))][:4]
+                raise UserError(
+                    f"{pre.recipe.model.arch} has no conv or linear layer {path!r}",
+                    field=f"stages.{index}.layer_bits.{path}",
+                    fix=f"name a conv or linear module path, e.g. {', '.join(near)}",
+                )
+
     def run(self, ctx, workdir: Path) -> StageOutput:
         cfg = self.config
         data = ctx.data
@@ -308,6 +357,12 @@ class QuantizeStage(Stage):
             "sim_vs_onnx_rel_error": relative_error(out, sim),
             "sim_vs_onnx_top1_agreement": float((out.argmax(1) == sim.argmax(1)).mean()),
         }
+        by_bits: dict[int, list[str]] = {}
+        for mod_name, m in qmodel.named_modules():
+            if hasattr(m, "weight_scale"):
+                by_bits.setdefault(m.bits, []).append(mod_name)
+        metrics["weight_bits"] = {str(b): by_bits[b] for b in sorted(by_bits)}
+        metrics["int4_initializers"] = sum(t.data_type == onnx.TensorProto.INT4 for t in built.proto.graph.initializer)
         if qat_metrics is not None:
             metrics["qat"] = qat_metrics
         proof = check_int8_execution(path, target, qmodel, workdir)
@@ -394,6 +449,16 @@ class QuantizeStage(Stage):
                 )
             line += f"; simulation vs deployed file: top-1 agreement {t['sim_vs_onnx_top1_agreement'] * 100:.1f} %."
             lines.append(line)
+            bits = t.get("weight_bits") or {}
+            if set(bits) - {"8"}:
+                parts = [
+                    f"{b} bits in {len(v)} layer(s)" + (f" ({', '.join(v)})" if len(v) <= 3 else "")
+                    for b, v in sorted(bits.items(), key=lambda kv: int(kv[0]))
+                ]
+                lines.append(
+                    f"Weights: {'; '.join(parts)}; {t.get('int4_initializers', 0)} stored as INT4; "
+                    f"file {t['bytes'] / 1e3:.1f} kB (the verify table gives its accuracy and latency)."
+                )
             qat = t.get("qat")
             if qat:
                 lines.append(_qat_line(qat))
