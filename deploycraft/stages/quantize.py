@@ -93,8 +93,10 @@ class QuantizeConfig(StageConfig):
         description="ptq: post-training quantization from calibration data; qat: PTQ, then quantization-aware "
         "fine-tuning of the same simulation (settings under `qat`).",
     )
-    calibrator: Literal["max", "percentile", "mse"] = Field(
-        "percentile", description="Activation range: observed max, a percentile of |x|, or the MSE-optimal clip."
+    calibrator: Literal["max", "percentile", "mse", "entropy"] = Field(
+        "percentile",
+        description="Activation range: observed max, a percentile of |x|, the MSE-optimal clip, or entropy: the "
+        "clip minimizing the KL divergence between the float and quantized histograms (TensorRT's default).",
     )
     percentile: float = Field(99.99, gt=50, le=100, description="percentile calibrator: the percentile kept.")
     num_calibration: int = Field(512, ge=1, description="Calibration images used.")
