@@ -48,6 +48,11 @@ def test_qat_run_reports_kd_and_control(tmp_path):
     q = report["stages"]["quantize"]
     assert q["weight_bits"]["8"] == ["conv1", "fc"] and len(q["weight_bits"]["4"]) == 20
     assert q["int4_initializers"] >= 20 and "Weights: 4 bits in 20 layer(s)" in md
+    h = q["held_out"]
+    assert h["images"] == 128 and h["top1_sim"] == pytest.approx(qat["top1_qat"])
+    assert h["top1_fp32"] == pytest.approx(qat["top1_fp32"]) and h["sim_vs_deployed"] >= 0.9
+    assert all(0.0 <= h[k] <= 1.0 for k in ("fp32_vs_sim", "fp32_vs_deployed", "top1_deployed"))
+    assert "top-1 agreement FP32–simulated" in md
     # The shipped 4-bit file ran through verify on ONNX Runtime, its size beside accuracy and latency.
     assert report["models"]["int8_onnx"]["bytes"] == shipped.stat().st_size
 

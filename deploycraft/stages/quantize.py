@@ -170,6 +170,33 @@ def load_quantized(float_model: torch.nn.Module, target: str, cfg: QuantizeConfi
     return qmodel.eval()
 
 
+def held_out_agreement(model: torch.nn.Module, qmodel: torch.nn.Module, deployed, data) -> dict[str, Any]:
+    """Top-1 of the FP32 model, the simulation and the deployed file on the whole held-out split, and how
+    often each pair predicts the same class (agreement shows what top-1 alone hides: errors that cancel)."""
+    from deploycraft.progress import bar
+
+    model.eval()
+    qmodel.eval()
+    n = 0
+    right = {"fp32": 0, "sim": 0, "deployed": 0}
+    same = {"fp32_vs_sim": 0, "sim_vs_deployed": 0, "fp32_vs_deployed": 0}
+    with torch.inference_mode(), bar("held-out agreement", data.num_val_batches(256)) as b:
+        for x, y in data.val_batches(256):
+            pred = {
+                "fp32": model(x).argmax(1),
+                "sim": qmodel(x).argmax(1),
+                "deployed": torch.from_numpy(deployed(x.numpy())).argmax(1),
+            }
+            for k, p in pred.items():
+                right[k] += int((p == y).sum())
+            for pair in same:
+                a, c = pair.split("_vs_")
+                same[pair] += int((pred[a] == pred[c]).sum())
+            n += len(y)
+            b.advance()
+    return {"images": n, **{f"top1_{k}": v / n for k, v in right.items()}, **{k: v / n for k, v in same.items()}}
+
+
 def _learn_scales(qmodel: torch.nn.Module, learn: bool) -> None:
     for m in qmodel.modules():
         if hasattr(m, "learn_scale"):
@@ -367,6 +394,12 @@ class QuantizeStage(Stage):
         metrics["int4_initializers"] = sum(t.data_type == onnx.TensorProto.INT4 for t in built.proto.graph.initializer)
         if qat_metrics is not None:
             metrics["qat"] = qat_metrics
+        metrics["held_out"] = held_out_agreement(model, qmodel, onnx_runner(runtime, path, threads=None), data)
+        h = metrics["held_out"]
+        log(
+            f"  {target}: held-out top-1 agreement FP32-sim {h['fp32_vs_sim']:.4f}, sim-{runtime} "
+            f"{h['sim_vs_deployed']:.4f}, FP32-{runtime} {h['fp32_vs_deployed']:.4f} ({h['images']} images)"
+        )
         proof = check_int8_execution(path, target, qmodel, workdir)
         if proof is not None:
             metrics["int8_execution"] = proof
@@ -460,6 +493,14 @@ class QuantizeStage(Stage):
                 lines.append(
                     f"Weights: {'; '.join(parts)}; {t.get('int4_initializers', 0)} stored as INT4; "
                     f"file {t['bytes'] / 1e3:.1f} kB (the verify table gives its accuracy and latency)."
+                )
+            h = t.get("held_out")
+            if h:
+                lines.append(
+                    f"Held-out split ({h['images']} images), top-1: FP32 {h['top1_fp32'] * 100:.2f} %, simulated "
+                    f"{h['top1_sim'] * 100:.2f} %, deployed {h['top1_deployed'] * 100:.2f} %; top-1 agreement "
+                    f"FP32–simulated {h['fp32_vs_sim'] * 100:.2f} %, simulated–deployed "
+                    f"{h['sim_vs_deployed'] * 100:.2f} %, FP32–deployed {h['fp32_vs_deployed'] * 100:.2f} %."
                 )
             qat = t.get("qat")
             if qat:
