@@ -467,8 +467,10 @@ class QuantizeStage(Stage):
             return []
         lines = ["", "## Quantization", ""]
         pct = f", {q['percentile']} %" if q.get("percentile") else ""
+        method = "PTQ, then QAT," if q.get("method") == "qat" else "PTQ"
         lines.append(
-            f"PTQ ({q['calibrator']} calibrator{pct}), S8 per-channel weights; calibration: {q['calibration']}."
+            f"{method} ({q['calibrator']} calibrator{pct}), symmetric per-channel weights; calibration: "
+            f"{q['calibration']}."
         )
         for target, t in q.get("targets", {q["target"]: q}).items():
             line = (
