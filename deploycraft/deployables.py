@@ -8,6 +8,7 @@ structural checks. Only the settings differ (the probe calibrates quickly with t
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +47,17 @@ class QuantSettings:
     per_channel: bool = True
     reduce_range: bool = False
     batch_size: int = 64
+    weight_bits: int = 8  # every conv and linear layer's weights, 2-8 bits
+    ends_bits: int | None = 8  # the first conv and the classifier (None: weight_bits like the rest)
+    layer_bits: tuple[tuple[str, int], ...] = ()  # per module path, over both of the above
+
+    def bits_of(self, path: str, index: int, count: int) -> int:
+        for name, bits in self.layer_bits:
+            if name == path:
+                return bits
+        if self.ends_bits is not None and index in (0, count - 1):
+            return self.ends_bits
+        return self.weight_bits
 
 
 # Pruning's latency probe: a quick calibration is enough to time the INT8 graph.
@@ -95,7 +107,7 @@ def calibrate(
 
 def quantized_module(float_model: nn.Module, target: Target, settings: QuantSettings) -> nn.Module:
     """The uncalibrated Q/DQ simulation of ``float_model`` placed for ``target`` (BN folded)."""
-    return insert_quantizers(float_model, target, settings.per_channel, settings.reduce_range)
+    return insert_quantizers(float_model, target, settings.per_channel, settings.reduce_range, settings.bits_of)
 
 
 def build_deployable(
@@ -127,7 +139,35 @@ def build_deployable(
         module = quantized_module(model, target, settings)
         images, spec = calibration
         ranges = calibrate(module, images, spec, settings, show)
-    proto = export_onnx(module, sample, path, opset, dynamic_batch, metadata)
+    return export_deployable(module, precision, path, sample, target, opset, dynamic_batch, metadata, ranges)
+
+
+def export_deployable(
+    module: nn.Module,
+    precision: Literal["fp32", "int8"],
+    path: Path,
+    sample: torch.Tensor,
+    target: Target = "onnxruntime-cpu",
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    metadata: dict[str, Any] | None = None,
+    ranges: dict[str, list[float]] | None = None,
+) -> Built:
+    """Export and check a folded or quantized module: ``build_deployable``'s second half, which QAT calls
+    again on the fine-tuned simulation, so its file has the PTQ file's graph.
+
+    Weights below 8 bits export as their integers; those of 4 bits or fewer are stored as ONNX INT4
+    (opset 21), wider ones as INT8 holding the narrower integers."""
+    int4: list = []
+    exported = module
+    if any(getattr(m, "bits", 8) < 8 for m in module.modules()):
+        exported = copy.deepcopy(module)  # the caller keeps the simulation itself (QAT trains it further)
+        for m in exported.modules():
+            if getattr(m, "bits", 8) < 8:
+                m.narrow_for_export()
+                if m.bits <= 4:
+                    int4.append(weight_integers(m))
+    proto = export_onnx(exported, sample, path, opset, dynamic_batch, metadata, int4)
     ops = op_counts(proto)
     if ops.get("BatchNormalization"):
         raise DeployableCheckError(f"{path.name} has {ops['BatchNormalization']} BatchNormalization nodes left")
@@ -140,7 +180,15 @@ def build_deployable(
             raise DeployableCheckError(
                 f"{path.name}: activation zero points are {dtypes}, the {target} target takes {sorted(allowed)}"
             )
-    return Built(path, proto, module, ops, ranges)
+    return Built(path, proto, module, ops, ranges or {})
+
+
+def weight_integers(m: nn.Module):
+    """A quantized layer's weight integers as numpy int8, as the exporter's INT8 quantizer computes them."""
+    w, s = m.weight.detach().double(), m.weight_scale.detach().double()
+    if m.per_channel:
+        s = s.view(-1, *([1] * (w.dim() - 1)))
+    return torch.clamp(torch.round(w / s), -128, 127).to(torch.int8).numpy()
 
 
 def int8_execution(path: Path, target: Target, workdir: Path) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 import torch
@@ -33,6 +34,7 @@ def export_onnx(
     opset: int = 17,
     dynamic_batch: bool = True,
     metadata: dict[str, Any] | None = None,
+    int4_weights: list[np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     model = model.eval()
     with atomic_path(path) as tmp:
@@ -51,6 +53,8 @@ def export_onnx(
             )
         proto = onnx.load(str(tmp))
         fold_weight_quantizers(proto)
+        if int4_weights:
+            narrow_to_int4(proto, int4_weights)
         for key, value in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
@@ -102,6 +106,44 @@ def fold_weight_quantizers(proto: onnx.ModelProto) -> int:
         graph.initializer.extend(new_inits)
         _drop_unused(proto)
     return folded
+
+
+def narrow_to_int4(proto: onnx.ModelProto, weights: list[np.ndarray]) -> int:
+    """Store the INT8 weight initializers equal to one of ``weights`` (integers in [-8, 7]) as INT4, with
+    INT4 zero points on the DequantizeLinear that reads them, and raise the opset to 21 (INT4 Q/DQ).
+
+    Matched by content: an initializer whose integers fit in four bits is stored exactly either way.
+    """
+    wanted = {(w.shape, w.astype(np.int8).tobytes()) for w in weights}
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    consts = _constants(proto)
+    narrowed = set()
+    for t in list(graph.initializer):
+        if t.data_type != onnx.TensorProto.INT8:
+            continue
+        a = numpy_helper.to_array(t)
+        if (a.shape, a.tobytes()) in wanted:
+            if a.min() < -8 or a.max() > 7:
+                raise ValueError(f"initializer {t.name} does not fit in INT4")
+            t.CopyFrom(numpy_helper.from_array(a.astype(ml_dtypes.int4), t.name))  # two values a byte
+            narrowed.add(t.name)
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in narrowed and len(node.input) > 2:
+            zp = consts[node.input[2]]
+            name = f"{node.input[0]}_zero_point_int4"
+            if name not in inits:
+                zt = numpy_helper.from_array(zp.astype(np.int8).astype(ml_dtypes.int4), name)
+                graph.initializer.append(zt)
+                inits[name] = zt
+            node.input[2] = name
+    if narrowed:
+        for op in proto.opset_import:
+            if op.domain in ("", "ai.onnx"):
+                op.version = max(op.version, 21)
+        proto.ir_version = max(proto.ir_version, 10)  # INT4 needs IR version 10
+        _drop_unused(proto)
+    return len(narrowed)
 
 
 def _drop_unused(proto: onnx.ModelProto) -> None:

@@ -28,7 +28,7 @@ def _type(annotation: Any, schema: dict) -> str:
     return t
 
 
-def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+def _rows(model: type[BaseModel], prefix: str, nested: bool = False) -> list[str]:
     schema = model.model_json_schema()
     rows = []
     for name, field in model.model_fields.items():
@@ -39,6 +39,8 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
             d = field.get_default(call_default_factory=True)
             default = "`" + json.dumps(d if not isinstance(d, BaseModel) else "…", default=str) + "`"
         rows.append(f"| `{prefix}{name}` | {_type(field.annotation, prop)} | {default} | {field.description or ''} |")
+        if nested and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            rows += _rows(field.annotation, f"{prefix}{name}.", nested)  # a sub-section: its fields, dotted
     return rows
 
 
@@ -72,7 +74,7 @@ def render() -> str:
     for stage in recipe_stages():
         cls, type_name = stage.Config, stage.type
         doc = " ".join((cls.__doc__ or "").split())
-        rows = [r for r in _rows(cls, "") if not r.startswith("| `type`")]
+        rows = [r for r in _rows(cls, "", nested=True) if not r.startswith("| `type`")]
         out += [f"## stage `{type_name}`", "", doc, "", HEADER, *rows, ""]
     return "\n".join(out)
 

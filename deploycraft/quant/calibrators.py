@@ -1,4 +1,4 @@
-"""Activation range calibration from a running histogram: max, percentile and MSE.
+"""Activation range calibration from a running histogram: max, percentile, MSE and entropy (KL).
 
 One signed histogram per tensor over [-R, R]; when a batch exceeds R, R doubles and pairs of bins
 merge, so memory stays fixed however many batches are seen. The exact minimum and maximum are
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 BINS = 4096  # even; resolution of 2R/4096 is far below one INT8 step for every range chosen
@@ -83,6 +84,11 @@ class HistogramCalibrator:
                 hi = min(max(self._quantile(percentile / 100), 0.0), max(self.max, 0.0))
         elif method == "mse":
             lo, hi = self._mse_range(symmetric, levels)
+        elif method == "entropy":
+            # Signed tensors spread the levels over both signs (128 bins of |x| at 8 bits, as TensorRT);
+            # non-negative ones (after a ReLU) use every level on one side.
+            amax = self._entropy_amax(levels // 2 + 1 if self.min < 0 else levels)
+            lo, hi = max(min(self.min, 0.0), -amax), min(max(self.max, 0.0), amax)
         else:
             raise ValueError(f"unknown calibrator {method!r}")
         if symmetric:
@@ -119,3 +125,37 @@ class HistogramCalibrator:
             if total < best:
                 best, best_range = total, (lo, hi)
         return best_range
+
+    def _entropy_amax(self, quant_bins: int) -> float:
+        """The |x| clip that minimizes KL(P || Q) (TensorRT's entropy calibration, Migacz 2017).
+
+        For a candidate threshold at bin i, P is the histogram of |x| over bins [0, i) with the mass beyond
+        added to the last bin (what clipping does); Q is bins [0, i) without that mass, merged into
+        ``quant_bins`` equal groups and spread evenly back over each group's non-empty bins (what the
+        quantized tensor can represent). Candidates run over every bin from ``quant_bins`` up; the
+        threshold is the upper edge of the chosen bin.
+        """
+        folded, _ = self._abs_hist()
+        hist = folded.numpy()
+        width = self.radius / len(hist)
+        top = int(np.nonzero(hist)[0].max()) + 1 if hist.any() else len(hist)
+        if top <= quant_bins:
+            return top * width  # fewer occupied bins than levels: nothing to gain from clipping
+        total = hist.sum()
+        best, best_i = math.inf, top
+        for i in range(quant_bins, top + 1):
+            p = hist[:i].copy()
+            p[-1] += hist[i:].sum()
+            filled = hist[:i] > 0
+            group = (np.arange(i) * quant_bins) // i
+            mass = np.bincount(group, weights=hist[:i], minlength=quant_bins)
+            count = np.bincount(group, weights=filled.astype(np.float64), minlength=quant_bins)
+            q = np.where(filled, mass[group] / np.maximum(count[group], 1), 0.0)
+            if p[-1] > 0 and q[-1] == 0:
+                continue  # P has mass where Q has none: infinite divergence
+            keep = p > 0
+            pn, qn = p[keep] / total, q[keep] / q.sum()
+            kl = float(np.sum(pn * np.log(pn / qn)))
+            if kl < best:
+                best, best_i = kl, i
+        return best_i * width

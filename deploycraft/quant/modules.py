@@ -4,15 +4,54 @@ DequantizeLinear.
 torch's fake-quant ops export to Q/DQ only for the integer ranges (0, 255), (-128, 127) and (0, 127),
 so symmetric "narrow range" quantization uses (-128, 127) with scale = amax / 127 (the values never
 reach -128), and 7-bit weights (reduce_range) use scale = amax / 63.
+
+Quantization-aware training fine-tunes this same simulation: the fake-quant ops pass gradients straight
+through inside the range (the straight-through estimator). With learnable scales (LSQ, Esser et al.
+2020) the scales become parameters for the fine-tuning and turn back into buffers before export, so
+the exported graph is the PTQ graph with other numbers in it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from deploycraft.quant.calibrators import HistogramCalibrator
+
+
+def lsq_fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None = None
+) -> torch.Tensor:
+    """Fake quantization whose scale gets the LSQ gradient (Esser et al. 2020, "Learned Step Size
+    Quantization"); the forward value equals torch's fake-quant op (both round half to even).
+
+    The scale's gradient is scaled by 1 / sqrt(elements per scale * qmax) as LSQ prescribes, so that
+    scales and weights learn at comparable rates under one learning rate.
+    """
+    shape = [1] * x.dim()
+    if axis is not None:
+        shape[axis] = -1
+    per_scale = x.numel() / max(scale.numel(), 1)
+    g = 1.0 / math.sqrt(per_scale * max(qmax, 1))
+    s = scale * g + (scale - scale * g).detach()  # value of scale, gradient times g
+    s = s.reshape(shape) if axis is not None else s
+    zp = zero_point.reshape(shape).to(x.dtype) if axis is not None else zero_point.to(x.dtype)
+    v = x / s + zp
+    q = v + (torch.round(v) - v).detach()  # round with a straight-through gradient
+    return (torch.clamp(q, qmin, qmax) - zp) * s
+
+
+def _to_parameter(module: nn.Module, name: str) -> None:
+    value = module._buffers.pop(name)
+    module.register_parameter(name, nn.Parameter(value.detach().clone()))
+
+
+def _to_buffer(module: nn.Module, name: str) -> None:
+    value = module._parameters.pop(name)
+    module.register_buffer(name, value.detach().clone())
 
 
 class ActQuantizer(nn.Module):
@@ -79,8 +118,19 @@ class ActQuantizer(nn.Module):
             return x
         if self.mode == "quantize":
             qmin, qmax = self.qrange
+            if isinstance(self.scale, nn.Parameter) and self.training:
+                return lsq_fake_quant(x, self.scale, self.zero_point, qmin, qmax)
             return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, qmin, qmax)
         return x
+
+    def learn_scale(self, learn: bool) -> None:
+        """Make the scale a trained parameter (QAT with LSQ) or a buffer again (for export and saving)."""
+        if learn and not isinstance(self.scale, nn.Parameter):
+            self.scale.clamp_(min=1e-8)
+            _to_parameter(self, "scale")
+        elif not learn and isinstance(self.scale, nn.Parameter):
+            self.scale.data.clamp_(min=1e-8)
+            _to_buffer(self, "scale")
 
     def extra_repr(self) -> str:
         kind = {"u8": "u8 asymmetric", "s8": "s8 symmetric"}.get(self.scheme) or (
@@ -89,8 +139,13 @@ class ActQuantizer(nn.Module):
         return f"{kind}, mode={self.mode}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
 
 
-def weight_scales(w: torch.Tensor, per_channel: bool, reduce_range: bool) -> torch.Tensor:
-    levels = 63.0 if reduce_range else 127.0
+def weight_levels(bits: int, reduce_range: bool) -> int:
+    """Largest integer of symmetric ``bits``-bit weights: 127 for 8 bits (63 with reduce_range), 7 for 4."""
+    return 63 if reduce_range and bits == 8 else 2 ** (bits - 1) - 1
+
+
+def weight_scales(w: torch.Tensor, per_channel: bool, reduce_range: bool, bits: int = 8) -> torch.Tensor:
+    levels = float(weight_levels(bits, reduce_range))
     if per_channel:
         amax = w.detach().abs().flatten(1).amax(1)
     else:
@@ -99,32 +154,75 @@ def weight_scales(w: torch.Tensor, per_channel: bool, reduce_range: bool) -> tor
 
 
 class _WeightQuant:
-    """Mixin: symmetric S8 weights, per output channel (axis 0) or per tensor, scales from the max."""
+    """Mixin: symmetric weights of ``bits`` bits (2-8), per output channel (axis 0) or per tensor, scales
+    from the max.
+
+    Weights below 8 bits have scale = amax / (2^(b-1) - 1) and integers in [-2^(b-1), 2^(b-1) - 1]
+    ([-8, 7] at 4 bits, what ONNX INT4 holds). torch exports fake-quant only for 8-bit ranges, so they
+    export as INT8 Q/DQ (``narrow_for_export``: the weight is replaced by its fake-quantized value, whose
+    integers the INT8 quantizer reproduces exactly) and onnx_io narrows those initializers to INT4.
+    """
 
     per_channel: bool
     reduce_range: bool
+    bits: int
     weight: nn.Parameter
 
-    def _init_quant(self, per_channel: bool, reduce_range: bool) -> None:
-        self.per_channel, self.reduce_range = per_channel, reduce_range
-        scales = weight_scales(self.weight, per_channel, reduce_range)
+    def _init_quant(self, per_channel: bool, reduce_range: bool, bits: int = 8) -> None:
+        if not 2 <= bits <= 8:
+            raise ValueError(f"weight bits must be 2..8, got {bits}")
+        self.per_channel, self.reduce_range, self.bits = per_channel, reduce_range, bits
+        scales = weight_scales(self.weight, per_channel, reduce_range, bits)
         self.register_buffer("weight_scale", scales)
         self.register_buffer("weight_zero_point", torch.zeros_like(scales, dtype=torch.int32))
         self.quantize_weight = True
+        self.export_weights = False
+
+    @property
+    def weight_qrange(self) -> tuple[int, int]:
+        if self.bits == 8 or self.export_weights:
+            return -128, 127
+        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+
+    def learn_scale(self, learn: bool) -> None:
+        """Make the weight scales trained parameters (QAT with LSQ) or buffers again."""
+        if learn and not isinstance(self.weight_scale, nn.Parameter):
+            _to_parameter(self, "weight_scale")
+        elif not learn and isinstance(self.weight_scale, nn.Parameter):
+            self.weight_scale.data.clamp_(min=1e-12)
+            _to_buffer(self, "weight_scale")
 
     def qweight(self) -> torch.Tensor:
         if not self.quantize_weight:
             return self.weight
+        qmin, qmax = self.weight_qrange
+        scale, zp = self.weight_scale, self.weight_zero_point
+        if isinstance(scale, nn.Parameter) and self.training:
+            return lsq_fake_quant(self.weight, scale, zp, qmin, qmax, axis=0 if self.per_channel else None)
+        return self._fake(self.weight, scale, zp, qmin, qmax)
+
+    def narrow_for_export(self) -> None:
+        """Replace a below-8-bit weight by its fake-quantized value and export it with the INT8 range."""
+        if self.bits < 8 and not self.export_weights:
+            lo, hi = self.weight_qrange
+            w, scale = self.weight.detach().double(), self.weight_scale.detach().double()
+            if self.per_channel:
+                scale = scale.view(-1, *([1] * (w.dim() - 1)))
+            with torch.no_grad():  # in float64: exact integers even for the tiny scales of all-zero channels
+                self.weight.copy_((torch.clamp(torch.round(w / scale), lo, hi) * scale).float())
+            self.export_weights = True
+
+    def _fake(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
         if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(
-                self.weight, self.weight_scale, self.weight_zero_point, 0, -128, 127
-            )
-        return torch.fake_quantize_per_tensor_affine(self.weight, self.weight_scale, self.weight_zero_point, -128, 127)
+            return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax)
+        return torch.fake_quantize_per_tensor_affine(w, scale, zp, qmin, qmax)
 
 
 class QuantConv2d(nn.Conv2d, _WeightQuant):
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, per_channel: bool = True, reduce_range: bool = False) -> QuantConv2d:
+    def from_float(
+        cls, conv: nn.Conv2d, per_channel: bool = True, reduce_range: bool = False, bits: int = 8
+    ) -> QuantConv2d:
         q = cls(
             conv.in_channels,
             conv.out_channels,
@@ -137,7 +235,7 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
             padding_mode=conv.padding_mode,
         )
         q.load_state_dict(conv.state_dict())
-        q._init_quant(per_channel, reduce_range)
+        q._init_quant(per_channel, reduce_range, bits)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,10 +244,12 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
 
 class QuantLinear(nn.Linear, _WeightQuant):
     @classmethod
-    def from_float(cls, fc: nn.Linear, per_channel: bool = True, reduce_range: bool = False) -> QuantLinear:
+    def from_float(
+        cls, fc: nn.Linear, per_channel: bool = True, reduce_range: bool = False, bits: int = 8
+    ) -> QuantLinear:
         q = cls(fc.in_features, fc.out_features, bias=fc.bias is not None)
         q.load_state_dict(fc.state_dict())
-        q._init_quant(per_channel, reduce_range)
+        q._init_quant(per_channel, reduce_range, bits)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

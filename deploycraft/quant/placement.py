@@ -28,6 +28,7 @@ them read the same Q/DQ, which is what the deployed graph computes.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -139,10 +140,23 @@ def plan(gm: fx.GraphModule, target: Target) -> list[list[fx.Node]]:
     return list(groups.values())
 
 
+def weight_layers(gm: fx.GraphModule) -> list[str]:
+    """Module paths of the convs and linear layers in graph order (the first is the stem, the last the
+    classifier)."""
+    return [n.target for n in gm.graph.nodes if isinstance(_module(gm, n), (nn.Conv2d, nn.Linear))]
+
+
 def insert_quantizers(
-    float_model: nn.Module, target: Target, per_channel: bool = True, reduce_range: bool = False
+    float_model: nn.Module,
+    target: Target,
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    weight_bits: Callable[[str, int, int], int] | None = None,
 ) -> fx.GraphModule:
-    """BN-folded copy of ``float_model`` with weight and activation quantizers placed for ``target``."""
+    """BN-folded copy of ``float_model`` with weight and activation quantizers placed for ``target``.
+
+    ``weight_bits(module_path, index, count)`` gives each conv or linear layer's weight bit-width (2-8;
+    8 when None); ``index`` is its place among the ``count`` weight layers in graph order."""
     gm = fold_bn(float_model)
     groups = plan(gm, target)
     graph = gm.graph
@@ -153,14 +167,16 @@ def insert_quantizers(
             with graph.inserting_after(n):
                 q = graph.call_module(name, args=(n,))
             n.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
+    layers = weight_layers(gm)
     for n in list(graph.nodes):
         m = _module(gm, n)
-        if type(m) is nn.Conv2d:
-            new = QuantConv2d.from_float(m, per_channel, reduce_range)
-        elif type(m) is nn.Linear:
-            new = QuantLinear.from_float(m, per_channel, reduce_range)
-        else:
+        if type(m) not in (nn.Conv2d, nn.Linear):
             continue
+        bits = weight_bits(n.target, layers.index(n.target), len(layers)) if weight_bits else 8
+        if type(m) is nn.Conv2d:
+            new = QuantConv2d.from_float(m, per_channel, reduce_range, bits)
+        else:
+            new = QuantLinear.from_float(m, per_channel, reduce_range, bits)
         parent_name, _, child = n.target.rpartition(".")
         setattr(gm.get_submodule(parent_name) if parent_name else gm, child, new)
     gm.recompile()
@@ -182,7 +198,11 @@ def expected_int8_convs(qmodel: fx.GraphModule, target: Target) -> int:
     need_output = target == "onnxruntime-cpu"
     count = 0
     for n in qmodel.graph.nodes:
-        if not isinstance(_module(qmodel, n), QuantConv2d):
+        m = _module(qmodel, n)
+        if not isinstance(m, QuantConv2d):
+            continue
+        if m.bits <= 4:
+            # INT4 weights: ONNX Runtime dequantizes them and runs the conv in float (smaller, not faster).
             continue
         src = n.args[0]
         if not (isinstance(src, fx.Node) and isinstance(_module(qmodel, src), ActQuantizer)):

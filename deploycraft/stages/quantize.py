@@ -6,18 +6,26 @@ as QuantizeLinear/DequantizeLinear by the one deployable builder (deployables.py
 the file: Q/DQ pairs present, no BatchNormalization, the activation integer type the target needs.
 The stage then proves what ONNX Runtime does with it: how many convs its optimizer actually turned
 into QLinearConv, and how closely the file agrees with the simulation.
+
+``method: qat`` fine-tunes that calibrated simulation (BN folded and frozen, straight-through
+gradients, optionally LSQ-learned scales) with the train stage's loop (cosine schedule, a checkpoint
+per epoch, bit-identical resume), distilling from the FP32 model; a plain-QAT control trains a copy
+with cross-entropy alone. The fine-tuned module is exported by the same code as the PTQ one, so the
+shipped file has the PTQ file's graph (kept beside it in ``ptq/``) with the trained numbers.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
+import onnx
 import torch
 from pydantic import Field, model_validator
 
 from deploycraft.artifacts import write_json
-from deploycraft.config import FieldError, StageConfig
+from deploycraft.config import FieldError, OptimConfig, StageConfig, Strict
 from deploycraft.deployables import (
     TARGET_RUNTIME,
     DeployableCheckError,
@@ -25,9 +33,13 @@ from deploycraft.deployables import (
     build_deployable,
     build_targets,
     check_int8_execution,
+    export_deployable,
     onnx_metadata,
     quantized_module,
 )
+from deploycraft.distill import Distiller
+from deploycraft.errors import UserError
+from deploycraft.evaluate import top1, torch_predictor
 from deploycraft.models.io import read_spec
 from deploycraft.names import ARTIFACT_FILE, INT8_NAME
 from deploycraft.onnx_io import quant_dtypes, relative_error
@@ -35,6 +47,39 @@ from deploycraft.progress import log
 from deploycraft.quant.placement import act_quantizers
 from deploycraft.runtime import onnx_runner
 from deploycraft.stages.base import Stage, StageOutput, register_stage
+from deploycraft.stages.train import train_epochs
+
+
+class QATDistillConfig(Strict):
+    """Distillation inside QAT: the FP32 model teaches the quantized simulation (logits, Hinton et al. 2015)."""
+
+    enabled: bool = Field(True, description="Distill from the FP32 teacher (else plain cross-entropy QAT).")
+    teacher: Literal["after_pruning", "before_pruning"] = Field(
+        "after_pruning",
+        description="The FP32 teacher: the model being quantized (after pruning and distillation, if any) or "
+        "the model before pruning (the train stage's output).",
+    )
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of the soft targets.")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft (KD) loss; 1 - alpha weights the labels.")
+    control: bool = Field(
+        True, description="Also run plain QAT (cross-entropy only, same schedule) on a copy and report it beside KD."
+    )
+
+
+class QATConfig(OptimConfig):
+    """Quantization-aware fine-tuning of the calibrated simulation (method: qat): SGD, cosine schedule by
+    default, a checkpoint per epoch."""
+
+    epochs: int = Field(2, ge=1, description="Epochs of quantization-aware fine-tuning.")
+    lr: float = Field(0.002, gt=0, description="Peak learning rate of SGD (reached after the warm-up).")
+    weight_decay: float = Field(5e-5, ge=0, description="L2 weight decay (not applied to biases and scales).")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up length in epochs (fractions allowed).")
+    learnable_scales: bool = Field(
+        False,
+        description="Learn activation and weight scales with the weights (LSQ, Esser et al. 2020); else the "
+        "calibrated scales stay fixed.",
+    )
+    distill: QATDistillConfig = Field(default_factory=QATDistillConfig, description="Distillation inside QAT.")
 
 
 class QuantizeConfig(StageConfig):
@@ -43,9 +88,15 @@ class QuantizeConfig(StageConfig):
     QLinearConv/QLinearAdd; tensorrt: S8 symmetric, Q/DQ on conv inputs and the residual skip input only)."""
 
     type: Literal["quantize"] = "quantize"
-    method: Literal["ptq"] = Field("ptq", description="ptq: post-training quantization from calibration data.")
-    calibrator: Literal["max", "percentile", "mse"] = Field(
-        "percentile", description="Activation range: observed max, a percentile of |x|, or the MSE-optimal clip."
+    method: Literal["ptq", "qat"] = Field(
+        "ptq",
+        description="ptq: post-training quantization from calibration data; qat: PTQ, then quantization-aware "
+        "fine-tuning of the same simulation (settings under `qat`).",
+    )
+    calibrator: Literal["max", "percentile", "mse", "entropy"] = Field(
+        "percentile",
+        description="Activation range: observed max, a percentile of |x|, the MSE-optimal clip, or entropy: the "
+        "clip minimizing the KL divergence between the float and quantized histograms (TensorRT's default).",
     )
     percentile: float = Field(99.99, gt=50, le=100, description="percentile calibrator: the percentile kept.")
     num_calibration: int = Field(512, ge=1, description="Calibration images used.")
@@ -55,6 +106,31 @@ class QuantizeConfig(StageConfig):
         False, description="7-bit weights, for x86 CPUs without VNNI where U8S8 products can saturate."
     )
     opset: int = Field(17, ge=13, le=21, description="ONNX opset of the QDQ model (per-channel Q/DQ needs >= 13).")
+    weight_bits: int = Field(
+        8,
+        ge=2,
+        le=8,
+        description="Weight bit-width of every conv and linear layer (symmetric; per channel unless per_channel is "
+        "false); activations stay 8-bit. 4 bits or fewer are stored as ONNX INT4 (the file becomes opset 21): ONNX "
+        "Runtime dequantizes them and runs those convs in float, so they make the file smaller, not faster.",
+    )
+    ends_at_8_bits: bool = Field(
+        True, description="Keep the first conv and the classifier at 8-bit weights whatever weight_bits says."
+    )
+    layer_bits: dict[str, int] = Field(
+        {},
+        description="Weight bit-width (2-8) by module path (e.g. layer3.2.conv2), over weight_bits and ends_at_8_bits.",
+    )
+    qat: QATConfig = Field(default_factory=QATConfig, description="method: qat: the fine-tuning.")
+
+    @model_validator(mode="after")
+    def _bits(self) -> QuantizeConfig:
+        for path, bits in self.layer_bits.items():
+            if not 2 <= bits <= 8:
+                raise FieldError(
+                    f"{path}: {bits} bits; weights take 2 to 8", fix="use 2..8", subfield=f"layer_bits.{path}"
+                )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -69,7 +145,16 @@ class QuantizeConfig(StageConfig):
 
     @property
     def settings(self) -> QuantSettings:
-        return QuantSettings(self.calibrator, self.percentile, self.per_channel, self.reduce_range, self.batch_size)
+        return QuantSettings(
+            self.calibrator,
+            self.percentile,
+            self.per_channel,
+            self.reduce_range,
+            self.batch_size,
+            self.weight_bits,
+            8 if self.ends_at_8_bits else None,
+            tuple(sorted(self.layer_bits.items())),
+        )
 
 
 # quant_state.pt and quant.json of the recipe's target keep their names; auto adds the OpenVINO ones.
@@ -85,6 +170,100 @@ def load_quantized(float_model: torch.nn.Module, target: str, cfg: QuantizeConfi
     return qmodel.eval()
 
 
+def held_out_agreement(model: torch.nn.Module, qmodel: torch.nn.Module, deployed, data) -> dict[str, Any]:
+    """Top-1 of the FP32 model, the simulation and the deployed file on the whole held-out split, and how
+    often each pair predicts the same class (agreement shows what top-1 alone hides: errors that cancel)."""
+    from deploycraft.progress import bar
+
+    model.eval()
+    qmodel.eval()
+    n = 0
+    right = {"fp32": 0, "sim": 0, "deployed": 0}
+    same = {"fp32_vs_sim": 0, "sim_vs_deployed": 0, "fp32_vs_deployed": 0}
+    with torch.inference_mode(), bar("held-out agreement", data.num_val_batches(256)) as b:
+        for x, y in data.val_batches(256):
+            pred = {
+                "fp32": model(x).argmax(1),
+                "sim": qmodel(x).argmax(1),
+                "deployed": torch.from_numpy(deployed(x.numpy())).argmax(1),
+            }
+            for k, p in pred.items():
+                right[k] += int((p == y).sum())
+            for pair in same:
+                a, c = pair.split("_vs_")
+                same[pair] += int((pred[a] == pred[c]).sum())
+            n += len(y)
+            b.advance()
+    return {"images": n, **{f"top1_{k}": v / n for k, v in right.items()}, **{k: v / n for k, v in same.items()}}
+
+
+def _learn_scales(qmodel: torch.nn.Module, learn: bool) -> None:
+    for m in qmodel.modules():
+        if hasattr(m, "learn_scale"):
+            m.learn_scale(learn)
+
+
+def quantizer_ranges(qmodel: torch.nn.Module) -> dict[str, list[float]]:
+    """Each activation quantizer's representable range, from its (possibly trained) scale and zero point."""
+    out = {}
+    for name, q in act_quantizers(qmodel):
+        qmin, qmax = q.qrange
+        scale, zp = float(q.scale), int(q.zero_point)
+        out[name] = [(qmin - zp) * scale, (qmax - zp) * scale]
+    return out
+
+
+def qat_finetune(
+    qmodel: torch.nn.Module,
+    data,
+    cfg: QATConfig,
+    workdir: Path,
+    seed: int,
+    teacher: torch.nn.Module | None = None,
+    label: str = "QAT",
+    device: str = "cpu",
+) -> list[dict]:
+    """Fine-tune a calibrated simulation in place (distilling from ``teacher`` when given); returns the
+    history. Resumes from ``workdir/checkpoint.pt`` like training: a killed run re-run ends bit-identical.
+
+    The folded model has no BatchNorm left (BN folded and frozen); train mode changes nothing but the
+    scales' gradients. Scales are buffers again on return, so the module exports and saves as after PTQ.
+    """
+    _learn_scales(qmodel, cfg.learnable_scales)
+    loss_fn = None
+    distiller = None
+    if teacher is not None:
+        d = cfg.distill
+        distiller = Distiller(qmodel, teacher, d.temperature, d.alpha, 0.0, data.sample_input(2), cfg.label_smoothing)
+        loss_fn = distiller.loss
+        teacher.to(device)
+    try:
+        history = train_epochs(
+            qmodel, data, cfg, workdir, seed, loss_fn, label=label, device=device, field="stages.quantize.qat"
+        )
+    finally:
+        if distiller is not None:
+            distiller.close()
+            teacher.to("cpu")
+        _learn_scales(qmodel, False)
+    return history
+
+
+def _qat_line(qat: dict[str, Any]) -> str:
+    from deploycraft.formatting import fmt_pct
+
+    scales = "LSQ-learned scales" if qat["learnable_scales"] else "calibrated scales kept fixed"
+    kd = f"QAT with KD from {qat['teacher']}" if qat.get("teacher") else "QAT"
+    line = (
+        f"QAT: {qat['epochs']} epoch(s), SGD lr {qat['lr']} {qat['schedule']}, {scales}, BN folded and frozen. "
+        f"Held-out top-1: FP32 {fmt_pct(qat['top1_fp32'])}, PTQ {fmt_pct(qat['top1_ptq'])}, "
+        f"{kd} {fmt_pct(qat['top1_qat'])}"
+    )
+    if "top1_qat_control" in qat:
+        line += f", plain QAT (control) {fmt_pct(qat['top1_qat_control'])}"
+    return line + f" (simulated). The PTQ file ({qat['ptq_file']}) is kept; the shipped file has its graph."
+
+
 @register_stage
 class QuantizeStage(Stage):
     type = "quantize"
@@ -93,6 +272,33 @@ class QuantizeStage(Stage):
     report_order = 4
     reads = ("target",)
     config: QuantizeConfig
+
+    @classmethod
+    def check(cls, recipe, index: int) -> None:
+        cfg = recipe.stages[index]
+        d = recipe.data
+        if cfg.enabled and cfg.method == "qat" and d.dataset == "imagefolder":
+            if not (Path(d.root) / d.train_split).is_dir():
+                raise UserError(
+                    f"method: qat fine-tunes on the training split, and {Path(d.root) / d.train_split} is missing",
+                    field=f"stages.{index}.method",
+                    fix="point data.train_split at the training images, or use method: ptq",
+                )
+
+    @classmethod
+    def preflight(cls, pre, index: int) -> None:
+        cfg = pre.recipe.stages[index]
+        if not cfg.enabled or not cfg.layer_bits:
+            return
+        modules = dict(pre.model.named_modules())
+        for path in cfg.layer_bits:
+            if not isinstance(modules.get(path), (torch.nn.Conv2d, torch.nn.Linear)):
+                near = [n for n, m in modules.items() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))][:4]
+                raise UserError(
+                    f"{pre.recipe.model.arch} has no conv or linear layer {path!r}",
+                    field=f"stages.{index}.layer_bits.{path}",
+                    fix=f"name a conv or linear module path, e.g. {', '.join(near)}",
+                )
 
     def run(self, ctx, workdir: Path) -> StageOutput:
         cfg = self.config
@@ -135,18 +341,33 @@ class QuantizeStage(Stage):
         cfg, data = self.config, ctx.data
         name = INT8_NAME[target]
         path = workdir / ARTIFACT_FILE[name]
+        metadata = onnx_metadata(spec["arch"], "int8", target, data.spec, data.class_names)
         log(f"  {target}: calibrating ({cfg.calibrator}) on {len(images)} images: {provenance}")
+        ptq_path = path
+        if cfg.method == "qat":
+            ptq_path = workdir / "ptq" / STATE_SUFFIX[target].lstrip("_") / ARTIFACT_FILE[name]
+            ptq_path.parent.mkdir(parents=True, exist_ok=True)
         built = build_deployable(
             model,
             "int8",
-            path,
+            ptq_path,
             data.sample_input(2),
             target=target,
             settings=cfg.settings,
             calibration=(images, data.spec),
             opset=cfg.opset,
-            metadata=onnx_metadata(spec["arch"], "int8", target, data.spec, data.class_names),
+            metadata=metadata,
         )
+        qat_metrics = None
+        if cfg.method == "qat":
+            qmodel, qat_metrics = self._qat(ctx, model, built.module, target, workdir)
+            ptq_bytes = ptq_path.stat().st_size
+            built = export_deployable(
+                qmodel, "int8", path, data.sample_input(2), target, cfg.opset, metadata=metadata,
+                ranges=quantizer_ranges(qmodel),
+            )  # fmt: skip
+            qat_metrics["ptq_file"] = str(ptq_path.relative_to(workdir))
+            qat_metrics["ptq_bytes"] = ptq_bytes
         qmodel = built.module
         torch.save(qmodel.state_dict(), workdir / f"quant_state{STATE_SUFFIX[target]}.pt")
         # The deployed file computes what the simulation computes (up to rounding of requantization).
@@ -165,6 +386,20 @@ class QuantizeStage(Stage):
             "sim_vs_onnx_rel_error": relative_error(out, sim),
             "sim_vs_onnx_top1_agreement": float((out.argmax(1) == sim.argmax(1)).mean()),
         }
+        by_bits: dict[int, list[str]] = {}
+        for mod_name, m in qmodel.named_modules():
+            if hasattr(m, "weight_scale"):
+                by_bits.setdefault(m.bits, []).append(mod_name)
+        metrics["weight_bits"] = {str(b): by_bits[b] for b in sorted(by_bits)}
+        metrics["int4_initializers"] = sum(t.data_type == onnx.TensorProto.INT4 for t in built.proto.graph.initializer)
+        if qat_metrics is not None:
+            metrics["qat"] = qat_metrics
+        metrics["held_out"] = held_out_agreement(model, qmodel, onnx_runner(runtime, path, threads=None), data)
+        h = metrics["held_out"]
+        log(
+            f"  {target}: held-out top-1 agreement FP32-sim {h['fp32_vs_sim']:.4f}, sim-{runtime} "
+            f"{h['sim_vs_deployed']:.4f}, FP32-{runtime} {h['fp32_vs_deployed']:.4f} ({h['images']} images)"
+        )
         proof = check_int8_execution(path, target, qmodel, workdir)
         if proof is not None:
             metrics["int8_execution"] = proof
@@ -181,6 +416,50 @@ class QuantizeStage(Stage):
         artifact = {"path": path.name, "format": "onnx", "precision": "int8", "backend": runtime, "target": target}
         return artifact, metrics
 
+    def _qat(self, ctx, model, ptq_module, target: str, workdir: Path):
+        """PTQ's calibrated simulation fine-tuned with KD (and a plain-QAT control); held-out top-1 of each."""
+        cfg, data = self.config, ctx.data
+        q = cfg.qat
+        sub = STATE_SUFFIX[target].lstrip("_")
+        metrics: dict[str, Any] = {
+            "epochs": q.epochs,
+            "lr": q.lr,
+            "schedule": q.schedule,
+            "learnable_scales": q.learnable_scales,
+            "distill": q.distill.enabled,
+        }
+        metrics["top1_fp32"] = top1(torch_predictor(model), data, 256, "top-1 FP32")
+        metrics["top1_ptq"] = top1(torch_predictor(ptq_module), data, 256, "top-1 PTQ (simulated)")
+        control_module = copy.deepcopy(ptq_module) if q.distill.enabled and q.distill.control else None
+        teacher = None
+        if q.distill.enabled:
+            if q.distill.teacher == "before_pruning" and ctx.reference_dir is not None:
+                teacher, metrics["teacher"] = ctx.load_model(ctx.reference_dir), "the model before pruning"
+            else:
+                teacher, metrics["teacher"] = copy.deepcopy(model), "the FP32 model being quantized"
+            metrics["top1_teacher"] = top1(torch_predictor(teacher), data, 256, "top-1 teacher")
+        log(f"  {target}: FP32 top-1 {metrics['top1_fp32']:.4f}, PTQ (simulated) {metrics['top1_ptq']:.4f}")
+        qmodel = ptq_module
+        label = "QAT+KD" if teacher is not None else "QAT"
+        history = qat_finetune(
+            qmodel, data, q, workdir / "qat" / sub, ctx.recipe.seed, teacher, label=label, device=ctx.device
+        )
+        metrics["top1_qat"] = history[-1]["val_top1"]
+        metrics["history"] = history
+        if control_module is not None:
+            ctrl = qat_finetune(
+                control_module, data, q, workdir / "qat-control" / sub, ctx.recipe.seed, None, "QAT control",
+                ctx.device,
+            )  # fmt: skip
+            metrics["top1_qat_control"] = ctrl[-1]["val_top1"]
+            metrics["control_history"] = ctrl
+        log(
+            f"  {target}: {label} top-1 {metrics['top1_qat']:.4f}"
+            + (f", plain QAT {metrics['top1_qat_control']:.4f}" if "top1_qat_control" in metrics else "")
+            + f" (PTQ {metrics['top1_ptq']:.4f}, FP32 {metrics['top1_fp32']:.4f})"
+        )
+        return qmodel.eval(), metrics
+
     @staticmethod
     def report_section(report: dict[str, Any]) -> list[str]:
         q = report["stages"].get("quantize")
@@ -188,8 +467,10 @@ class QuantizeStage(Stage):
             return []
         lines = ["", "## Quantization", ""]
         pct = f", {q['percentile']} %" if q.get("percentile") else ""
+        method = "PTQ, then QAT," if q.get("method") == "qat" else "PTQ"
         lines.append(
-            f"PTQ ({q['calibrator']} calibrator{pct}), S8 per-channel weights; calibration: {q['calibration']}."
+            f"{method} ({q['calibrator']} calibrator{pct}), symmetric per-channel weights; calibration: "
+            f"{q['calibration']}."
         )
         for target, t in q.get("targets", {q["target"]: q}).items():
             line = (
@@ -205,6 +486,27 @@ class QuantizeStage(Stage):
                 )
             line += f"; simulation vs deployed file: top-1 agreement {t['sim_vs_onnx_top1_agreement'] * 100:.1f} %."
             lines.append(line)
+            bits = t.get("weight_bits") or {}
+            if set(bits) - {"8"}:
+                parts = [
+                    f"{b} bits in {len(v)} layer(s)" + (f" ({', '.join(v)})" if len(v) <= 3 else "")
+                    for b, v in sorted(bits.items(), key=lambda kv: int(kv[0]))
+                ]
+                lines.append(
+                    f"Weights: {'; '.join(parts)}; {t.get('int4_initializers', 0)} stored as INT4; "
+                    f"file {t['bytes'] / 1e3:.1f} kB (the verify table gives its accuracy and latency)."
+                )
+            h = t.get("held_out")
+            if h:
+                lines.append(
+                    f"Held-out split ({h['images']} images), top-1: FP32 {h['top1_fp32'] * 100:.2f} %, simulated "
+                    f"{h['top1_sim'] * 100:.2f} %, deployed {h['top1_deployed'] * 100:.2f} %; top-1 agreement "
+                    f"FP32–simulated {h['fp32_vs_sim'] * 100:.2f} %, simulated–deployed "
+                    f"{h['sim_vs_deployed'] * 100:.2f} %, FP32–deployed {h['fp32_vs_deployed'] * 100:.2f} %."
+                )
+            qat = t.get("qat")
+            if qat:
+                lines.append(_qat_line(qat))
         for target, why in (q.get("skipped_targets") or {}).items():
             lines.append(f"For {target}: left out of auto — {why}.")
         return lines

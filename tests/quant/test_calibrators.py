@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -82,3 +84,66 @@ def test_symmetric_scheme_picks_u8_after_relu_and_s8_otherwise():
     again = ActQuantizer("sym")
     again.load_state_dict(relu_out.state_dict())
     assert bool(again.unsigned)  # the calibrated choice is saved with the scales
+
+
+def _kl_reference(hist: list[float], i: int, quant_bins: int) -> float:
+    """KL(P || Q) at threshold bin i, written out loop by loop as TensorRT describes it."""
+    p = hist[:i]
+    p[-1] += sum(hist[i:])
+    q = [0.0] * i
+    groups: dict[int, list[int]] = {}
+    for k in range(i):
+        groups.setdefault(k * quant_bins // i, []).append(k)
+    for members in groups.values():
+        filled = [k for k in members if hist[k] > 0]
+        for k in filled:
+            q[k] = sum(hist[k2] for k2 in members) / len(filled)
+    if any(a > 0 and b == 0 for a, b in zip(p, q, strict=True)):
+        return math.inf
+    ps, qs = sum(p), sum(q)
+    return sum((a / ps) * math.log((a / ps) / (b / qs)) for a, b in zip(p, q, strict=True) if a > 0)
+
+
+def test_entropy_picks_the_threshold_of_least_kl_divergence():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100_000, generator=g)
+    x[:10] = 40.0  # rare outliers: the KL-optimal clip ignores them
+    c = _calib(x)
+    lo, hi = c.range("entropy", symmetric=True, levels=254)
+    assert hi == -lo and 2.5 < hi < 10.0
+    folded, _ = c._abs_hist()
+    hist = folded.tolist()
+    width = c.radius / len(hist)
+    chosen = round(hi / width)
+    kl = _kl_reference(list(hist), chosen, 128)
+    for other in (128, 200, chosen - 7, chosen + 7, min(chosen * 2, len(hist)), min(int(40.0 / width) + 1, len(hist))):
+        assert kl <= _kl_reference(list(hist), other, 128) + 1e-12, other
+
+
+def test_entropy_keeps_the_range_of_a_uniform_tensor_and_of_a_relu_output():
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(100_000, generator=g) * 2 - 1
+    assert _calib(u).range("entropy", symmetric=True, levels=254)[1] > 0.95
+    r = torch.relu(torch.randn(100_000, generator=g))
+    lo, hi = _calib(r).range("entropy", symmetric=False, levels=255)
+    assert lo == 0.0 and 1.0 < hi <= float(r.max())
+
+
+def test_entropy_calibrates_a_deployable(tiny_resnet, tmp_path):
+    from deploycraft.config import DataConfig
+    from deploycraft.data import build_data
+    from deploycraft.deployables import QuantSettings, build_deployable
+
+    data = build_data(DataConfig(dataset="synthetic", image_size=16, channels=3, train_subset=64, val_subset=64))
+    images, _ = data.calibration_images(64)
+    for target in ("onnxruntime-cpu", "tensorrt"):
+        built = build_deployable(
+            tiny_resnet, "int8", tmp_path / f"{target}.onnx", data.sample_input(2), target=target,
+            settings=QuantSettings("entropy"), calibration=(images, data.spec), show=False,
+        )  # fmt: skip
+        maxed = build_deployable(
+            tiny_resnet, "int8", tmp_path / f"{target}-max.onnx", data.sample_input(2), target=target,
+            settings=QuantSettings("max"), calibration=(images, data.spec), show=False,
+        )  # fmt: skip
+        widths = [(r[1] - r[0], m[1] - m[0]) for r, m in zip(built.ranges.values(), maxed.ranges.values(), strict=True)]
+        assert all(w <= wm + 1e-6 for w, wm in widths) and any(w < 0.9 * wm for w, wm in widths)

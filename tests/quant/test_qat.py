@@ -1,0 +1,124 @@
+"""Quantization-aware training on a tiny ResNet-20 (16 px synthetic data): it repairs a deliberately bad
+PTQ result, its export has the PTQ file's graph, and a QAT killed after an epoch resumes bit-identical."""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from deploycraft.config import DataConfig
+from deploycraft.data import build_data
+from deploycraft.deployables import QuantSettings, build_deployable, export_deployable
+from deploycraft.evaluate import top1, torch_predictor
+from deploycraft.models import create_model
+from deploycraft.stages import train as train_module
+from deploycraft.stages.quantize import QATConfig, qat_finetune
+from deploycraft.stages.train import TrainConfig, train_epochs
+
+NO_AUG = {"crop_padding": 0, "hflip": False, "batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A float ResNet-20 trained to ~95 % on the synthetic classes, and its data."""
+    data = build_data(DataConfig(dataset="synthetic", image_size=16, channels=3, train_subset=1024, val_subset=256))
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=3)
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05, warmup_epochs=0.5, eval_each_epoch=False)
+    train_epochs(model, data, cfg, tmp_path_factory.mktemp("train"), 0)
+    return model.eval(), data
+
+
+def _ptq(model, data, path, percentile: float):
+    images, _ = data.calibration_images(64)
+    settings = QuantSettings("percentile", percentile)
+    return build_deployable(
+        model, "int8", path, data.sample_input(2), settings=settings, calibration=(images, data.spec), show=False
+    )
+
+
+def test_qat_repairs_a_bad_ptq_result(trained, tmp_path):
+    model, data = trained
+    fp32 = top1(torch_predictor(model), data)
+    # Clipping activations at their 80th percentile ruins PTQ; fine-tuning adapts the weights to the clip.
+    built = _ptq(model, data, tmp_path / "ptq.onnx", 80.0)
+    ptq = top1(torch_predictor(built.module), data)
+    assert fp32 > 0.8 and ptq < fp32 - 0.3, (fp32, ptq)
+    history = qat_finetune(built.module, data, QATConfig(epochs=1, lr=0.01, **NO_AUG), tmp_path / "qat", 0)
+    qat = top1(torch_predictor(built.module), data)
+    assert qat == history[-1]["val_top1"]
+    assert qat > ptq + 0.3, (ptq, qat)
+
+
+def test_learned_scales_repair_more_and_return_to_buffers(trained, tmp_path):
+    model, data = trained
+    built = _ptq(model, data, tmp_path / "ptq.onnx", 80.0)
+    fixed, learned = copy.deepcopy(built.module), built.module
+    before = {k: v.clone() for k, v in learned.state_dict().items() if k.endswith("scale")}
+    qat_finetune(fixed, data, QATConfig(epochs=1, lr=0.01, **NO_AUG), tmp_path / "fixed", 0)
+    qat_finetune(learned, data, QATConfig(epochs=1, lr=0.01, learnable_scales=True, **NO_AUG), tmp_path / "lsq", 0)
+    after = learned.state_dict()
+    assert all(not n.endswith("scale") for n, _ in learned.named_parameters())  # buffers again: exportable
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(before[k], fixed.state_dict()[k]) for k in before)
+    assert top1(torch_predictor(learned), data) > top1(torch_predictor(fixed), data)
+
+
+def _graph(path):
+    proto = onnx.load(str(path))
+    nodes = [(n.op_type, list(n.input), list(n.output)) for n in proto.graph.node]
+    inits = {t.name: (t.data_type, tuple(t.dims)) for t in proto.graph.initializer}
+    return nodes, inits, {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+@pytest.mark.parametrize("target", ["onnxruntime-cpu", "tensorrt"])
+def test_qat_file_has_the_ptq_graph(trained, tmp_path, target):
+    model, data = trained
+    images, _ = data.calibration_images(64)
+    built = build_deployable(
+        model, "int8", tmp_path / "ptq.onnx", data.sample_input(2), target=target,
+        calibration=(images, data.spec), show=False,
+    )  # fmt: skip
+    cfg = QATConfig(epochs=1, lr=0.01, learnable_scales=True, **NO_AUG)
+    qat_finetune(built.module, data, cfg, tmp_path / "qat", 0, teacher=model)
+    export_deployable(built.module, "int8", tmp_path / "qat.onnx", data.sample_input(2), target)
+    ptq_nodes, ptq_inits, ptq_values = _graph(tmp_path / "ptq.onnx")
+    qat_nodes, qat_inits, qat_values = _graph(tmp_path / "qat.onnx")
+    assert qat_nodes == ptq_nodes
+    assert qat_inits == ptq_inits
+    # Same graph, other numbers: the weights (INT8 initializers) and scales were trained.
+    changed = [k for k in ptq_values if not (ptq_values[k] == qat_values[k]).all()]
+    assert any(ptq_values[k].dtype == "int8" for k in changed) and len(changed) > len(ptq_values) // 4
+
+
+def test_killed_qat_resumes_bit_identical(trained, tmp_path, monkeypatch):
+    """Raise right after the first epoch's checkpoint; the re-run resumes and ends with the same weights."""
+    model, data = trained
+    built = _ptq(model, data, tmp_path / "ptq.onnx", 99.99)
+    cfg = QATConfig(epochs=2, lr=0.01, learnable_scales=True, batch_size=128)  # with augmentation
+    reference = copy.deepcopy(built.module)
+    qat_finetune(reference, data, cfg, tmp_path / "reference", 0, teacher=copy.deepcopy(model))
+
+    save = train_module.save_epoch_checkpoint
+
+    def save_then_die(path, state):
+        save(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt("killed after epoch 1")
+
+    monkeypatch.setattr(train_module, "save_epoch_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        qat_finetune(copy.deepcopy(built.module), data, cfg, tmp_path / "killed", 0, teacher=copy.deepcopy(model))
+    monkeypatch.setattr(train_module, "save_epoch_checkpoint", save)
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = copy.deepcopy(built.module)
+    history = qat_finetune(resumed, data, cfg, tmp_path / "killed", 0, teacher=copy.deepcopy(model))
+    assert [h["epoch"] for h in history] == [1, 2]
+    ref_state, state = reference.state_dict(), resumed.state_dict()
+    assert ref_state.keys() == state.keys()
+    assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
+    assert any(not torch.equal(ref_state[k], built.module.state_dict()[k]) for k in ref_state)
