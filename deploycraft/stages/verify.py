@@ -186,6 +186,33 @@ def select_fastest(
     return chosen, table
 
 
+def _aoti_runner(path: Path):
+    from deploycraft.runtime.aoti import AotiRunner
+
+    return AotiRunner(path)
+
+
+def _trt_runner(path: Path):
+    from deploycraft.runtime.tensorrt import TrtRunner
+
+    return TrtRunner(path)
+
+
+# Deployables that are not ONNX files, by format: one runner each, on the device they were built for.
+GPU_FORMATS = {"aoti": _aoti_runner, "tensorrt": _trt_runner}
+
+
+def agreement_with_reference(info: dict[str, dict[str, Any]], predictions: dict[str, torch.Tensor]) -> None:
+    """Each row's top-1 agreement with the FP32 reference (torch, else the FP32 ONNX) on the held-out split:
+    the fraction of images where both predict the same class, whatever the label."""
+    ref = next((n for n in (ModelName.FP32_TORCH.value, ModelName.FP32_ONNX.value) if n in predictions), None)
+    if ref is None:
+        return
+    for name, pred in predictions.items():
+        if name != ref and len(pred) == len(predictions[ref]) and len(pred):
+            info[name]["top1_agreement"] = float((pred == predictions[ref]).float().mean())
+
+
 def _comparisons(ctx, workdir: Path) -> dict[ModelName, tuple[Path, dict[str, Any]]]:
     """The unpruned model built the same way as each deployable, to measure what pruning bought."""
     data = ctx.data
@@ -321,6 +348,13 @@ class VerifyStage(Stage):
                 rows.update(
                     _onnx_rows(name, ctx.artifact_path(name), art.describe(), "current", cfg, runtimes, threads)
                 )
+            elif art.format in GPU_FORMATS:
+                rows[name] = Row(
+                    lambda p=ctx.artifact_path(name), f=art.format: GPU_FORMATS[f](p),
+                    art.describe(),
+                    ctx.artifact_path(name),
+                    "current",
+                )
         if pruned and cfg.compare_unpruned and runtimes:
             for name, (path, meta) in _comparisons(ctx, workdir).items():
                 native = {"backend": meta.get("backend") or "onnxruntime"}
@@ -359,11 +393,15 @@ class VerifyStage(Stage):
                 for name, row in rows.items()
             }
             log(f"  {len(runners)} models, {threads} threads, held-out split: {data.val_name}")
+            predictions: dict[str, torch.Tensor] = {}
             for name, runner in runners.items():
+                preds: list[torch.Tensor] = []
                 info[name]["top1"] = top1(
-                    lambda x, r=runner: r(r.prepare(x)), data, cfg.eval_batch_size, f"top-1 {name}"
+                    lambda x, r=runner: r(r.prepare(x)), data, cfg.eval_batch_size, f"top-1 {name}", predictions=preds
                 )
+                predictions[name] = torch.cat(preds) if preds else torch.empty(0)
                 log(f"  {name:<28} top-1 {info[name]['top1']:.4f}")
+            agreement_with_reference(info, predictions)
             sample = data.sample_input(max(cfg.batch_sizes))
             lat = measure(
                 runners,
@@ -512,6 +550,14 @@ class VerifyStage(Stage):
                 f"**Batch {h['batch_size']}: {pretty(h['main'])} is {x(h['speedup_vs_fastest_fp32'])} faster than the "
                 f"fastest FP32 runtime ({pretty(h['fastest_fp32']) if h['fastest_fp32'] else '—'}) and "
                 f"{x(h['speedup_vs_fp32_torch'])} faster than FP32 torch.**",
+            ]
+        agree = {n: m["top1_agreement"] for n, m in models.items() if m.get("top1_agreement") is not None}
+        if agree:
+            lines += [
+                "",
+                "Top-1 agreement with the FP32 reference on the held-out split (same predicted class): "
+                + "; ".join(f"{pretty(n)} {v * 100:.2f} %" for n, v in agree.items())
+                + ".",
             ]
         for name, why in (report.get("unsupported") or {}).items():
             lines += ["", f"Not measured: {pretty(name)} — the runtime cannot compile this file ({why})."]
