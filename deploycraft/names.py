@@ -12,6 +12,8 @@ class ModelName(str, Enum):
     PRUNED_FP32_TORCH = "pruned_fp32_torch"
     DISTILLED_FP32_TORCH = "distilled_fp32_torch"
     FP32_TORCH_CUDA = "fp32_torch_cuda"
+    FP16_TORCH_CUDA = "fp16_torch_cuda"
+    BF16_TORCH_CUDA = "bf16_torch_cuda"
     UNPRUNED_FP32_ONNX = "unpruned_fp32_onnx"
     UNPRUNED_INT8_ONNX = "unpruned_int8_onnx"
     UNPRUNED_INT8_OPENVINO = "unpruned_int8_openvino"
@@ -38,6 +40,8 @@ _LABELS = {
     ModelName.PRUNED_FP32_TORCH: "pruned FP32 torch",
     ModelName.DISTILLED_FP32_TORCH: "distilled FP32 torch",
     ModelName.FP32_TORCH_CUDA: "FP32 torch, CUDA",
+    ModelName.FP16_TORCH_CUDA: "FP16 torch, CUDA (channels_last)",
+    ModelName.BF16_TORCH_CUDA: "BF16 torch, CUDA (channels_last)",
     ModelName.UNPRUNED_FP32_ONNX: "unpruned FP32 ONNX",
     ModelName.UNPRUNED_INT8_ONNX: "unpruned INT8 ONNX",
     ModelName.UNPRUNED_INT8_OPENVINO: "unpruned INT8 ONNX for OpenVINO",

@@ -81,7 +81,13 @@ def test_fp16_onnx_keeps_weights_beyond_fp16_range_in_fp32(tmp_path):
 def test_aoti_package_builds_runs_and_matches_torch_on_cpu(tmp_path):
     model = _tiny_net()
     path = tmp_path / "model_fp32.pt2"
-    built = build_aoti_package(model, path, torch.randn(2, 3, 8, 8), max_batch=16, metadata={"deploycraft.arch": "t"})
+    built = build_aoti_package(
+        model,
+        path,
+        torch.randn(2, 3, 8, 8),
+        max_batch=16,
+        metadata={"deploycraft.arch": "t", "deploycraft.input": {"channels": 3, "image_size": 8}},
+    )
     assert path.is_file() and package_device(path) == "cpu"
     assert not list(tmp_path.glob(".*")), "no temporary files left beside the package"
     runner = AotiRunner(path)
@@ -93,6 +99,12 @@ def test_aoti_package_builds_runs_and_matches_torch_on_cpu(tmp_path):
             ref = model(x)
         torch.testing.assert_close(runner(runner.prepare(x)), ref, rtol=1e-4, atol=1e-5)
     assert built.compile_seconds > 0
+
+    # deploycraft bench times the package beside ONNX files (input shape from the package's metadata).
+    from deploycraft.benchmarking import bench_onnx
+
+    text, results = bench_onnx([path], [1, 2], threads=1, repeats=3, warmup=1)
+    assert results["input"] == [3, 8, 8] and f"{path} @torch-aoti:cpu" in results["results"]
 
     # A fresh interpreter with torch alone (no deploycraft on the path) loads and runs the package.
     np.save(tmp_path / "x.npy", torch.randn(3, 3, 8, 8).numpy())
@@ -142,3 +154,14 @@ def test_aoti_resnet20_package_matches_torch(tmp_path, tiny_resnet):
     got = runner(runner.prepare(x))
     assert relative_error(got.numpy(), ref.numpy()) < 1e-4
     assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_mixed_precision_training_is_refused_on_the_cpu(tmp_path, tiny_resnet):
+    from deploycraft.errors import UserError
+    from deploycraft.stages.train import TrainConfig, train_epochs
+
+    for field in ("amp", "channels_last"):
+        cfg = TrainConfig(**{field: "bf16" if field == "amp" else True})
+        with pytest.raises(UserError) as e:
+            train_epochs(tiny_resnet, None, cfg, tmp_path, 0, device="cpu")
+        assert f"stages.train.{field}" in e.value.one_line()

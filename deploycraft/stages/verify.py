@@ -77,6 +77,14 @@ class VerifyConfig(StageConfig):
         description="Measure the machine's convolution ceiling (GMAC/s of one large conv per runtime and "
         "precision) and report each deployable's fraction of it.",
     )
+    gpu_precisions: list[Literal["fp16", "bf16"]] = Field(
+        ["fp16", "bf16"],
+        description="With device cuda: also run the deployable's torch model on the GPU in these precisions, "
+        "channels_last, timed with CUDA events (measured for accuracy like every deployable).",
+    )
+    cuda_graphs: bool = Field(
+        True, description="With device cuda: replay the GPU runners' forward pass as one CUDA graph per batch size."
+    )
     compare_unpruned: bool = Field(
         True,
         description="After a prune stage, also export and time the unpruned model the same way (FP32 "
@@ -343,6 +351,22 @@ class VerifyStage(Stage):
                     ctx.model_dir / "weights.pt",
                     "current",
                 )
+                from deploycraft.runtime.torch_gpu import CudaRunner
+
+                for precision in cfg.gpu_precisions:
+                    name = ModelName.FP16_TORCH_CUDA if precision == "fp16" else ModelName.BF16_TORCH_CUDA
+                    rows[name.value] = Row(
+                        lambda p=precision: CudaRunner(ctx.load_model(), p, True, cfg.cuda_graphs),
+                        {
+                            **torch_meta,
+                            "precision": precision,
+                            "backend": "torch-cuda",
+                            "device": torch.cuda.get_device_name(0),
+                            "cuda_graph": cfg.cuda_graphs,
+                        },
+                        ctx.model_dir / "weights.pt",
+                        "current",
+                    )
         for name, art in ctx.artifacts.items():
             if art.format == "onnx":
                 rows.update(
