@@ -1,4 +1,5 @@
-"""`deploycraft bench`: ONNX files timed side by side on every CPU runtime, and the machine's ceiling."""
+"""`deploycraft bench`: ONNX files timed side by side on every CPU runtime, AOTInductor packages (.pt2) on
+the device they were compiled for (CUDA events on a GPU), and the machine's ceiling."""
 
 from __future__ import annotations
 
@@ -54,6 +55,24 @@ def _input_shape(path: Path, proto: onnx.ModelProto) -> tuple[int, ...]:
     return tuple(d.dim_value for d in dims)
 
 
+def _package_shape(path: Path) -> tuple[int, ...]:
+    """The input shape an AOTInductor package of ours records (deploycraft.input in its metadata)."""
+    import zipfile
+
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an AOTInductor package", field="MODEL", fix="give a .pt2 file export wrote")
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if name.endswith("_metadata.json") and "/aotinductor/" in name:
+                meta = json.loads(zf.read(name))
+                if "deploycraft.input" in meta:
+                    spec = json.loads(meta["deploycraft.input"])
+                    return (int(spec["channels"]), int(spec["image_size"]), int(spec["image_size"]))
+    raise UserError(
+        f"{path} does not record its input shape", field="MODEL", fix="give a .pt2 package written by deploycraft"
+    )
+
+
 def bench_onnx(
     paths: list[Path],
     batch_sizes: list[int],
@@ -81,9 +100,11 @@ def bench_onnx(
     threads = threads or physical_cores()
     text: list[str] = []
     out: dict = {"threads": threads, "runtimes": runtimes}
-    if paths:
+    packages = [Path(p) for p in paths if str(p).endswith(".pt2")]
+    paths = [p for p in paths if not str(p).endswith(".pt2")]
+    if paths or packages:
         protos = {Path(p): _load(Path(p)) for p in paths}
-        shapes = {_input_shape(p, proto) for p, proto in protos.items()}
+        shapes = {_input_shape(p, proto) for p, proto in protos.items()} | {_package_shape(p) for p in packages}
         if len(shapes) != 1:
             raise UserError(
                 f"the models take different inputs {sorted(shapes)}",
@@ -101,6 +122,11 @@ def bench_onnx(
                     raise UserError(
                         f"{r} cannot load {p} ({first})", field="MODEL.onnx", fix="check the model with onnx.checker"
                     ) from None
+        for p in packages:
+            from deploycraft.runtime.aoti import AotiRunner
+
+            runner = AotiRunner(p)
+            runners[f"{p} @{runner.backend}:{runner.device}"] = runner
         gen = torch.Generator().manual_seed(0)
         sample = torch.randn(max(batch_sizes), *shape, generator=gen)
         try:

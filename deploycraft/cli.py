@@ -216,7 +216,9 @@ def diagnose(
 
 @app.command()
 def bench(
-    models_: List[Path] = typer.Argument(None, metavar="MODEL.onnx...", help="ONNX files to compare."),
+    models_: List[Path] = typer.Argument(
+        None, metavar="MODEL.onnx|MODEL.pt2...", help="ONNX files and AOTInductor packages to compare."
+    ),
     batch: List[int] = typer.Option([1], "--batch", "-b", help="Batch sizes."),
     runtime: List[str] = typer.Option(
         None, "--runtime", "-r", help="onnxruntime and/or openvino (default: every one installed)."
@@ -227,7 +229,8 @@ def bench(
     warmup: int = typer.Option(10, help="Untimed runs first."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
 ) -> None:
-    """Time ONNX models side by side on every CPU runtime (interleaved; ratios are within one run)."""
+    """Time ONNX models side by side on every CPU runtime, and AOTInductor packages on the device they were
+    compiled for (CUDA events on a GPU); interleaved, ratios are within one run."""
     from deploycraft.benchmarking import bench_onnx
 
     try:

@@ -225,3 +225,11 @@ class ParallelOptimConfig(OptimConfig):
         description="Data-parallel runs on GPUs: BatchNorm statistics over the whole global batch (torch's "
         "SyncBatchNorm) instead of each process's part. CUDA only; a single process ignores it.",
     )
+    amp: Literal["off", "bf16", "fp16"] = Field(
+        "off",
+        description="CUDA only: mixed precision (torch.autocast; fp16 with a gradient scaler). Weights, "
+        "optimizer and checkpoint stay FP32.",
+    )
+    channels_last: bool = Field(
+        False, description="CUDA only: model and batches in channels_last (NHWC) memory, what tensor cores read."
+    )

@@ -31,6 +31,7 @@ class Artifact:
     backend: str
     target: str | None = None
     deploy_path: str | None = None  # where _finish copied it, relative to the run folder
+    companions: list[str] = field(default_factory=list)  # files shipped beside it (a TensorRT engine's manifest)
 
     def describe(self) -> dict[str, Any]:
         return {"format": self.format, "precision": self.precision, "backend": self.backend, "target": self.target}

@@ -1,14 +1,20 @@
-"""The one builder of every deployable file.
+"""The builders of every deployable file: one builder per kind of deployable.
 
 Every place that needs a deployable ONNX file (the quantize and export stages, verify's unpruned
 comparison, the latency probe that pruning searches with) calls ``build_deployable``: the same BN
 folding, the same quantizer placement for the target, the same calibration and export, the same
 structural checks. Only the settings differ (the probe calibrates quickly with the max calibrator).
+The other deployables are derived the same way for every caller: ``build_aoti_package`` (an
+AOTInductor ``.pt2`` of the BN-folded model), ``build_fp16_onnx`` (the FP32 ONNX cast to FP16) and
+``build_tensorrt_engine`` (runtime/tensorrt.py, from the QDQ or FP16 ONNX).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +23,7 @@ import onnx
 import torch
 import torch.nn as nn
 
+from deploycraft.artifacts import atomic_path
 from deploycraft.data.transforms import InputSpec, prepare_batch
 from deploycraft.onnx_io import export_onnx, op_counts, quant_dtypes
 from deploycraft.progress import bar
@@ -235,3 +242,161 @@ def check_int8_execution(path: Path, target: Target, qmodel: nn.Module, workdir:
             f"quantizes in INT8 ({proof['convs']} convs in all): the rest would run in float"
         )
     return proof
+
+
+# --- AOTInductor package ---------------------------------------------------------------------------
+
+AOTI_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _FloatIO(nn.Module):
+    """FP32 in and out around a model that computes in ``dtype``: the package takes what the ONNX files
+    take, and the casts are compiled into it (fused with the first and last kernels where Inductor can)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype)).float()
+
+
+@dataclass
+class BuiltPackage:
+    """An AOTInductor package written to ``path`` and what it says about itself."""
+
+    path: Path
+    precision: str
+    device: str
+    max_batch: int
+    compile_seconds: float
+    metadata: dict[str, str]
+
+
+def build_aoti_package(
+    model: nn.Module,
+    path: Path,
+    sample: torch.Tensor,
+    *,
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32",
+    device: str = "cpu",
+    max_batch: int = 256,
+    channels_last: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> BuiltPackage:
+    """The BN-folded model exported with ``torch.export`` (dynamic batch 1..``max_batch``) and compiled
+    ahead of time by Inductor into one ``.pt2`` file for ``device``.
+
+    The package holds the generated kernels and the weights: ``torch._inductor.aoti_load_package``
+    runs it with torch alone, without this package's model code. It takes and returns FP32 tensors;
+    fp16/bf16 packages compute in that precision inside. ``channels_last`` lays the weights out NHWC
+    (what cuDNN's tensor-core convolutions want); the input may come in either layout.
+    """
+    import time
+
+    module = fold_bn(model).eval().to(device=device, dtype=AOTI_DTYPES[precision])
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    wrapped = _FloatIO(module, AOTI_DTYPES[precision]).eval()
+    x = sample.to(device=device, dtype=torch.float32)
+    if len(x) < 2:  # export specializes a dimension whose example size is 1
+        x = x.repeat(2, 1, 1, 1)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    meta.update(
+        {"deploycraft.precision": precision, "deploycraft.device": device, "deploycraft.max_batch": str(max_batch)}
+    )
+    start = time.perf_counter()
+    with torch.no_grad():
+        batch = torch.export.Dim("batch", min=1, max=max_batch)
+        program = torch.export.export(wrapped, (x,), dynamic_shapes=({0: batch},), strict=False)
+        # The archive's folder is named after the file: compile under the final name in a private folder.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
+            tmp = Path(folder) / path.name
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(tmp), inductor_configs={"aot_inductor.metadata": meta}
+            )
+            os.replace(tmp, path)
+    return BuiltPackage(path, precision, device, max_batch, time.perf_counter() - start, meta)
+
+
+# --- FP16 ONNX ---------------------------------------------------------------------------------------
+
+FP16_MAX = 65504.0
+# Kept in FP32 beyond the converter's own list (ops without FP16 meaning: TopK, NMS, Range, ...):
+# exponentials overflow FP16 long before FP32 does.
+FP16_KEEP_FP32_OPS = ("Softmax", "LogSoftmax", "Exp")
+
+
+@dataclass
+class BuiltFp16:
+    """An FP16 ONNX file and what stayed in FP32."""
+
+    path: Path
+    proto: onnx.ModelProto
+    ops: dict[str, int]
+    fp16_initializers: int
+    fp32_nodes: list[str]  # nodes kept in FP32 (listed ops, or weights beyond FP16's range)
+
+
+def build_fp16_onnx(fp32_path: Path, path: Path) -> BuiltFp16:
+    """The FP32 ONNX file with weights and activations cast to FP16 and FP32 inputs/outputs kept.
+
+    Nodes stay in FP32 where FP16 would change the result beyond rounding: the ops in
+    ``FP16_KEEP_FP32_OPS`` and the converter's block list, and any node that reads a constant outside
+    FP16's finite range (after BN folding a weight can grow; casting it would make it inf). TensorRT
+    builds strongly typed networks from these tensor types (docs/design.md), so this file is also
+    what its FP16 engine is built from.
+    """
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from deploycraft.onnx_io import _constants
+
+    proto = onnx.load(str(fp32_path))
+    consts = _constants(proto)
+    overflow = {n for n, v in consts.items() if v.dtype.kind == "f" and v.size and float(abs(v).max()) > FP16_MAX}
+    keep = [n.name for n in proto.graph.node if n.name and (n.op_type in FP16_KEEP_FP32_OPS or overflow & set(n.input))]
+    converted = convert_float_to_float16(
+        proto,
+        min_positive_val=float(torch.finfo(torch.float16).tiny),
+        max_finite_val=FP16_MAX,
+        keep_io_types=True,
+        op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32_OPS)),
+        node_block_list=keep,
+    )
+    _topological_sort(converted.graph)
+    for entry in converted.metadata_props:
+        if entry.key == "deploycraft.precision":
+            entry.value = "fp16"
+    onnx.checker.check_model(converted, full_check=True)
+    with atomic_path(path) as tmp:
+        onnx.save(converted, str(tmp))
+    fp16 = sum(1 for t in converted.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+    fp16 += sum(
+        1
+        for n in converted.graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].t.data_type == onnx.TensorProto.FLOAT16
+    )
+    if not fp16:
+        raise DeployableCheckError(f"{path.name} has no FP16 weights: the conversion did nothing")
+    return BuiltFp16(path, converted, op_counts(converted), fp16, keep)
+
+
+def _topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder the nodes so that each comes after the producers of its inputs (the converter appends the
+    casts it inserts at the end; the ONNX checker and TensorRT's parser want the graph sorted)."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise DeployableCheckError(f"the FP16 graph has a cycle or a missing input at {pending[0].name}")
+        for n in ready:
+            ordered.append(n)
+            known.update(n.output)
+        pending = [n for n in pending if n not in ready]
+    copies = [onnx.NodeProto() for _ in ordered]
+    for dup, node in zip(copies, ordered, strict=True):
+        dup.CopyFrom(node)  # the originals belong to graph.node, which is cleared next
+    del graph.node[:]
+    graph.node.extend(copies)

@@ -16,10 +16,16 @@ Predict = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
 
 def top1(
-    predict: Predict, data, batch_size: int = 256, description: str = "evaluate", world: World | None = None
+    predict: Predict,
+    data,
+    batch_size: int = 256,
+    description: str = "evaluate",
+    world: World | None = None,
+    predictions: list[torch.Tensor] | None = None,
 ) -> float:
     """Top-1 on the held-out split. With a ``world`` of several ranks (all of them calling this with the same
-    model) each rank evaluates every world_size-th batch and the counts are summed over the ranks."""
+    model) each rank evaluates every world_size-th batch and the counts are summed over the ranks.
+    ``predictions``, when given, receives each batch's predicted classes (for agreement between models)."""
     shard = world.shard if world is not None else None
     correct = total = 0
     with bar(description, data.num_val_batches(batch_size, shard)) as b:
@@ -29,6 +35,8 @@ def top1(
                 pred = logits.argmax(1).cpu()
             else:
                 pred = torch.from_numpy(np.asarray(logits).argmax(1))
+            if predictions is not None:
+                predictions.append(pred)
             correct += int((pred == y).sum())
             total += len(y)
             b.advance(acc=correct / total)

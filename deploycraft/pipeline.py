@@ -352,6 +352,8 @@ class Pipeline:
             src = root / art.path
             art.deploy_path = f"deploy/{src.name}"
             shipped[art.deploy_path] = src
+            for name in art.companions:
+                shipped[f"deploy/{name}"] = src.parent / name
         if ctx.model_dir is not None:
             for f in ("spec.json", "weights.pt"):
                 shipped[f"deploy/torch/{f}"] = ctx.model_dir / f

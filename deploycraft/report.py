@@ -42,6 +42,7 @@ def _model_entries(ctx, verify: dict[str, Any] | None, macs: int | None, params:
             "macs": (m or {}).get("macs", macs),
             "params": (m or {}).get("params", params),
             "bytes": (m or {}).get("bytes"),
+            "top1_agreement": (m or {}).get("top1_agreement"),
         }
         if m and "latency" in m:
             lat = m["latency"][bs]

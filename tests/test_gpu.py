@@ -5,6 +5,7 @@ Skipped without a CUDA GPU. Run on a GPU machine with `pytest -m gpu` (benchmark
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -56,3 +57,55 @@ def test_torchrun_world_of_one_trains_with_nccl(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     # Trained and evaluated on the GPU, verified on the CPU: the same weights, other kernels.
     assert abs(report["stages"]["train"]["history"][-1]["val_top1"] - report["models"]["fp32_torch"]["top1"]) <= 0.01
+
+
+def test_fp16_bf16_cuda_graph_runners_agree_with_fp32(tiny_resnet):
+    from deploycraft.runtime.torch_gpu import CudaRunner
+
+    x = torch.randn(64, 3, 16, 16)
+    ref = TorchRunner(tiny_resnet)(x)
+    for precision in ("fp16", "bf16"):
+        for graph in (True, False):
+            runner = CudaRunner(copy.deepcopy(tiny_resnet), precision, channels_last=True, cuda_graph=graph)
+            out = runner(runner.prepare(x)).cpu()
+            out2 = runner(runner.prepare(x)).cpu()  # a replay gives the same result
+            torch.testing.assert_close(out, out2)
+            assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
+
+
+def test_cuda_events_time_gpu_runners(tiny_resnet):
+    from deploycraft.runtime.bench import measure
+    from deploycraft.runtime.torch_gpu import CudaRunner
+
+    runners = {"fp16": CudaRunner(tiny_resnet, "fp16"), "fp32": TorchRunner(copy.deepcopy(tiny_resnet), "cuda")}
+    res = measure(runners, lambda bs: torch.randn(bs, 3, 16, 16), [1, 32], warmup=3, repeats=10, show=False)
+    assert all(res[n][bs].p50 > 0 for n in runners for bs in (1, 32))
+
+
+def test_aoti_fp16_package_on_cuda(tmp_path, tiny_resnet):
+    from deploycraft.deployables import build_aoti_package
+    from deploycraft.runtime.aoti import AotiRunner
+
+    path = tmp_path / "m.pt2"
+    build_aoti_package(
+        tiny_resnet, path, torch.randn(2, 3, 16, 16), precision="fp16", device="cuda", channels_last=True
+    )
+    runner = AotiRunner(path)
+    x = torch.randn(64, 3, 16, 16)
+    out = runner(runner.prepare(x)).cpu()
+    assert out.dtype == torch.float32
+    assert (out.argmax(1) == TorchRunner(tiny_resnet)(x).argmax(1)).float().mean() >= 0.95
+
+
+def test_amp_training_and_gpu_deployables_through_the_pipeline(tmp_path):
+    raw = smoke_recipe(device="cuda", data={"train_subset": 1024})
+    raw["model"]["kwargs"] = {"zero_init_residual": False}
+    raw["stages"][0].update(epochs=2, batch_size=32, lr=0.1, amp="bf16", channels_last=True)
+    raw["stages"][2] = {"type": "export", "format": ["onnx-fp16", "aoti"], "aoti_precisions": ["fp16"]}
+    Pipeline(build_recipe(raw), tmp_path / "run").execute()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["stages"]["train"]["history"][-1]["amp"] == "bf16"
+    m = report["models"]
+    for name in ("fp16_torch_cuda", "bf16_torch_cuda", "aoti_fp16", "fp16_onnx"):
+        assert m[name]["top1_agreement"] >= 0.95, name
+    assert (tmp_path / "run" / "deploy" / "model_fp16.pt2").is_file()

@@ -61,6 +61,17 @@ def prepare_input(runner, x: torch.Tensor):
     return runner.prepare(x) if hasattr(runner, "prepare") else x.numpy()
 
 
+def cuda_time(runner: Callable, inp: Any) -> float:
+    """Seconds of one call measured by CUDA events on the current stream (GPU runners: the clock the GPU
+    keeps, not the host's; the runner's own synchronize ends the call)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    runner(inp)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0
+
+
 def measure(
     runners: dict[str, Callable],
     make_input: Callable[[int], torch.Tensor],
@@ -91,6 +102,9 @@ def measure(
                     for _ in range(settle):
                         r(inp)
                     for _ in range(per_round):
+                        if getattr(r, "cuda_events", False):
+                            times[name].append(cuda_time(r, inp))
+                            continue
                         t0 = time.perf_counter()
                         r(inp)
                         times[name].append(time.perf_counter() - t0)

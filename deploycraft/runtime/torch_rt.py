@@ -11,6 +11,7 @@ class TorchRunner:
     def __init__(self, model: torch.nn.Module, device: str = "cpu"):
         self.model = model.eval().to(device)
         self.device = device
+        self.cuda_events = device != "cpu"  # bench times GPU runs with CUDA events
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device)

@@ -11,6 +11,7 @@ global batch split over the ranks, rank 0 writing the checkpoint, which any worl
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import time
@@ -119,9 +120,22 @@ def train_epochs(
             field=f"{field}.sync_batchnorm",
             fix="set sync_batchnorm: false on CPU (each rank then normalizes over its part of the batch)",
         )
-    model.to(device)
+    amp = getattr(cfg, "amp", "off")  # ParallelOptimConfig's fields (train, distill)
+    channels_last = getattr(cfg, "channels_last", False)
+    for name, on in (("amp", amp != "off"), ("channels_last", channels_last)):
+        if on and not str(device).startswith("cuda"):
+            raise UserError(
+                f"{name} is a GPU setting and this stage trains on {device}",
+                field=f"{field}.{name}",
+                fix=f"set device: cuda on a GPU machine, or remove {name}",
+            )
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
     if extra is not None:
         extra.to(device)
+    # FP16's narrow exponent needs loss scaling; BF16 has FP32's range and does not.
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    autocast_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     groups = param_groups(model, cfg.weight_decay)
     if extra is not None:
         extra_groups = param_groups(extra, cfg.weight_decay)
@@ -141,6 +155,8 @@ def train_epochs(
         if extra is not None:
             extra.load_state_dict(state["extra"])
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history, start = state["history"], state["epoch"]
         written_by = state.get("world_size", 1)
         log(
@@ -169,11 +185,14 @@ def train_epochs(
             with bar(f"{label} epoch {epoch + 1}/{cfg.epochs}", steps) as b:
                 for i, (x, y) in enumerate(data.train_epoch(cfg.batch_size, epoch, augment, world.shard)):
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
                     lr = lr_at(epoch * steps + i, total, warmup, cfg)
                     for g in optimizer.param_groups:
                         g["lr"] = lr
                     if len(y):
-                        loss, logits = loss_fn(net, x, y)
+                        with torch.autocast("cuda", autocast_dtype) if amp != "off" else contextlib.nullcontext():
+                            loss, logits = loss_fn(net, x, y)
                         loss_value = loss.item()
                     else:  # this rank's empty part of a last, small batch: DDP still needs its (zero) gradients
                         loss, logits, loss_value = net(x).sum() * 0.0, None, 0.0
@@ -189,12 +208,13 @@ def train_epochs(
                         # DDP averages the ranks' gradients; weighting each part by its share of the global
                         # batch makes that average the global batch's mean (parts differ in a last batch).
                         global_batch = min(cfg.batch_size, data.num_train - i * cfg.batch_size)
-                        (loss * (len(y) * world.size / global_batch)).backward()
+                        scaler.scale(loss * (len(y) * world.size / global_batch)).backward()
                         if extra is not None:
                             world.average_gradients(extra)
                     else:
-                        loss.backward()
-                    optimizer.step()
+                        scaler.scale(loss).backward()
+                    scaler.step(optimizer)  # without fp16 the scaler is disabled: a plain optimizer.step()
+                    scaler.update()
                     seen += len(y)
                     loss_sum += loss_value * len(y)
                     if logits is not None:
@@ -211,6 +231,8 @@ def train_epochs(
                 "seconds": round(time.time() - started, 1),
                 "world_size": world.size,
             }
+            if amp != "off" or channels_last:
+                record.update(amp=amp, channels_last=channels_last)
             if cfg.eval_each_epoch or epoch + 1 == cfg.epochs:
                 record["val_top1"] = top1(torch_predictor(model, device), data, 256, f"{label} eval", world)
             history.append(record)
@@ -230,6 +252,7 @@ def train_epochs(
                         "model": model.state_dict(),
                         "extra": extra.state_dict() if extra is not None else {},
                         "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(),
                         "history": history,
                         "world_size": world.size,
                     },

@@ -77,6 +77,14 @@ class VerifyConfig(StageConfig):
         description="Measure the machine's convolution ceiling (GMAC/s of one large conv per runtime and "
         "precision) and report each deployable's fraction of it.",
     )
+    gpu_precisions: list[Literal["fp16", "bf16"]] = Field(
+        ["fp16", "bf16"],
+        description="With device cuda: also run the deployable's torch model on the GPU in these precisions, "
+        "channels_last, timed with CUDA events (measured for accuracy like every deployable).",
+    )
+    cuda_graphs: bool = Field(
+        True, description="With device cuda: replay the GPU runners' forward pass as one CUDA graph per batch size."
+    )
     compare_unpruned: bool = Field(
         True,
         description="After a prune stage, also export and time the unpruned model the same way (FP32 "
@@ -191,6 +199,33 @@ def select_fastest(
     for r in table:
         r["chosen"] = r["name"] == chosen
     return chosen, table
+
+
+def _aoti_runner(path: Path):
+    from deploycraft.runtime.aoti import AotiRunner
+
+    return AotiRunner(path)
+
+
+def _trt_runner(path: Path):
+    from deploycraft.runtime.tensorrt import TrtRunner
+
+    return TrtRunner(path)
+
+
+# Deployables that are not ONNX files, by format: one runner each, on the device they were built for.
+GPU_FORMATS = {"aoti": _aoti_runner, "tensorrt": _trt_runner}
+
+
+def agreement_with_reference(info: dict[str, dict[str, Any]], predictions: dict[str, torch.Tensor]) -> None:
+    """Each row's top-1 agreement with the FP32 reference (torch, else the FP32 ONNX) on the held-out split:
+    the fraction of images where both predict the same class, whatever the label."""
+    ref = next((n for n in (ModelName.FP32_TORCH.value, ModelName.FP32_ONNX.value) if n in predictions), None)
+    if ref is None:
+        return
+    for name, pred in predictions.items():
+        if name != ref and len(pred) == len(predictions[ref]) and len(pred):
+            info[name]["top1_agreement"] = float((pred == predictions[ref]).float().mean())
 
 
 def _comparisons(ctx, workdir: Path) -> dict[ModelName, tuple[Path, dict[str, Any]]]:
@@ -323,10 +358,33 @@ class VerifyStage(Stage):
                     ctx.model_dir / "weights.pt",
                     "current",
                 )
+                from deploycraft.runtime.torch_gpu import CudaRunner
+
+                for precision in cfg.gpu_precisions:
+                    name = ModelName.FP16_TORCH_CUDA if precision == "fp16" else ModelName.BF16_TORCH_CUDA
+                    rows[name.value] = Row(
+                        lambda p=precision: CudaRunner(ctx.load_model(), p, True, cfg.cuda_graphs),
+                        {
+                            **torch_meta,
+                            "precision": precision,
+                            "backend": "torch-cuda",
+                            "device": torch.cuda.get_device_name(0),
+                            "cuda_graph": cfg.cuda_graphs,
+                        },
+                        ctx.model_dir / "weights.pt",
+                        "current",
+                    )
         for name, art in ctx.artifacts.items():
             if art.format == "onnx":
                 rows.update(
                     _onnx_rows(name, ctx.artifact_path(name), art.describe(), "current", cfg, runtimes, threads)
+                )
+            elif art.format in GPU_FORMATS:
+                rows[name] = Row(
+                    lambda p=ctx.artifact_path(name), f=art.format: GPU_FORMATS[f](p),
+                    art.describe(),
+                    ctx.artifact_path(name),
+                    "current",
                 )
         if pruned and cfg.compare_unpruned and runtimes:
             for name, (path, meta) in _comparisons(ctx, workdir).items():
@@ -366,11 +424,15 @@ class VerifyStage(Stage):
                 for name, row in rows.items()
             }
             log(f"  {len(runners)} models, {threads} threads, held-out split: {data.val_name}")
+            predictions: dict[str, torch.Tensor] = {}
             for name, runner in runners.items():
+                preds: list[torch.Tensor] = []
                 info[name]["top1"] = top1(
-                    lambda x, r=runner: r(r.prepare(x)), data, cfg.eval_batch_size, f"top-1 {name}"
+                    lambda x, r=runner: r(r.prepare(x)), data, cfg.eval_batch_size, f"top-1 {name}", predictions=preds
                 )
+                predictions[name] = torch.cat(preds) if preds else torch.empty(0)
                 log(f"  {name:<28} top-1 {info[name]['top1']:.4f}")
+            agreement_with_reference(info, predictions)
             sample = data.sample_input(max(cfg.batch_sizes))
             lat = measure(
                 runners,
@@ -526,6 +588,14 @@ class VerifyStage(Stage):
                     f" Against the fastest run of the FP32 file, {pretty(h['fastest_fp32_file'])} (lower precision "
                     f"inside the runtime): {x(h['speedup_vs_fastest_fp32_file'])}.**"
                 )
+        agree = {n: m["top1_agreement"] for n, m in models.items() if m.get("top1_agreement") is not None}
+        if agree:
+            lines += [
+                "",
+                "Top-1 agreement with the FP32 reference on the held-out split (same predicted class): "
+                + "; ".join(f"{pretty(n)} {v * 100:.2f} %" for n, v in agree.items())
+                + ".",
+            ]
         for name, why in (report.get("unsupported") or {}).items():
             lines += ["", f"Not measured: {pretty(name)} — the runtime cannot compile this file ({why})."]
         if report.get("ceiling"):
