@@ -49,10 +49,13 @@ def test_unsigned_percentile_after_relu_starts_at_zero():
 
 def test_mse_clips_heavy_tails_but_not_uniform():
     g = torch.Generator().manual_seed(0)
-    laplace = torch.distributions.Laplace(0.0, 1.0).sample((200_000,))
-    c = _calib(laplace)
+    # Seeded Laplace(0, 1) by its inverse CDF (heavy tails); at 8 bits MSE clips to 0.60-0.78 of the
+    # max over seeds 0-3 with a million samples (0.77-0.85 with 200k: too close to a bound).
+    u = torch.rand(1_000_000, generator=g, dtype=torch.float64) - 0.5
+    tailed = (-torch.sign(u) * torch.log1p(-2 * u.abs())).float()
+    c = _calib(tailed)
     amax = c.range("mse", symmetric=True, levels=254)[1]
-    assert amax < 0.8 * float(laplace.abs().max())
+    assert amax < 0.85 * float(tailed.abs().max())
     uniform = torch.rand(200_000, generator=g) * 2 - 1
     amax_u = _calib(uniform).range("mse", symmetric=True, levels=254)[1]
     assert amax_u > 0.95
