@@ -12,6 +12,9 @@ from deploycraft.runtime import available
 from tests.conftest import REPO, needs_fmnist
 
 FAMILY_RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*_fmnist.yaml"))
+# The four slowest family recipes (30-100 s each on 2 cores) run with -m slow, to keep the default run
+# fast; every family's model is still built, exported and quantized by the tests in tests/models.
+HEAVY = {"densenet_bc_fmnist", "resnext29_fmnist", "shakeshake_fmnist", "resnet56_sd_fmnist"}
 SUBSET = [
     "data.train_subset=256",
     "data.val_subset=256",
@@ -37,7 +40,7 @@ def test_every_family_has_a_recipe():
 
 
 @needs_fmnist
-@pytest.mark.parametrize("name", FAMILY_RECIPES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in FAMILY_RECIPES])
 def test_family_recipe_on_subset(name, tmp_path):
     recipe = load_recipe(REPO / "recipes" / f"{name}.yaml", SUBSET)
     Pipeline(recipe, tmp_path / "run").execute()
