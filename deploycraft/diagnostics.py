@@ -210,14 +210,7 @@ def layer_responses(model: nn.Module, batches: Batches) -> list[dict[str, Any]]:
 
     handles = [m.register_forward_hook(conv_hook) for m in convs]
     handles += [m.register_forward_hook(bn_hook(n)) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    try:
-        with torch.no_grad():
-            for x, _ in batches:
-                outputs.clear()
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_hooked(model, batches, handles, before=outputs.clear)
     rows = []
     for conv in order:
         bn, n, s, ss = sums[conv]
@@ -261,13 +254,7 @@ def skip_usage(model: nn.Module, batches: Batches) -> list[dict[str, Any]]:
         return pre
 
     handles = [modules[add].register_forward_pre_hook(hook(block)) for block, add in adds.items()]
-    try:
-        with torch.no_grad():
-            for x, _ in batches:
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_hooked(model, batches, handles)
     order = _forward_order(model, batches[0][0][:2], (ResidualAdd,))
     by_add = {add: block for block, add in adds.items()}
     rows = []
@@ -278,6 +265,19 @@ def skip_usage(model: nn.Module, batches: Batches) -> list[dict[str, Any]]:
                 {"name": by_add[add], "ratio": ratio_sum / n, "rms_ratio": math.sqrt(b2 / s2) if s2 > 0 else None}
             )
     return rows
+
+
+def _forward_hooked(model: nn.Module, batches: Batches, handles: list, before=None) -> None:
+    """Every batch through ``model`` without gradients, then the hooks removed (also on failure)."""
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                if before is not None:
+                    before()
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def highway_gates(model: nn.Module, batches: Batches) -> list[dict[str, Any]]:
@@ -307,13 +307,7 @@ def highway_gates(model: nn.Module, batches: Batches) -> list[dict[str, Any]]:
         return fwd
 
     handles = [m.gate.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for x, _ in batches:
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_hooked(model, batches, handles)
     rows = []
     order = _forward_order(model, batches[0][0][:2], tuple({type(m) for m in layers.values()})) if layers else []
     for name in order:
