@@ -142,19 +142,17 @@ class DiagnoseStage(Stage):
                 )
         responses = d.get("layer_responses")
         if responses:
-            stds = sorted(r["std"] for r in responses)
             lines += [
                 "",
-                f"Layer responses (He et al. 2016, Fig. 7): std after BN of {len(stds)} 3x3 layers, median "
-                f"{stds[len(stds) // 2]:.3f}, range {stds[0]:.3f} to {stds[-1]:.3f}.",
+                f"Layer responses (He et al. 2016, Fig. 7): std after BN of {len(responses)} 3x3 layers, "
+                f"{_spread([r['std'] for r in responses])}.",
             ]
         skip = d.get("skip_usage")
         if skip:
-            ratios = sorted(r["ratio"] for r in skip)
             lines += [
                 "",
-                f"Skip usage: ‖branch‖ / ‖skip‖ over {len(ratios)} residual blocks, median "
-                f"{ratios[len(ratios) // 2]:.3f}, range {ratios[0]:.3f} to {ratios[-1]:.3f}.",
+                f"Skip usage: ‖branch‖ / ‖skip‖ over {len(skip)} residual blocks, "
+                f"{_spread([r['ratio'] for r in skip])}.",
             ]
         gates = d.get("highway_gates")
         if gates:
@@ -209,3 +207,9 @@ def _log_summary(d: dict[str, Any]) -> None:
     if s and s["non_downsampling"]["units"]:
         n = s["non_downsampling"]
         log(f"  lesions: median drop {n['median_drop'] * 100:.2f} pt, worst {n['max_drop'] * 100:.2f} pt")
+
+
+def _spread(values: list[float]) -> str:
+    """ "median M, range A to B" of a list of figures, as the report states them."""
+    v = sorted(values)
+    return f"median {v[len(v) // 2]:.3f}, range {v[0]:.3f} to {v[-1]:.3f}"
