@@ -1,0 +1,112 @@
+"""Layer fidelity: the deployed runtime's quantizer outputs against the simulation's, and a planted
+mismatch (one wrong scale in the exported file) named by its layer, in the data and in the report."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from deploycraft.config import DataConfig
+from deploycraft.data import build_data
+from deploycraft.deployables import QuantSettings, build_deployable
+from deploycraft.quant import fidelity
+from deploycraft.stages.quantize import QuantizeStage
+
+RUNTIMES = {"onnxruntime-cpu": "onnxruntime", "openvino-cpu": "openvino"}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return build_data(DataConfig(dataset="synthetic", image_size=16, channels=3, train_subset=64, val_subset=64))
+
+
+@pytest.fixture(scope="module", params=sorted(RUNTIMES))
+def built(request, data, tmp_path_factory):
+    import torch
+
+    from deploycraft.models import create_model
+    from tests.conftest import randomize_bn
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=3)
+    randomize_bn(model)
+    images, _ = data.calibration_images(64)
+    path = tmp_path_factory.mktemp("fidelity") / "int8.onnx"
+    b = build_deployable(
+        model, "int8", path, data.sample_input(2), target=request.param, settings=QuantSettings(),
+        calibration=(images, data.spec), show=False,
+    )  # fmt: skip
+    return request.param, b.module, onnx.load(str(path))
+
+
+def _plant(proto: onnx.ModelProto, layer: str, factor: float) -> onnx.ModelProto:
+    """A copy where the weight DequantizeLinear of ``layer`` reads a scale ``factor`` times the right one."""
+    bad = onnx.ModelProto()
+    bad.CopyFrom(proto)
+    name = f"{layer}.weight_scale"
+    init = next(t for t in bad.graph.initializer if t.name == name)
+    bad.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(init) * factor, name + ".wrong"))
+    hits = 0
+    for n in bad.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[1] == name:
+            n.input[1] = name + ".wrong"
+            hits += 1
+    assert hits == 1
+    return bad
+
+
+def test_taps_cover_every_activation_quantizer_in_graph_order(built):
+    _, qmodel, proto = built
+    taps = fidelity.activation_taps(proto)
+    quantizers = {n for n, _ in fidelity.act_quantizers(qmodel)}
+    assert {t["quantizer"] for t in taps} == quantizers
+    assert taps[0]["inputs"] == [] and all(max(t["inputs"], default=-1) < i for i, t in enumerate(taps))
+    # every tap after the input one names the conv that produced it, by module path
+    convs = {n for n, m in qmodel.named_modules() if hasattr(m, "weight_scale")}
+    assert all(t["layer"] in convs for t in taps[1:] if t["layer"] is not None)
+    assert any(t["layer"] == "layer2.0.conv1" for t in taps)
+
+
+def test_the_unchanged_file_follows_its_simulation(built, data):
+    target, qmodel, proto = built
+    f = fidelity.compare(qmodel, proto, RUNTIMES[target], data.sample_input(16))
+    assert f["first_over"] is None, f["first_over"]
+    assert len(f["taps"]) == len(fidelity.activation_taps(proto))
+    assert max(r["rel_error"] for r in f["taps"]) < 0.05
+
+
+@pytest.mark.parametrize("layer", ["layer1.1.conv2", "layer3.0.conv1"])
+def test_a_planted_wrong_scale_is_named_by_its_layer(built, data, layer):
+    target, qmodel, proto = built
+    f = fidelity.compare(qmodel, _plant(proto, layer, 1.3), RUNTIMES[target], data.sample_input(16))
+    first = f["first_over"]
+    assert first is not None and first["layer"] == layer, first
+    # the report names it
+    report = {
+        "stages": {
+            "quantize": {
+                "percentile": None, "calibrator": "max", "calibration": "test", "target": target,
+                "targets": {
+                    target: {
+                        "activation_dtype": "uint8", "activation_quantizers": 1, "weight_quantizers": 1,
+                        "sim_vs_onnx_top1_agreement": 1.0, "runtime": RUNTIMES[target], "fidelity": f,
+                    }
+                },
+            }
+        }
+    }  # fmt: skip
+    text = "\n".join(QuantizeStage.report_section(report))
+    assert f"first diverging layer: {layer}" in text
+
+
+def test_excess_is_relative_to_the_inputs_not_the_depth(built, data):
+    """A wrong scale late in the net: the taps before it stay clean, the ones after inherit its error but
+    only the planted layer jumps."""
+    target, qmodel, proto = built
+    f = fidelity.compare(qmodel, _plant(proto, "layer3.0.conv1", 1.3), RUNTIMES[target], data.sample_input(16))
+    rows = f["taps"]
+    i = next(k for k, r in enumerate(rows) if r["layer"] == "layer3.0.conv1")
+    assert all(r["excess"] <= f["tolerance"] for r in rows[:i])
+    assert np.isclose(max(r["excess"] for r in rows), rows[i]["excess"])
