@@ -178,6 +178,15 @@ class _WeightQuant:
         self.quantize_weight = True
         self.export_weights = False
 
+    def set_bits(self, bits: int) -> None:
+        """Requantize the weights at ``bits`` (scales from the max again): fallback to 8 bits keeps a layer
+        integer where the rest of the model has fewer bits."""
+        if not 2 <= bits <= 8:
+            raise ValueError(f"weight bits must be 2..8, got {bits}")
+        self.bits = bits
+        with torch.no_grad():
+            self.weight_scale.copy_(weight_scales(self.weight, self.per_channel, self.reduce_range, bits))
+
     @property
     def weight_qrange(self) -> tuple[int, int]:
         if self.bits == 8 or self.export_weights:

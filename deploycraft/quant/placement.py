@@ -187,6 +187,11 @@ def act_quantizers(model: nn.Module) -> list[tuple[str, ActQuantizer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantizer)]
 
 
+def _active(m: nn.Module | None) -> bool:
+    """An activation quantizer that quantizes (not one that fallback turned off)."""
+    return isinstance(m, ActQuantizer) and m.mode != "off"
+
+
 def expected_int8_convs(qmodel: fx.GraphModule, target: Target) -> int:
     """How many convs the placement lets the target's runtime run in INT8.
 
@@ -199,19 +204,19 @@ def expected_int8_convs(qmodel: fx.GraphModule, target: Target) -> int:
     count = 0
     for n in qmodel.graph.nodes:
         m = _module(qmodel, n)
-        if not isinstance(m, QuantConv2d):
-            continue
+        if not isinstance(m, QuantConv2d) or not m.quantize_weight:
+            continue  # a conv left in float by fallback runs in float
         if m.bits <= 4:
             # INT4 weights: ONNX Runtime dequantizes them and runs the conv in float (smaller, not faster).
             continue
         src = n.args[0]
-        if not (isinstance(src, fx.Node) and isinstance(_module(qmodel, src), ActQuantizer)):
+        if not (isinstance(src, fx.Node) and _active(_module(qmodel, src))):
             continue
         if need_output:
             users = list(n.users)
             if len(users) == 1 and _is_relu(qmodel, users[0]):
                 users = list(users[0].users)
-            if not any(isinstance(_module(qmodel, u), ActQuantizer) for u in users):
+            if not any(_active(_module(qmodel, u)) for u in users):
                 continue
         count += 1
     return count

@@ -44,7 +44,7 @@ from deploycraft.models.io import read_spec
 from deploycraft.names import ARTIFACT_FILE, INT8_NAME
 from deploycraft.onnx_io import quant_dtypes, relative_error
 from deploycraft.progress import log
-from deploycraft.quant import fidelity
+from deploycraft.quant import fidelity, sensitivity
 from deploycraft.quant.placement import act_quantizers
 from deploycraft.runtime import onnx_runner
 from deploycraft.stages.base import Stage, StageOutput, register_stage
@@ -123,6 +123,24 @@ class QuantizeConfig(StageConfig):
         description="Weight bit-width (2-8) by module path (e.g. layer3.2.conv2), over weight_bits and ends_at_8_bits.",
     )
     qat: QATConfig = Field(default_factory=QATConfig, description="method: qat: the fine-tuning.")
+    sensitivity: bool = Field(
+        False,
+        description="Per-quantizer sensitivity: top-1 with only that quantizer on, and with only it off, on "
+        "`sensitivity_images` images of the training split (never the held-out split); a plot in the report. "
+        "Costs two evaluations per quantizer.",
+    )
+    sensitivity_images: int = Field(1000, ge=10, description="Training-split images of the sensitivity analysis.")
+    fallback: Literal["none", "auto"] = Field(
+        "none",
+        description="auto: after the sensitivity analysis, keep the most sensitive quantizers at higher precision "
+        "(weights below 8 bits back at 8, the rest in float), one at a time, until top-1 on the sensitivity images "
+        "is within `fallback_budget` of float; the report lists them with their size and latency cost on the "
+        "target runtime.",
+    )
+    fallback_budget: float = Field(
+        0.003, ge=0, le=1, description="fallback: auto: the largest top-1 drop from float kept (0.003 = 0.3 points)."
+    )
+    fallback_max_layers: int = Field(16, ge=1, description="fallback: auto: at most this many quantizers kept.")
     fidelity_tolerance: float = Field(
         0.1,
         gt=0,
@@ -273,6 +291,55 @@ def _qat_line(qat: dict[str, Any]) -> str:
     return line + f" (simulated). The PTQ file ({qat['ptq_file']}) is kept; the shipped file has its graph."
 
 
+def _sensitivity_lines(sens: dict[str, Any]) -> list[str]:
+    """The analysis in a sentence, the fallback's table of kept quantizers with their costs, the plot."""
+    ranked = sorted(sens["units"], key=lambda r: (-r["gain_in_float"], r["mse_in_float"]))
+    top = "; ".join(
+        f"{r['label']}: {0.0 - r['drop_alone'] * 100:+.2f} pt when only it is quantized, "
+        f"{r['gain_in_float'] * 100 + 0.0:+.2f} pt when only it is left in float"
+        for r in ranked[:3]
+    )
+    lines = [
+        f"Sensitivity ({len(sens['units'])} quantizers, {sens['source']}): float {sens['top1_float'] * 100:.2f} %, "
+        f"all quantized {sens['top1_quantized'] * 100:.2f} %; most sensitive: {top}."
+    ]
+    fb = sens.get("fallback")
+    if fb is not None:
+        if not fb["chosen"]:
+            lines.append(
+                f"Fallback (auto, budget {fb['budget'] * 100:.2f} pt): nothing kept, the drop on the sample is "
+                "within it."
+            )
+        else:
+            status = "within" if fb["within_budget"] else "**still outside**"
+            lines.append(
+                f"Fallback (auto, budget {fb['budget'] * 100:.2f} pt): {len(fb['chosen'])} quantizer(s) kept at higher "
+                f"precision, top-1 on the sample {fb['steps'][0]['top1'] * 100:.2f} % → {fb['top1_after'] * 100:.2f} % "
+                f"({status} the budget; the held-out numbers are in the verify table). Cost of each alone, on "
+                f"{fb['costs']['runtime']}:"
+            )
+            bs = fb["costs"]["batch_sizes"]
+            lines += [
+                "",
+                "| kept | action | file size | " + " | ".join(f"latency batch {b}" for b in bs) + " |",
+                "|---|---|---|" + "---|" * len(bs),
+            ]
+            for a in fb["actions"]:
+                c = fb["costs"]["per_unit"][a["unit"]]
+                lat = " | ".join(f"{c['latency_ms'][str(b)]:+.3f} ms" for b in bs)
+                lines.append(f"| {a['unit']} | {a['action']} | {c['bytes'] / 1e3:+.1f} kB | {lat} |")
+            base = fb["costs"]
+            lines.append(
+                f"| (file without fallback) | | {base['base_bytes'] / 1e3:.1f} kB | "
+                + " | ".join(f"{base['base_ms'][str(b)]:.3f} ms" for b in bs)
+                + " |"
+            )
+            lines.append("")
+    if sens.get("plot"):
+        lines.append(f"![quantizer sensitivity]({sens['plot']})")
+    return lines
+
+
 @register_stage
 class QuantizeStage(Stage):
     type = "quantize"
@@ -286,6 +353,14 @@ class QuantizeStage(Stage):
     def check(cls, recipe, index: int) -> None:
         cfg = recipe.stages[index]
         d = recipe.data
+        if cfg.enabled and (cfg.sensitivity or cfg.fallback == "auto") and d.dataset == "imagefolder":
+            if not (Path(d.root) / d.train_split).is_dir():
+                raise UserError(
+                    f"the sensitivity analysis chooses layers on the training split, and "
+                    f"{Path(d.root) / d.train_split} is missing (the held-out split is for the report)",
+                    field=f"stages.{index}.{'fallback' if cfg.fallback == 'auto' else 'sensitivity'}",
+                    fix="point data.train_split at the training images, or turn the option off",
+                )
         if cfg.enabled and cfg.method == "qat" and d.dataset == "imagefolder":
             if not (Path(d.root) / d.train_split).is_dir():
                 raise UserError(
@@ -367,6 +442,14 @@ class QuantizeStage(Stage):
             opset=cfg.opset,
             metadata=metadata,
         )
+        sens = None
+        if cfg.sensitivity or cfg.fallback == "auto":
+            sens = self._sensitivity(ctx, built, target, ptq_path, metadata, workdir)
+            if sens.get("fallback", {}).get("chosen"):
+                built = export_deployable(
+                    built.module, "int8", ptq_path, data.sample_input(2), target, cfg.opset, metadata=metadata,
+                    ranges=built.ranges,
+                )  # fmt: skip
         qat_metrics = None
         if cfg.method == "qat":
             qmodel, qat_metrics = self._qat(ctx, model, built.module, target, workdir)
@@ -403,6 +486,8 @@ class QuantizeStage(Stage):
         metrics["int4_initializers"] = sum(t.data_type == onnx.TensorProto.INT4 for t in built.proto.graph.initializer)
         if qat_metrics is not None:
             metrics["qat"] = qat_metrics
+        if sens is not None:
+            metrics["sensitivity"] = sens
         metrics["held_out"] = held_out_agreement(model, qmodel, onnx_runner(runtime, path, threads=None), data)
         h = metrics["held_out"]
         log(
@@ -431,6 +516,77 @@ class QuantizeStage(Stage):
         )
         artifact = {"path": path.name, "format": "onnx", "precision": "int8", "backend": runtime, "target": target}
         return artifact, metrics
+
+    def _sensitivity(self, ctx, built, target: str, path: Path, metadata: dict, workdir: Path) -> dict[str, Any]:
+        """The per-quantizer analysis of the calibrated simulation, and (fallback: auto) the quantizers kept at
+        higher precision, applied to ``built.module``, each one's size and latency cost measured on the runtime."""
+        cfg, data = self.config, ctx.data
+        field = "stages.quantize." + ("fallback" if cfg.fallback == "auto" else "sensitivity")
+        images, labels, source = data.train_holdout(cfg.sensitivity_images, field)
+        log(f"  {target}: sensitivity of every quantizer on {source}")
+        result = sensitivity.analyse(built.module, images, labels)
+        result["source"] = source
+        sub = STATE_SUFFIX[target].lstrip("_") or "onnxruntime"
+        png = workdir / "plots" / f"sensitivity_{sub}.png"
+        if sensitivity.plot(result, png):
+            try:
+                result["plot"] = png.relative_to(ctx.run.root).as_posix()
+            except ValueError:
+                result["plot"] = png.as_posix()
+        top = sensitivity.ranking(result)[:3]
+        log(
+            f"  {target}: float {result['top1_float']:.4f}, all quantized {result['top1_quantized']:.4f} on the "
+            f"sample; most sensitive: {', '.join(top)}"
+        )
+        if cfg.fallback != "auto":
+            return result
+        choice = sensitivity.choose_fallback(
+            built.module, result, images, labels, cfg.fallback_budget, cfg.fallback_max_layers
+        )
+        choice["budget"] = cfg.fallback_budget
+        if choice["chosen"]:
+            choice["costs"] = self._fallback_costs(ctx, built, target, path, metadata, choice["chosen"], workdir)
+            choice["actions"] = sensitivity.apply_fallback(built.module, choice["chosen"])
+        log(
+            f"  {target}: fallback keeps {len(choice['chosen'])} quantizer(s) at higher precision "
+            f"({', '.join(choice['chosen']) or 'none needed'}); top-1 on the sample {choice['top1_after']:.4f}"
+            + ("" if choice["within_budget"] else f" — [yellow]still outside the budget of {cfg.fallback_budget}[/]")
+        )
+        result["fallback"] = choice
+        return result
+
+    def _fallback_costs(self, ctx, built, target: str, path: Path, metadata: dict, chosen: list[str], workdir: Path):
+        """Each kept quantizer's cost, alone against the file without fallback: bytes and median latency on the
+        target's runtime at verify's batch sizes (interleaved rounds, one process)."""
+        from deploycraft.runtime.bench import measure
+
+        cfg, data = self.config, ctx.data
+        verify = next((s for s in ctx.recipe.stages if s.type == "verify" and s.enabled), None)
+        batch_sizes = list(verify.batch_sizes) if verify is not None else [1]
+        folder = workdir / "fallback" / (STATE_SUFFIX[target].lstrip("_") or "onnxruntime")
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {"none": path}
+        for i, name in enumerate(chosen):
+            variant = copy.deepcopy(built.module)
+            sensitivity.apply_fallback(variant, [name])
+            files[name] = folder / f"{i:02d}.onnx"
+            export_deployable(
+                variant, "int8", files[name], data.sample_input(2), target, cfg.opset, metadata=metadata,
+                ranges=built.ranges,
+            )  # fmt: skip
+        runtime = TARGET_RUNTIME[target]
+        runners = {name: onnx_runner(runtime, f, threads=ctx.recipe.threads) for name, f in files.items()}
+        times = measure(runners, data.sample_input, batch_sizes, warmup=3, repeats=40, show=True)
+        base = times["none"]
+        costs = {}
+        for name in chosen:
+            costs[name] = {
+                "bytes": files[name].stat().st_size - path.stat().st_size,
+                "latency_ms": {str(bs): (times[name][bs].p50 - base[bs].p50) for bs in batch_sizes},
+                "file": files[name].relative_to(workdir).as_posix(),
+            }
+        return {"runtime": runtime, "batch_sizes": batch_sizes, "base_ms": {str(b): base[b].p50 for b in batch_sizes},
+                "base_bytes": path.stat().st_size, "per_unit": costs}  # fmt: skip
 
     def _qat(self, ctx, model, ptq_module, target: str, workdir: Path):
         """PTQ's calibrated simulation fine-tuned with KD (and a plain-QAT control); held-out top-1 of each."""
@@ -522,6 +678,9 @@ class QuantizeStage(Stage):
                 )
             if t.get("fidelity"):
                 lines.append(fidelity.summary_line(t["fidelity"], t.get("runtime", target)))
+            sens = t.get("sensitivity")
+            if sens:
+                lines.extend(_sensitivity_lines(sens))
             qat = t.get("qat")
             if qat:
                 lines.append(_qat_line(qat))

@@ -1,0 +1,227 @@
+"""Per-quantizer sensitivity of a calibrated simulation, and automatic fallback within an accuracy budget.
+
+A *unit* is one quantizer, named by module path: a layer's weight quantizer (``layer3.2.conv2``) or an
+activation quantizer (``act_quant_12``, with the layer whose output it quantizes). For each unit the
+analysis measures top-1 on images of the *training* split (never the held-out split the report uses) with
+only that unit quantized (everything else in float) and with only that unit left in float (everything else
+quantized), and the mean squared error of the logits against the float model, which breaks ties of top-1
+on a finite sample.
+
+Fallback (``fallback: auto``) keeps units at higher precision, most sensitive first (the largest top-1
+gain when left in float, then the largest error reduction), re-measuring after each, until the drop from
+float is within the budget: a weight quantizer below 8 bits goes back to 8 bits (the layer stays integer),
+an 8-bit one and an activation quantizer go to float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from deploycraft.progress import bar
+from deploycraft.quant.modules import ActQuantizer
+
+
+@dataclass
+class Unit:
+    name: str  # module path of the quantizer (weight: the layer's path)
+    kind: str  # "weight" | "activation"
+    module: nn.Module
+    layer: str | None  # activation: the layer whose output it quantizes
+
+    @property
+    def label(self) -> str:
+        if self.kind == "weight":
+            return f"{self.name} (weights, {self.module.bits} bits)"
+        return f"{self.name} (output of {self.layer})" if self.layer else f"{self.name} (input)"
+
+    def set(self, quantized: bool) -> None:
+        if self.kind == "weight":
+            self.module.quantize_weight = quantized
+        else:
+            self.module.mode = "quantize" if quantized else "off"
+
+    @property
+    def quantized(self) -> bool:
+        return self.module.quantize_weight if self.kind == "weight" else self.module.mode == "quantize"
+
+
+def _producer_layer(gm: nn.Module, node: fx.Node) -> str | None:
+    """The conv / linear whose output reaches ``node`` first, walking up first arguments."""
+    src = node.args[0] if node.args else None
+    for _ in range(32):
+        if not isinstance(src, fx.Node):
+            return None
+        if src.op == "call_module" and hasattr(gm.get_submodule(src.target), "weight_scale"):
+            return str(src.target)
+        src = src.args[0] if src.args else None
+    return None
+
+
+def units(qmodel: nn.Module) -> list[Unit]:
+    """Every quantizer of the simulation in forward order: weights by layer, activations with their producer."""
+    out: list[Unit] = []
+    seen: set[str] = set()
+    graph = getattr(qmodel, "graph", None)
+    nodes = [n for n in graph.nodes if n.op == "call_module"] if graph is not None else []
+    for n in nodes:
+        m = qmodel.get_submodule(n.target)
+        if n.target in seen:
+            continue
+        if hasattr(m, "weight_scale"):
+            out.append(Unit(str(n.target), "weight", m, None))
+        elif isinstance(m, ActQuantizer):
+            out.append(Unit(str(n.target), "activation", m, _producer_layer(qmodel, n)))
+        else:
+            continue
+        seen.add(n.target)
+    return out
+
+
+def _evaluate(qmodel: nn.Module, images: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor | None, batch: int):
+    correct, se, n = 0, 0.0, 0
+    logits_all = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            logits = qmodel(images[i : i + batch])
+            correct += int((logits.argmax(1) == labels[i : i + batch]).sum())
+            if ref is not None:
+                se += float(((logits - ref[i : i + batch]) ** 2).mean(1).sum())
+            else:
+                logits_all.append(logits)
+            n += len(logits)
+    return correct / n, se / n, (torch.cat(logits_all) if logits_all else None)
+
+
+def analyse(qmodel: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> dict[str, Any]:
+    """Top-1 and logit error with every unit quantized, none, each alone, and all but each; the simulation
+    is left as it was found."""
+    qmodel.eval()
+    us = units(qmodel)
+    before = [u.quantized for u in us]
+    try:
+        for u in us:
+            u.set(False)
+        top1_float, _, ref = _evaluate(qmodel, images, labels, None, batch)
+        for u in us:
+            u.set(True)
+        top1_quant, mse_quant, _ = _evaluate(qmodel, images, labels, ref, batch)
+        rows = []
+        with bar("sensitivity", len(us)) as b:
+            for u in us:
+                for v in us:
+                    v.set(v is u)
+                alone, mse_alone, _ = _evaluate(qmodel, images, labels, ref, batch)
+                for v in us:
+                    v.set(v is not u)
+                kept, mse_kept, _ = _evaluate(qmodel, images, labels, ref, batch)
+                rows.append(
+                    {
+                        "unit": u.name,
+                        "kind": u.kind,
+                        "label": u.label,
+                        "drop_alone": top1_float - alone,  # top-1 lost when only this unit is quantized
+                        "gain_in_float": kept - top1_quant,  # top-1 won back when only this unit stays float
+                        "mse_alone": mse_alone,
+                        "mse_in_float": mse_kept,
+                    }
+                )
+                b.advance()
+    finally:
+        for u, q in zip(us, before, strict=True):
+            u.set(q)
+    return {
+        "images": len(images),
+        "top1_float": top1_float,
+        "top1_quantized": top1_quant,
+        "mse_quantized": mse_quant,
+        "units": rows,
+    }
+
+
+def ranking(result: dict[str, Any]) -> list[str]:
+    """Units, most sensitive first: the top-1 won back in float, then the logit error removed."""
+    rows = sorted(result["units"], key=lambda r: (-r["gain_in_float"], r["mse_in_float"]))
+    return [r["unit"] for r in rows]
+
+
+def apply_fallback(qmodel: nn.Module, names: list[str]) -> list[dict[str, Any]]:
+    """Keep ``names`` at higher precision: sub-8-bit weights at 8 bits, the rest in float."""
+    by_name = {u.name: u for u in units(qmodel)}
+    done = []
+    for name in names:
+        u = by_name[name]
+        if u.kind == "weight" and u.module.bits < 8:
+            done.append({"unit": name, "kind": u.kind, "action": f"{u.module.bits} -> 8 bits"})
+            u.module.set_bits(8)
+        else:
+            done.append({"unit": name, "kind": u.kind, "action": "float"})
+            u.set(False)
+    return done
+
+
+def choose_fallback(
+    qmodel: nn.Module,
+    result: dict[str, Any],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    budget: float,
+    max_units: int,
+    batch: int = 256,
+) -> dict[str, Any]:
+    """Greedy: add the next most sensitive unit until top-1 (same images) is within ``budget`` of float.
+    Works on a copy; returns the chosen names and the top-1 after each step."""
+    import copy
+
+    order = ranking(result)
+    steps = []
+    chosen: list[str] = []
+    trial = copy.deepcopy(qmodel)
+    top1, _, _ = _evaluate(trial, images, labels, None, batch)
+    steps.append({"units": 0, "top1": top1})
+    for name in order[:max_units]:
+        if result["top1_float"] - top1 <= budget:
+            break
+        apply_fallback(trial, [name])
+        chosen.append(name)
+        top1, _, _ = _evaluate(trial, images, labels, None, batch)
+        steps.append({"units": len(chosen), "unit": name, "top1": top1})
+    return {
+        "chosen": chosen,
+        "steps": steps,
+        "top1_after": top1,
+        "within_budget": result["top1_float"] - top1 <= budget,
+    }
+
+
+def plot(result: dict[str, Any], path, top: int = 25) -> bool:
+    """Bar chart of the most sensitive units: top-1 lost when only it is quantized, won back when only it
+    stays in float (percentage points, same images)."""
+    from deploycraft.diagnostics import _pyplot, _save
+
+    rows = sorted(result["units"], key=lambda r: (-r["gain_in_float"], r["mse_in_float"]))[:top]
+    if not rows:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.6), dpi=110)
+    ys = list(range(len(rows)))[::-1]
+    ax.barh([y + 0.2 for y in ys], [r["drop_alone"] * 100 for r in rows], height=0.4, color="C3",
+            label="top-1 lost, only this quantized")  # fmt: skip
+    ax.barh([y - 0.2 for y in ys], [r["gain_in_float"] * 100 for r in rows], height=0.4, color="C0",
+            label="top-1 won back, only this in float")  # fmt: skip
+    ax.set_yticks(ys)
+    ax.set_yticklabels([r["label"] for r in rows], fontsize=7)
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_xlabel(f"percentage points of top-1 ({result['images']} training-split images)")
+    ax.set_title(
+        f"Most sensitive quantizers (float {result['top1_float'] * 100:.2f} %, "
+        f"all quantized {result['top1_quantized'] * 100:.2f} %)",
+        fontsize=9,
+    )
+    ax.legend(loc="lower right", fontsize=7)
+    _save(fig, path)
+    return True

@@ -1,0 +1,115 @@
+"""Per-quantizer sensitivity and fallback: auto. Labels are the float model's own predictions, so float
+top-1 is 100 % and every point lost is the quantization's; one layer is made the weak spot (2-bit weights)."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from deploycraft.config import DataConfig
+from deploycraft.data import build_data
+from deploycraft.deployables import QuantSettings, build_deployable, check_int8_execution, export_deployable
+from deploycraft.quant import sensitivity
+from deploycraft.quant.modules import ActQuantizer
+
+WEAK = "layer2.0.conv2"
+
+
+@pytest.fixture(scope="module")
+def data():
+    return build_data(DataConfig(dataset="synthetic", image_size=16, channels=3, train_subset=256, val_subset=64))
+
+
+@pytest.fixture()
+def setup(tiny_resnet, data, tmp_path):
+    images, _ = data.calibration_images(64)
+    built = build_deployable(
+        tiny_resnet, "int8", tmp_path / "int8.onnx", data.sample_input(2), target="onnxruntime-cpu",
+        settings=QuantSettings(layer_bits=((WEAK, 2),)), calibration=(images, data.spec), show=False,
+    )  # fmt: skip
+    x, _, _ = data.train_holdout(128, "stages.quantize.fallback")
+    with torch.no_grad():
+        y = tiny_resnet(x).argmax(1)
+    return built, x, y
+
+
+def test_units_are_every_quantizer_in_forward_order(setup):
+    built, _, _ = setup
+    us = sensitivity.units(built.module)
+    weights = [u.name for u in us if u.kind == "weight"]
+    assert weights[0] == "conv1" and weights[-1] == "fc" and WEAK in weights
+    acts = [u for u in us if u.kind == "activation"]
+    assert len(acts) == sum(isinstance(m, ActQuantizer) for m in built.module.modules())
+    assert acts[0].layer is None and all(a.layer for a in acts[1:])
+
+
+def test_the_weak_layer_ranks_first_and_the_simulation_is_left_as_found(setup):
+    built, x, y = setup
+    before = built.module(x[:8])
+    result = sensitivity.analyse(built.module, x, y)
+    assert result["top1_float"] == 1.0 and result["top1_quantized"] < 0.9
+    assert len(result["units"]) == len(sensitivity.units(built.module))
+    assert sensitivity.ranking(result)[0] == WEAK
+    weak = next(r for r in result["units"] if r["unit"] == WEAK)
+    assert weak["drop_alone"] > 0.05 and weak["gain_in_float"] > 0.05
+    assert torch.equal(built.module(x[:8]), before)
+
+
+def test_fallback_auto_keeps_the_weak_layer_at_8_bits_and_ends_within_budget(setup, tmp_path):
+    built, x, y = setup
+    result = sensitivity.analyse(built.module, x, y)
+    choice = sensitivity.choose_fallback(built.module, result, x, y, budget=0.03, max_units=8)
+    assert choice["chosen"][0] == WEAK and choice["within_budget"]
+    assert choice["top1_after"] >= 1.0 - 0.03
+    actions = sensitivity.apply_fallback(built.module, choice["chosen"])
+    assert actions[0] == {"unit": WEAK, "kind": "weight", "action": "2 -> 8 bits"}
+    assert built.module.get_submodule(WEAK).bits == 8
+
+
+def test_a_layer_kept_in_float_exports_and_the_int8_proof_counts_it_out(setup, data, tmp_path):
+    built, _, _ = setup
+    module = built.module
+    sensitivity.apply_fallback(module, [WEAK])  # 2 -> 8 bits first
+    sensitivity.apply_fallback(module, [WEAK])  # then float
+    assert not module.get_submodule(WEAK).quantize_weight
+    path = tmp_path / "fallback.onnx"
+    export_deployable(module, "int8", path, data.sample_input(2), "onnxruntime-cpu", ranges=built.ranges)
+    proof = check_int8_execution(path, "onnxruntime-cpu", module, tmp_path)
+    assert proof["int8_convs"] >= proof["expected_int8_convs"] == proof["convs"] - 1
+    inits = {t.name for t in onnx.load(str(path)).graph.initializer}
+    assert f"{WEAK}.weight_scale" not in inits
+
+
+def test_no_training_split_is_one_clear_error(tmp_path):
+    from deploycraft.errors import UserError
+
+    data = build_data(DataConfig(dataset="synthetic", image_size=16, channels=3))
+    data.train = None
+    with pytest.raises(UserError) as e:
+        data.train_holdout(10, "stages.quantize.fallback")
+    assert e.value.field == "stages.quantize.fallback"
+
+
+def test_the_quantize_stage_reports_sensitivity_and_fallback_with_costs(tmp_path):
+    import json
+
+    from deploycraft.pipeline import Pipeline
+    from deploycraft.recipe import build_recipe
+    from tests.conftest import smoke_recipe
+
+    raw = smoke_recipe(target="onnxruntime-cpu")
+    raw["stages"][0]["epochs"] = 4
+    raw["stages"][1].update(
+        weight_bits=2, fallback="auto", fallback_budget=0.02, fallback_max_layers=3, sensitivity_images=64
+    )
+    Pipeline(build_recipe(raw), tmp_path / "run").execute()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    sens = report["stages"]["quantize"]["targets"]["onnxruntime-cpu"]["sensitivity"]
+    assert sens["images"] == 64 and "training split" in sens["source"]
+    fb = sens["fallback"]
+    assert 1 <= len(fb["chosen"]) <= 3 and [a["unit"] for a in fb["actions"]] == fb["chosen"]
+    assert set(fb["costs"]["per_unit"]) == set(fb["chosen"]) and fb["costs"]["batch_sizes"] == [1]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Fallback (auto, budget 2.00 pt)" in md and f"| {fb['chosen'][0]} |" in md
+    assert (tmp_path / "run" / sens["plot"]).is_file() and f"]({sens['plot']})" in md
