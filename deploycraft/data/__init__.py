@@ -226,25 +226,6 @@ class DataModule:
         images = torch.cat([b for b, _ in _batches(source, pick, 256, self.cfg.num_workers)])
         return images, f"class-balanced seeded sample of {len(pick)} images from the {what}"
 
-    def train_holdout(self, n: int, field: str) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """Up to n prepared images (and labels) from the *training* split, never the held-out one: a
-        class-balanced seeded sample (another seed than calibration's) for decisions that must not look at
-        the split the report evaluates on. ``field`` is the recipe field named when there is no training split."""
-        if self.train is None:
-            raise UserError(
-                f"{self.location} has no training split to choose layers on (the held-out split is for the report)",
-                field=field,
-                fix="point data.train_split at the training images, or turn the option off",
-            )
-        labels = self.train.labels[self.train_index]
-        pick = self.train_index[class_balanced_indices(labels, min(n, len(self.train_index)), self.seed + 7919)]
-        images, ys = [], []
-        for b, y in _batches(self.train, pick, 256, self.cfg.num_workers):
-            images.append(prepare_batch(b, self.spec))
-            ys.append(y)
-        what = f"class-balanced seeded sample of {len(pick)} images from the training split"
-        return torch.cat(images), torch.cat(ys), what
-
 
 def load_calibration_file(path: Path, field: str = "data.calibration") -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, C, H, W) and int64 labels (N,) from a user's .npz; every defect one UserError."""

@@ -82,6 +82,30 @@ def units(qmodel: nn.Module) -> list[Unit]:
     return out
 
 
+def training_sample(data, n: int, field: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Up to n prepared images (and labels) from the *training* split, never the held-out one: a
+    class-balanced seeded sample (another seed than calibration's), for choices that must not see the split
+    the report evaluates on. ``field`` is the recipe field named when there is no training split."""
+    from deploycraft.data import _batches, class_balanced_indices
+    from deploycraft.data.transforms import prepare_batch
+    from deploycraft.errors import UserError
+
+    if data.train is None:
+        raise UserError(
+            f"{data.location} has no training split to choose layers on (the held-out split is for the report)",
+            field=field,
+            fix="point data.train_split at the training images, or turn the option off",
+        )
+    labels = data.train.labels[data.train_index]
+    pick = data.train_index[class_balanced_indices(labels, min(n, len(data.train_index)), data.seed + 7919)]
+    images, ys = [], []
+    for b, y in _batches(data.train, pick, 256, data.cfg.num_workers):
+        images.append(prepare_batch(b, data.spec))
+        ys.append(y)
+    what = f"class-balanced seeded sample of {len(pick)} images from the training split"
+    return torch.cat(images), torch.cat(ys), what
+
+
 def _evaluate(qmodel: nn.Module, images: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor | None, batch: int):
     correct, se, n = 0, 0.0, 0
     logits_all = []

@@ -522,7 +522,7 @@ class QuantizeStage(Stage):
         higher precision, applied to ``built.module``, each one's size and latency cost measured on the runtime."""
         cfg, data = self.config, ctx.data
         field = "stages.quantize." + ("fallback" if cfg.fallback == "auto" else "sensitivity")
-        images, labels, source = data.train_holdout(cfg.sensitivity_images, field)
+        images, labels, source = sensitivity.training_sample(data, cfg.sensitivity_images, field)
         log(f"  {target}: sensitivity of every quantizer on {source}")
         result = sensitivity.analyse(built.module, images, labels)
         result["source"] = source

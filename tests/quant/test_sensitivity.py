@@ -28,7 +28,7 @@ def setup(tiny_resnet, data, tmp_path):
         tiny_resnet, "int8", tmp_path / "int8.onnx", data.sample_input(2), target="onnxruntime-cpu",
         settings=QuantSettings(layer_bits=((WEAK, 2),)), calibration=(images, data.spec), show=False,
     )  # fmt: skip
-    x, _, _ = data.train_holdout(128, "stages.quantize.fallback")
+    x, _, _ = sensitivity.training_sample(data, 128, "stages.quantize.fallback")
     with torch.no_grad():
         y = tiny_resnet(x).argmax(1)
     return built, x, y
@@ -87,7 +87,7 @@ def test_no_training_split_is_one_clear_error(tmp_path):
     data = build_data(DataConfig(dataset="synthetic", image_size=16, channels=3))
     data.train = None
     with pytest.raises(UserError) as e:
-        data.train_holdout(10, "stages.quantize.fallback")
+        sensitivity.training_sample(data, 10, "stages.quantize.fallback")
     assert e.value.field == "stages.quantize.fallback"
 
 
