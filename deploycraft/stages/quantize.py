@@ -249,6 +249,7 @@ def qat_finetune(
     teacher: torch.nn.Module | None = None,
     label: str = "QAT",
     device: str = "cpu",
+    world=None,
 ) -> list[dict]:
     """Fine-tune a calibrated simulation in place (distilling from ``teacher`` when given); returns the
     history. Resumes from ``workdir/checkpoint.pt`` like training: a killed run re-run ends bit-identical.
@@ -266,8 +267,9 @@ def qat_finetune(
         teacher.to(device)
     try:
         history = train_epochs(
-            qmodel, data, cfg, workdir, seed, loss_fn, label=label, device=device, field="stages.quantize.qat"
-        )
+            qmodel, data, cfg, workdir, seed, loss_fn, label=label, device=device, field="stages.quantize.qat",
+            world=world,
+        )  # fmt: skip
     finally:
         if distiller is not None:
             distiller.close()
@@ -384,21 +386,32 @@ class QuantizeStage(Stage):
                     fix=f"name a conv or linear module path, e.g. {', '.join(near)}",
                 )
 
+    def runs_data_parallel(self) -> bool:
+        """QAT trains: under torchrun every rank fine-tunes (DDP); calibration, export and checks stay on rank 0."""
+        return self.config.method == "qat"
+
     def run(self, ctx, workdir: Path) -> StageOutput:
         cfg = self.config
         data = ctx.data
-        model = ctx.load_model()
+        # the ranks of a data-parallel QAT run read the model together; otherwise rank 0 runs this stage alone
+        model = ctx.load_shared_model() if self.runs_data_parallel() else ctx.load_model()
+        if not ctx.world.is_main:
+            for target in build_targets(ctx.recipe.target):
+                self._follow(ctx, model, target, workdir)
+            return StageOutput()  # rank 0 writes the stage; its output is the stage's
         images, provenance = data.calibration_images(cfg.num_calibration)
         spec = read_spec(ctx.model_dir)
         check = data.sample_input(64)
         artifacts, per_target = {}, {}
         skipped = {}
         for target in build_targets(ctx.recipe.target):
+            self._shared = False
             try:
                 artifact, metrics = self._build(ctx, model, target, images, provenance, spec, check, workdir)
             except Exception as exc:
-                if ctx.recipe.target != "auto":
+                if ctx.recipe.target != "auto" or self._shared:
                     raise
+                self._share(ctx, None)  # the other ranks of a QAT run skip this target too
                 # auto tries every CPU runtime; one that cannot take this network is left out, and said so
                 skipped[target] = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
                 log(f"  [yellow]{target}: left out of auto ({skipped[target]})[/]")
@@ -452,6 +465,8 @@ class QuantizeStage(Stage):
                 )  # fmt: skip
         qat_metrics = None
         if cfg.method == "qat":
+            fallback = (sens or {}).get("fallback", {}).get("chosen", [])
+            self._share(ctx, {"state": built.module.state_dict(), "fallback": fallback})
             qmodel, qat_metrics = self._qat(ctx, model, built.module, target, workdir)
             ptq_bytes = ptq_path.stat().st_size
             built = export_deployable(
@@ -516,6 +531,37 @@ class QuantizeStage(Stage):
         )
         artifact = {"path": path.name, "format": "onnx", "precision": "int8", "backend": runtime, "target": target}
         return artifact, metrics
+
+    _shared = False
+
+    def _share(self, ctx, payload: dict[str, Any] | None) -> None:
+        """Rank 0 sends the calibrated simulation (state and fallback) to the other ranks of a data-parallel QAT
+        run, or None when this target is left out; nothing to do in one process."""
+        self._shared = True
+        if ctx.world.size == 1 or self.config.method != "qat":
+            return
+        import io
+
+        buf = io.BytesIO()
+        if payload is not None:
+            torch.save(payload, buf)
+        ctx.world.broadcast_bytes(buf.getvalue())
+
+    def _follow(self, ctx, model, target: str, workdir: Path) -> None:
+        """A rank other than 0: rebuild rank 0's calibrated simulation of ``target`` and fine-tune it with the
+        other ranks (or skip the target, as rank 0 did)."""
+        import io
+
+        payload = ctx.world.broadcast_bytes(None)
+        if not payload:
+            return
+        obj = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        qmodel = quantized_module(model, target, self.config.settings)
+        for _, q in act_quantizers(qmodel):
+            q.mode = "quantize"
+        sensitivity.apply_fallback(qmodel, list(obj["fallback"]))
+        qmodel.load_state_dict(obj["state"], strict=True)
+        self._qat(ctx, model, qmodel.eval(), target, workdir)
 
     def _sensitivity(self, ctx, built, target: str, path: Path, metadata: dict, workdir: Path) -> dict[str, Any]:
         """The per-quantizer analysis of the calibrated simulation, and (fallback: auto) the quantizers kept at
@@ -600,28 +646,30 @@ class QuantizeStage(Stage):
             "learnable_scales": q.learnable_scales,
             "distill": q.distill.enabled,
         }
-        metrics["top1_fp32"] = top1(torch_predictor(model), data, 256, "top-1 FP32")
-        metrics["top1_ptq"] = top1(torch_predictor(ptq_module), data, 256, "top-1 PTQ (simulated)")
+        world = ctx.world
+        metrics["top1_fp32"] = top1(torch_predictor(model), data, 256, "top-1 FP32", world)
+        metrics["top1_ptq"] = top1(torch_predictor(ptq_module), data, 256, "top-1 PTQ (simulated)", world)
         control_module = copy.deepcopy(ptq_module) if q.distill.enabled and q.distill.control else None
         teacher = None
         if q.distill.enabled:
             if q.distill.teacher == "before_pruning" and ctx.reference_dir is not None:
-                teacher, metrics["teacher"] = ctx.load_model(ctx.reference_dir), "the model before pruning"
+                teacher, metrics["teacher"] = ctx.load_shared_model(ctx.reference_dir), "the model before pruning"
             else:
                 teacher, metrics["teacher"] = copy.deepcopy(model), "the FP32 model being quantized"
-            metrics["top1_teacher"] = top1(torch_predictor(teacher), data, 256, "top-1 teacher")
+            metrics["top1_teacher"] = top1(torch_predictor(teacher), data, 256, "top-1 teacher", world)
         log(f"  {target}: FP32 top-1 {metrics['top1_fp32']:.4f}, PTQ (simulated) {metrics['top1_ptq']:.4f}")
         qmodel = ptq_module
         label = "QAT+KD" if teacher is not None else "QAT"
         history = qat_finetune(
-            qmodel, data, q, workdir / "qat" / sub, ctx.recipe.seed, teacher, label=label, device=ctx.device
-        )
+            qmodel, data, q, workdir / "qat" / sub, ctx.recipe.seed, teacher, label=label, device=ctx.device,
+            world=world,
+        )  # fmt: skip
         metrics["top1_qat"] = history[-1]["val_top1"]
         metrics["history"] = history
         if control_module is not None:
             ctrl = qat_finetune(
                 control_module, data, q, workdir / "qat-control" / sub, ctx.recipe.seed, None, "QAT control",
-                ctx.device,
+                ctx.device, world,
             )  # fmt: skip
             metrics["top1_qat_control"] = ctrl[-1]["val_top1"]
             metrics["control_history"] = ctrl

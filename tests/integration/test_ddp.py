@@ -179,3 +179,29 @@ def test_failure_on_one_rank_stops_every_rank_with_one_line(runs, tmp_path):
     assert "resuming train after epoch 1/2 (checkpoint of 2 process(es), now 1)" in proc.stderr
     history = json.loads((out / "report.json").read_text())["stages"]["train"]["history"]
     assert [h["world_size"] for h in history] == [2, 1]
+
+
+def test_qat_runs_data_parallel(tmp_path):
+    """method: qat under torchrun: rank 0 calibrates and sends the simulation, every rank fine-tunes it with
+    DDP (KD from the FP32 model), rank 0 alone exports, checks and writes."""
+    recipe = smoke_recipe(
+        target="onnxruntime-cpu",
+        data={"train_subset": 256, "val_subset": 128},
+        stages=[
+            {"type": "train", "epochs": 1, "batch_size": 64, "lr": 0.05, "eval_each_epoch": False},
+            {"type": "quantize", "num_calibration": 32, "method": "qat",
+             "qat": {"epochs": 1, "batch_size": 64, "distill": {"control": False}}},
+            {"type": "export"},
+            {"type": "verify", "batch_sizes": [1], "repeats": 3, "warmup": 1, "max_accuracy_drop": 1.0},
+        ],
+    )  # fmt: skip
+    path = write_recipe(tmp_path / "qat.yaml", recipe)
+    out = tmp_path / "run"
+    proc = launch("run", path, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    qat = report["stages"]["quantize"]["targets"]["onnxruntime-cpu"]["qat"]
+    assert [h["world_size"] for h in qat["history"]] == [2]
+    assert qat["top1_qat"] == pytest.approx(qat["history"][-1]["val_top1"])
+    assert "int8_onnx" in report["models"]
+    assert_written_by_rank0(out)
