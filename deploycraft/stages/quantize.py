@@ -317,8 +317,8 @@ def _sensitivity_lines(sens: dict[str, Any]) -> list[str]:
             lines.append(
                 f"Fallback (auto, budget {fb['budget'] * 100:.2f} pt): {len(fb['chosen'])} quantizer(s) kept at higher "
                 f"precision, top-1 on the sample {fb['steps'][0]['top1'] * 100:.2f} % → {fb['top1_after'] * 100:.2f} % "
-                f"({status} the budget; the held-out numbers are in the verify table). Cost of each alone, on "
-                f"{fb['costs']['runtime']}:"
+                f"({status} the budget); held-out top-1 without fallback {fb['held_out_top1_before'] * 100:.2f} % "
+                f"(with it: the verify table). Cost of each alone, on {fb['costs']['runtime']}:"
             )
             bs = fb["costs"]["batch_sizes"]
             lines += [
@@ -591,6 +591,8 @@ class QuantizeStage(Stage):
         )
         choice["budget"] = cfg.fallback_budget
         if choice["chosen"]:
+            # for the report only (the choice above saw the training split alone): what PTQ gives without it
+            choice["held_out_top1_before"] = top1(torch_predictor(built.module), data, 256, "top-1 before fallback")
             choice["costs"] = self._fallback_costs(ctx, built, target, path, metadata, choice["chosen"], workdir)
             choice["actions"] = sensitivity.apply_fallback(built.module, choice["chosen"])
         log(
