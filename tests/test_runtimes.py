@@ -188,3 +188,17 @@ def test_symmetric_int8_matches_its_simulation_on_onnx_runtime(tmp_path, tiny_re
         sim = built.module(x).numpy()
     out = OrtRunner(path)(x.numpy())
     assert relative_error(out, sim) < 0.1 and np.mean(out.argmax(1) == sim.argmax(1)) >= 0.75
+
+
+def test_headline_says_slower_when_the_shipped_file_is():
+    from deploycraft.report import headline
+    from deploycraft.stages.verify import VerifyStage
+
+    models = {
+        "int8_onnx": {"latency_by_batch": {"1": {"p50": 4.0}}},
+        "fp32_onnx": {"latency_by_batch": {"1": {"p50": 1.0}}},
+        "fp32_torch": {"latency_by_batch": {"1": {"p50": 8.0}}},
+    }
+    rows = headline(models, "int8_onnx", {"1": "fp32_onnx"}, {"1": "fp32_onnx"})
+    text = "\n".join(VerifyStage.report_section({"models": {}, "headline": rows, "gates": []}))
+    assert "4.00× slower than the fastest FP32 runtime" in text and "2.00× faster than FP32 torch" in text

@@ -290,6 +290,13 @@ def _has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(hardware().get("cpu_flags", [])))
 
 
+def _than(ratio: float | None, x) -> str:
+    """'2.10× faster than' or, below 1, '3.00× slower than' (a ratio under 1 is not a speed-up)."""
+    if ratio is None or ratio >= 1 or ratio <= 0:
+        return f"{x(ratio)} faster than"
+    return f"{x(1 / ratio)} slower than"
+
+
 @register_stage
 class VerifyStage(Stage):
     type = "verify"
@@ -579,9 +586,9 @@ class VerifyStage(Stage):
         for h in report.get("headline", []):
             lines += [
                 "",
-                f"**Batch {h['batch_size']}: {pretty(h['main'])} is {x(h['speedup_vs_fastest_fp32'])} faster than the "
+                f"**Batch {h['batch_size']}: {pretty(h['main'])} is {_than(h['speedup_vs_fastest_fp32'], x)} the "
                 f"fastest FP32 runtime ({pretty(h['fastest_fp32']) if h['fastest_fp32'] else '—'}) and "
-                f"{x(h['speedup_vs_fp32_torch'])} faster than FP32 torch.**",
+                f"{_than(h['speedup_vs_fp32_torch'], x)} FP32 torch.**",
             ]
             if h.get("fastest_fp32_file") and h["fastest_fp32_file"] != h["fastest_fp32"]:
                 lines[-1] = lines[-1][:-2] + (
