@@ -542,19 +542,20 @@ class QuantizeStage(Stage):
             return
         import io
 
-        buf = io.BytesIO()
-        if payload is not None:
+        # the others wait on the launcher's store (no timeout) while rank 0 calibrates, then take the bytes
+        if ctx.world.publish(payload is not None):
+            buf = io.BytesIO()
             torch.save(payload, buf)
-        ctx.world.broadcast_bytes(buf.getvalue())
+            ctx.world.broadcast_bytes(buf.getvalue())
 
     def _follow(self, ctx, model, target: str, workdir: Path) -> None:
         """A rank other than 0: rebuild rank 0's calibrated simulation of ``target`` and fine-tune it with the
         other ranks (or skip the target, as rank 0 did)."""
         import io
 
+        if not ctx.world.publish(None):
+            return  # rank 0 left this target out
         payload = ctx.world.broadcast_bytes(None)
-        if not payload:
-            return
         obj = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         qmodel = quantized_module(model, target, self.config.settings)
         for _, q in act_quantizers(qmodel):
