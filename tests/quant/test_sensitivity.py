@@ -101,7 +101,12 @@ def test_the_quantize_stage_reports_sensitivity_and_fallback_with_costs(tmp_path
     raw = smoke_recipe(target="onnxruntime-cpu")
     raw["stages"][0]["epochs"] = 4
     raw["stages"][1].update(
-        weight_bits=2, fallback="auto", fallback_budget=0.02, fallback_max_layers=3, sensitivity_images=64
+        weight_bits=2,
+        fallback="auto",
+        fallback_budget=0.02,
+        fallback_max_layers=3,
+        sensitivity_images=64,
+        fallback_images=128,
     )
     Pipeline(build_recipe(raw), tmp_path / "run").execute()
     report = json.loads((tmp_path / "run" / "report.json").read_text())
