@@ -357,7 +357,7 @@ class QuantizeStage(Stage):
     Config = QuantizeConfig
     rank = 3
     report_order = 4
-    reads = ("target",)
+    reads = ("device", "target")  # QAT trains on the recipe's device
     config: QuantizeConfig
 
     @classmethod
