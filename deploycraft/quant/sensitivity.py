@@ -7,10 +7,10 @@ only that unit quantized (everything else in float) and with only that unit left
 quantized), and the mean squared error of the logits against the float model, which breaks ties of top-1
 on a finite sample.
 
-Fallback (``fallback: auto``) keeps units at higher precision, most sensitive first (the largest top-1
-gain when left in float, then the largest error reduction), re-measuring after each, until the drop from
-float is within the budget: a weight quantizer below 8 bits goes back to 8 bits (the layer stays integer),
-an 8-bit one and an activation quantizer go to float.
+Fallback (``fallback: auto``) keeps units at higher precision, most sensitive first (the largest logit
+error removed, then the top-1 won back), re-measuring after each on a larger training-split sample, until
+the drop from float is within the budget. Where some weights are below 8 bits only those layers are
+candidates, and they go back to 8 bits (the layer stays integer); otherwise any quantizer goes to float.
 """
 
 from __future__ import annotations
@@ -204,11 +204,14 @@ def choose_fallback(
     the float model's on the same images. Works on a copy; returns the chosen names and each step's top-1."""
     import copy
 
-    order = ranking(result)
-    steps = []
-    chosen: list[str] = []
     trial = copy.deepcopy(qmodel)
     units_ = units(trial)
+    # Below 8 bits the candidates are those layers (back to 8 bits: still integer, and faster on ONNX
+    # Runtime than its float INT4 path); otherwise any quantizer, back to float.
+    low = {u.name for u in units_ if u.kind == "weight" and u.module.bits < 8}
+    order = [name for name in ranking(result) if not low or name in low]
+    steps = []
+    chosen: list[str] = []
     for u in units_:
         u.set(False)
     top1_float, _, _ = _evaluate(trial, images, labels, None, batch)

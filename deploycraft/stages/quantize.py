@@ -138,10 +138,10 @@ class QuantizeConfig(StageConfig):
     )
     fallback: Literal["none", "auto"] = Field(
         "none",
-        description="auto: after the sensitivity analysis, keep the most sensitive quantizers at higher precision "
-        "(weights below 8 bits back at 8, the rest in float), one at a time, until top-1 on the sensitivity images "
-        "is within `fallback_budget` of float; the report lists them with their size and latency cost on the "
-        "target runtime.",
+        description="auto: after the sensitivity analysis, keep the most sensitive quantizers at higher precision, "
+        "one at a time, until top-1 on `fallback_images` training images is within `fallback_budget` of float: "
+        "where weights are below 8 bits, those layers back at 8 bits; otherwise any quantizer in float. The "
+        "report lists them with their size and latency cost on the target runtime.",
     )
     fallback_budget: float = Field(
         0.003, ge=0, le=1, description="fallback: auto: the largest top-1 drop from float kept (0.003 = 0.3 points)."
