@@ -210,7 +210,10 @@ def compare(
             "off": float((diff > 1.5 * step).mean()),
         }
         errors[i] = row["rel_error"]
-        row["excess"] = row["rel_error"] - max((errors.get(j, 0.0) for j in t["inputs"]), default=0.0)
+        if any(j not in errors for j in t["inputs"]):
+            row["excess"] = 0.0  # an input could not be compared: no jump can be told from growth
+        else:
+            row["excess"] = row["rel_error"] - max((errors[j] for j in t["inputs"]), default=0.0)
         rows.append(row)
         if first is None and row["excess"] > tolerance:
             first = row

@@ -54,6 +54,8 @@ def _producer_layer(gm: nn.Module, node: fx.Node) -> str | None:
     """The conv / linear whose output reaches ``node`` first, walking up first arguments."""
     src = node.args[0] if node.args else None
     for _ in range(32):
+        if isinstance(src, (list, tuple)) and src:  # a concatenation: follow its first input
+            src = src[0]
         if not isinstance(src, fx.Node):
             return None
         if src.op == "call_module" and hasattr(gm.get_submodule(src.target), "weight_scale"):

@@ -231,9 +231,13 @@ def held_out_agreement(model: torch.nn.Module, qmodel: torch.nn.Module, deployed
 
 
 def _learn_scales(qmodel: torch.nn.Module, learn: bool) -> None:
+    """Scales become trained parameters (LSQ) or buffers again; a quantizer that fallback turned off stays a
+    buffer (a parameter the forward never uses would stop DDP)."""
     for m in qmodel.modules():
-        if hasattr(m, "learn_scale"):
-            m.learn_scale(learn)
+        if not hasattr(m, "learn_scale"):
+            continue
+        active = getattr(m, "mode", "quantize") == "quantize" and getattr(m, "quantize_weight", True)
+        m.learn_scale(learn and active)
 
 
 def quantizer_ranges(qmodel: torch.nn.Module) -> dict[str, list[float]]:
@@ -404,8 +408,12 @@ class QuantizeStage(Stage):
         data = ctx.data
         # the ranks of a data-parallel QAT run read the model together; otherwise rank 0 runs this stage alone
         model = ctx.load_shared_model() if self.runs_data_parallel() else ctx.load_model()
+        # rank 0's list of targets (auto depends on what is installed, which may differ between machines)
+        targets = build_targets(ctx.recipe.target) if ctx.world.is_main else None
+        if self.runs_data_parallel():
+            targets = ctx.world.publish(targets)
         if not ctx.world.is_main:
-            for target in build_targets(ctx.recipe.target):
+            for target in targets:
                 self._follow(ctx, model, target, workdir)
             return StageOutput()  # rank 0 writes the stage; its output is the stage's
         images, provenance = data.calibration_images(cfg.num_calibration)
@@ -413,14 +421,15 @@ class QuantizeStage(Stage):
         check = data.sample_input(64)
         artifacts, per_target = {}, {}
         skipped = {}
-        for target in build_targets(ctx.recipe.target):
-            self._shared = False
+        for target in targets:
+            self._announced = self._busy = False
             try:
                 artifact, metrics = self._build(ctx, model, target, images, provenance, spec, check, workdir)
             except Exception as exc:
-                if ctx.recipe.target != "auto" or self._shared:
-                    raise
-                self._share(ctx, None)  # the other ranks of a QAT run skip this target too
+                if ctx.recipe.target != "auto" or self._busy:
+                    raise  # (busy: the other ranks are inside this target's fine-tuning)
+                if not self._announced:
+                    self._share(ctx, None)  # the other ranks of a QAT run skip this target too
                 # auto tries every CPU runtime; one that cannot take this network is left out, and said so
                 skipped[target] = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
                 log(f"  [yellow]{target}: left out of auto ({skipped[target]})[/]")
@@ -477,6 +486,7 @@ class QuantizeStage(Stage):
             fallback = (sens or {}).get("fallback", {}).get("chosen", [])
             self._share(ctx, {"state": built.module.state_dict(), "fallback": fallback})
             qmodel, qat_metrics = self._qat(ctx, model, built.module, target, workdir)
+            self._busy = False  # every collective of this target is done: a later failure may skip it
             ptq_bytes = ptq_path.stat().st_size
             built = export_deployable(
                 qmodel, "int8", path, data.sample_input(2), target, cfg.opset, metadata=metadata,
@@ -495,7 +505,7 @@ class QuantizeStage(Stage):
             "target": target,
             "runtime": runtime,
             "activation_dtype": "/".join(sorted(set(quant_dtypes(built.proto)))),
-            "activation_quantizers": len(built.ranges),
+            "activation_quantizers": sum(1 for _, q in act_quantizers(qmodel) if q.mode == "quantize"),
             "weight_quantizers": sum(1 for m in qmodel.modules() if hasattr(m, "weight_scale")),
             "onnx_ops": built.ops,
             "bytes": path.stat().st_size,
@@ -518,7 +528,9 @@ class QuantizeStage(Stage):
             f"  {target}: held-out top-1 agreement FP32-sim {h['fp32_vs_sim']:.4f}, sim-{runtime} "
             f"{h['sim_vs_deployed']:.4f}, FP32-{runtime} {h['fp32_vs_deployed']:.4f} ({h['images']} images)"
         )
-        metrics["fidelity"] = fidelity.compare(qmodel, onnx.load(str(path)), runtime, check, cfg.fidelity_tolerance)
+        metrics["fidelity"] = fidelity.compare(
+            qmodel, onnx.load(str(path)), runtime, check[:16], cfg.fidelity_tolerance
+        )  # 16 images: every quantizer output of both sides is held in memory
         first = metrics["fidelity"]["first_over"]
         if first is not None:
             log(
@@ -541,14 +553,16 @@ class QuantizeStage(Stage):
         artifact = {"path": path.name, "format": "onnx", "precision": "int8", "backend": runtime, "target": target}
         return artifact, metrics
 
-    _shared = False
+    _announced = False  # rank 0 told the other ranks of a data-parallel QAT run whether this target runs
+    _busy = False  # ... and they are fine-tuning it with rank 0
 
     def _share(self, ctx, payload: dict[str, Any] | None) -> None:
         """Rank 0 sends the calibrated simulation (state and fallback) to the other ranks of a data-parallel QAT
         run, or None when this target is left out; nothing to do in one process."""
-        self._shared = True
         if ctx.world.size == 1 or self.config.method != "qat":
             return
+        self._announced = True
+        self._busy = payload is not None
         import io
 
         # the others wait on the launcher's store (no timeout) while rank 0 calibrates, then take the bytes
@@ -621,8 +635,11 @@ class QuantizeStage(Stage):
         from deploycraft.runtime.bench import measure
 
         cfg, data = self.config, ctx.data
+        from deploycraft.runtime.bench import physical_cores
+
         verify = next((s for s in ctx.recipe.stages if s.type == "verify" and s.enabled), None)
         batch_sizes = list(verify.batch_sizes) if verify is not None else [1]
+        threads = (verify.threads if verify is not None else None) or physical_cores()  # as verify times
         folder = workdir / "fallback" / (STATE_SUFFIX[target].lstrip("_") or "onnxruntime")
         folder.mkdir(parents=True, exist_ok=True)
         files = {"none": path}
@@ -635,7 +652,7 @@ class QuantizeStage(Stage):
                 ranges=built.ranges,
             )  # fmt: skip
         runtime = TARGET_RUNTIME[target]
-        runners = {name: onnx_runner(runtime, f, threads=ctx.recipe.threads) for name, f in files.items()}
+        runners = {name: onnx_runner(runtime, f, threads=threads) for name, f in files.items()}
         times = measure(runners, data.sample_input, batch_sizes, warmup=3, repeats=40, show=True)
         base = times["none"]
         costs = {}

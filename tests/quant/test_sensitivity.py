@@ -118,3 +118,22 @@ def test_the_quantize_stage_reports_sensitivity_and_fallback_with_costs(tmp_path
     md = (tmp_path / "run" / "report.md").read_text()
     assert "Fallback (auto, budget 2.00 pt)" in md and f"| {fb['chosen'][0]} |" in md
     assert (tmp_path / "run" / sens["plot"]).is_file() and f"]({sens['plot']})" in md
+
+
+def test_lsq_leaves_the_scales_of_quantizers_kept_in_float_as_buffers(setup):
+    """A scale the forward never uses must not become a parameter (DDP would stop on it in QAT)."""
+    import torch.nn as nn
+
+    from deploycraft.stages.quantize import _learn_scales
+
+    built, _, _ = setup
+    module = built.module
+    act = next(u for u in sensitivity.units(module) if u.kind == "activation" and u.layer)
+    sensitivity.apply_fallback(module, [WEAK, WEAK, act.name])  # 2 -> 8 bits, then float; the activation float
+    _learn_scales(module, True)
+    try:
+        assert not isinstance(module.get_submodule(WEAK).weight_scale, nn.Parameter)
+        assert not isinstance(module.get_submodule(act.name).scale, nn.Parameter)
+        assert isinstance(module.get_submodule("layer1.0.conv1").weight_scale, nn.Parameter)
+    finally:
+        _learn_scales(module, False)
