@@ -123,6 +123,18 @@ def _evaluate(qmodel: nn.Module, images: torch.Tensor, labels: torch.Tensor, ref
     return correct / n, se / n, (torch.cat(logits_all) if logits_all else None)
 
 
+def _float_then_quantized(qmodel: nn.Module, us: list[Unit], images, labels, batch: int):
+    """Top-1 with every unit in float (and its logits), then with every unit quantized (top-1, and the logit
+    error against float); the units are left quantized."""
+    for u in us:
+        u.set(False)
+    top1_float, _, ref = _evaluate(qmodel, images, labels, None, batch)
+    for u in us:
+        u.set(True)
+    top1_quant, mse_quant, _ = _evaluate(qmodel, images, labels, ref, batch)
+    return top1_float, top1_quant, mse_quant, ref
+
+
 def analyse(qmodel: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> dict[str, Any]:
     """Top-1 and logit error with every unit quantized, none, each alone, and all but each; the simulation
     is left as it was found."""
@@ -130,12 +142,7 @@ def analyse(qmodel: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     us = units(qmodel)
     before = [u.quantized for u in us]
     try:
-        for u in us:
-            u.set(False)
-        top1_float, _, ref = _evaluate(qmodel, images, labels, None, batch)
-        for u in us:
-            u.set(True)
-        top1_quant, mse_quant, _ = _evaluate(qmodel, images, labels, ref, batch)
+        top1_float, top1_quant, mse_quant, ref = _float_then_quantized(qmodel, us, images, labels, batch)
         rows = []
         with bar("sensitivity", len(us)) as b:
             for u in us:
@@ -214,12 +221,7 @@ def choose_fallback(
     order = [name for name in ranking(result) if not low or name in low]
     steps = []
     chosen: list[str] = []
-    for u in units_:
-        u.set(False)
-    top1_float, _, _ = _evaluate(trial, images, labels, None, batch)
-    for u in units_:
-        u.set(True)
-    top1, _, _ = _evaluate(trial, images, labels, None, batch)
+    top1_float, top1, _, _ = _float_then_quantized(trial, units_, images, labels, batch)
     steps.append({"units": 0, "top1": top1})
     for name in order[:max_units]:
         if top1_float - top1 <= budget:
