@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,7 +73,9 @@ def test_run_folder_contract(smoke_run):
     assert report["models"]["int8_onnx"]["precision"] == "int8"
     assert all("passed" in g and "value" in g and "limit" in g for g in report["gates"])
     md = (out / "report.md").read_text()
-    assert "| INT8 ONNX **(shipped)** |" in md and "## Gates" in md and "faster than the fastest FP32 runtime" in md
+    assert "| INT8 ONNX **(shipped)** |" in md and "## Gates" in md
+    # the headline names the fastest FP32 runtime ("slower" where a busy machine makes INT8 lose)
+    assert re.search(r"× (faster|slower) than the fastest FP32 runtime", md)
     assert (out / "plots" / "accuracy_vs_latency.png").stat().st_size > 1000
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
 
