@@ -98,11 +98,14 @@ class ChannelAffine(nn.Module):
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) of an eval-mode BN, computed in float64 to keep folding exact to float32."""
-    var = bn.running_var.double()
-    mean = bn.running_mean.double()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    """(scale, shift) of an eval-mode BN, computed in float64 to keep folding exact to float32.
+
+    Detached: a ChannelAffine's buffers must not carry the BN parameters' autograd history (a deepcopy of the
+    simulation, as QAT's control makes, refuses such tensors, and every backward would run into the BN)."""
+    var = bn.running_var.detach().double()
+    mean = bn.running_mean.detach().double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
     scale = gamma / torch.sqrt(var + bn.eps)
     return scale, beta - mean * scale
 
