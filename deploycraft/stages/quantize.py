@@ -750,7 +750,7 @@ class QuantizeStage(Stage):
             metrics["top1_teacher"] = top1(torch_predictor(teacher), data, 256, "top-1 teacher", world)
             if q.distill.feature_weight > 0:  # preflight checked the recipe's model; this checks the simulation
                 check_feature_kd(
-                    ptq_module, teacher, type(model).__name__, "stages.quantize.qat.distill.feature_weight"
+                    ptq_module, teacher, ctx.recipe.model.arch, "stages.quantize.qat.distill.feature_weight"
                 )
         log(f"  {target}: FP32 top-1 {metrics['top1_fp32']:.4f}, PTQ (simulated) {metrics['top1_ptq']:.4f}")
         qmodel = ptq_module
