@@ -3,12 +3,15 @@
 Soft targets (Hinton, Vinyals & Dean 2015): alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) plus
 (1 - alpha) * cross-entropy on the labels; the T^2 keeps the soft gradients on the scale of the hard
 ones. Feature distillation (FitNets, Romero et al. 2015) matches the student's stage outputs to the
-teacher's through 1x1 adapters where the widths differ (as after pruning).
+teacher's through 1x1 adapters where the widths differ (as after pruning). The student may be a plain
+model (forward hooks on its stage modules) or the quantized simulation, a torch.fx GraphModule in which the
+stage modules are inlined (taps on the graph nodes that carry the stage outputs).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -36,6 +39,8 @@ def stage_modules(model: nn.Module) -> list[str]:
     global pool is used, through ``forward_features``.
     """
     names = getattr(model, "stage_names", None)
+    if names is None and isinstance(model, fx.GraphModule):
+        names = model.meta.get("stage_names")  # a traced copy keeps its source's stages there
     return list(names) if names else []
 
 
@@ -55,6 +60,54 @@ class FeatureTaps:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class _Tap(nn.Module):
+    """A graph node that keeps its input in ``outputs[name]`` and changes nothing."""
+
+    def __init__(self, outputs: dict[str, torch.Tensor], name: str):
+        super().__init__()
+        self.outputs, self.name = outputs, name
+
+    def forward(self, x: torch.Tensor) -> None:
+        self.outputs[self.name] = x
+
+
+class GraphFeatureTaps:
+    """Stage outputs of a torch.fx GraphModule (the quantized simulation), where hooks on ``layer1`` never fire:
+    fx inlined the stage modules. A tap node reads the node that carries each stage's output
+    (``quant.graph.stage_outputs``); it has no users, so the computation is unchanged, and ``close`` removes
+    it, so the module exports and saves as before.
+
+    The tapped tensor is the one after the activation quantizer that reads the stage output, where one does:
+    the student is matched to the FP32 teacher with the quantization error it deploys with, which is what
+    the fine-tuning should shrink.
+    """
+
+    def __init__(self, gm: fx.GraphModule, names: list[str]):
+        from deploycraft.quant.graph import stage_outputs
+
+        self.gm = gm
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.nodes: list[fx.Node] = []
+        for name, source in stage_outputs(gm, names).items():
+            target = "feature_tap_" + name.replace(".", "_")
+            gm.add_module(target, _Tap(self.outputs, name))
+            with gm.graph.inserting_after(source):
+                self.nodes.append(gm.graph.call_module(target, (source,)))
+        gm.recompile()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            target = node.target
+            self.gm.graph.erase_node(node)
+            self.gm.delete_submodule(target)
+        self.nodes = []
+        self.gm.recompile()
+
+
+def feature_taps(model: nn.Module, names: list[str]) -> FeatureTaps | GraphFeatureTaps:
+    return GraphFeatureTaps(model, names) if isinstance(model, fx.GraphModule) else FeatureTaps(model, names)
 
 
 class FeatureAdapters(nn.Module):
@@ -107,13 +160,18 @@ class Distiller:
             names = stage_modules(student)
             if not names or names != stage_modules(teacher):
                 raise ValueError("feature distillation needs student and teacher with the same stage_names")
-            self.student_taps, self.teacher_taps = FeatureTaps(student, names), FeatureTaps(teacher, names)
-            with torch.no_grad():
-                was = student.training
-                student.eval()
-                student(sample)
-                student.train(was)
-                teacher(sample)
+            self.student_taps = feature_taps(student, names)
+            try:
+                self.teacher_taps = feature_taps(teacher, names)
+                with torch.no_grad():
+                    was = student.training
+                    student.eval()
+                    student(sample)
+                    student.train(was)
+                    teacher(sample)
+            except BaseException:
+                self.close()  # the student (a GraphModule) is left without tap nodes
+                raise
             widths = lambda taps: {n: taps.outputs[n].shape[1] for n in names}  # noqa: E731
             self.adapters = FeatureAdapters(widths(self.student_taps), widths(self.teacher_taps))
 

@@ -1,6 +1,6 @@
-"""The quantize stage with method: qat inside a run: KD and plain-QAT control reported, the PTQ file
-kept beside the shipped QAT file, both with one graph, here with 4-bit weights; bad QAT settings are one
-clear error."""
+"""The quantize stage with method: qat inside a run: KD (logits and stage features) and plain-QAT control
+reported, the PTQ file kept beside the shipped QAT file, both with one graph, here with 4-bit weights; bad QAT
+settings are one clear error."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ QAT_STAGE = {
     "num_calibration": 64,
     "method": "qat",
     "weight_bits": 4,
-    "qat": {"epochs": 1, "batch_size": 64, "lr": 0.005, "distill": {"control": True}},
+    "qat": {"epochs": 1, "batch_size": 64, "lr": 0.005, "distill": {"control": True, "feature_weight": 0.5}},
 }
 
 
@@ -34,7 +34,7 @@ def test_qat_run_reports_kd_and_control(tmp_path):
     Pipeline(build_recipe(_qat_recipe()), out).execute()
     report = json.loads((out / "report.json").read_text())
     qat = report["stages"]["quantize"]["qat"]
-    assert qat["distill"] and qat["teacher"] == "the FP32 model being quantized"
+    assert qat["distill"] and qat["teacher"] == "the FP32 model being quantized" and qat["feature_weight"] == 0.5
     for key in ("top1_fp32", "top1_ptq", "top1_qat", "top1_qat_control"):
         assert 0.0 <= qat[key] <= 1.0
     assert [h["epoch"] for h in qat["history"]] == [1] and [h["epoch"] for h in qat["control_history"]] == [1]
@@ -45,6 +45,7 @@ def test_qat_run_reports_kd_and_control(tmp_path):
     assert types(ptq) == types(shipped)
     md = (out / "report.md").read_text()
     assert "QAT: 1 epoch(s)" in md and "plain QAT (control)" in md
+    assert "QAT with KD (logits and stage features, feature weight 0.5)" in md
     q = report["stages"]["quantize"]
     assert q["weight_bits"]["8"] == ["conv1", "fc"] and len(q["weight_bits"]["4"]) == 20
     assert q["int4_initializers"] >= 20 and "Weights: 4 bits in 20 layer(s)" in md

@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from deploycraft.models.layers import CompositeLayer, StochasticDepth
+from deploycraft.quant.modules import ActQuantizer
 
 
 class DeployTracer(fx.Tracer):
@@ -22,10 +23,66 @@ class DeployTracer(fx.Tracer):
 
 
 def capture(model: nn.Module) -> fx.GraphModule:
-    """Trace an eval-mode model into a GraphModule (eval-time control flow is what gets deployed)."""
+    """Trace an eval-mode model into a GraphModule (eval-time control flow is what gets deployed).
+
+    The family's ``stage_names`` go into ``meta`` (which, unlike plain attributes, survives deepcopy), and
+    the tracer records each node's module path in ``node.meta["nn_module_stack"]``: together they let
+    ``stage_outputs`` find the stages in the simulation, where fx has inlined the stage modules.
+    """
     model = model.eval()
     graph = DeployTracer().trace(model)
-    return fx.GraphModule(model, graph, class_name=type(model).__name__ + "Graph")
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Graph")
+    gm.meta["stage_names"] = list(getattr(model, "stage_names", None) or [])
+    return gm
+
+
+def _module_paths(node: fx.Node) -> set[str] | None:
+    """The module paths a traced node was created inside; None for a node a pass inserted later (quantizers)."""
+    stack = node.meta.get("nn_module_stack")
+    if stack is None:
+        return None
+    return {path for path, _type in stack.values()}
+
+
+def stage_outputs(gm: fx.GraphModule, names: list[str], after_quantizer: bool = True) -> dict[str, fx.Node]:
+    """For each stage (a module path of the traced model, e.g. ``layer1``), the node carrying its output.
+
+    A stage's output is the one node created inside it whose value is read outside it; nodes that passes
+    inserted after tracing (quantizers) carry no module path and are looked through. With
+    ``after_quantizer`` the node returned is the activation quantizer that reads that output, where one
+    does: the tensor the deployed graph carries between the stages. Raises ValueError when a stage is not
+    in the graph or has no single output.
+    """
+
+    def readers(node: fx.Node):
+        for user in node.users:
+            if user.op == "output":
+                yield None  # the graph's output: outside every stage
+            elif _module_paths(user) is None:
+                yield from readers(user)
+            else:
+                yield user
+
+    found: dict[str, fx.Node] = {}
+    for name in names:
+        inside = [n for n in gm.graph.nodes if name in (_module_paths(n) or ())]
+        if not inside:
+            raise ValueError(f"stage {name!r} is not in the traced graph")
+        members = set(inside)
+        outs = [n for n in inside if any(r is None or r not in members for r in readers(n))]
+        if len(outs) != 1:
+            raise ValueError(f"stage {name!r} has {len(outs)} outputs in the traced graph ({[n.name for n in outs]})")
+        out = outs[0]
+        users = list(out.users)
+        if (
+            after_quantizer
+            and len(users) == 1
+            and users[0].op == "call_module"
+            and isinstance(gm.get_submodule(users[0].target), ActQuantizer)
+        ):
+            out = users[0]
+        found[name] = out
+    return found
 
 
 class ChannelAffine(nn.Module):
@@ -41,11 +98,14 @@ class ChannelAffine(nn.Module):
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) of an eval-mode BN, computed in float64 to keep folding exact to float32."""
-    var = bn.running_var.double()
-    mean = bn.running_mean.double()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    """(scale, shift) of an eval-mode BN, computed in float64 to keep folding exact to float32.
+
+    Detached: a ChannelAffine's buffers must not carry the BN parameters' autograd history (a deepcopy of the
+    simulation, as QAT's control makes, refuses such tensors, and every backward would run into the BN)."""
+    var = bn.running_var.detach().double()
+    mean = bn.running_mean.detach().double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
     scale = gamma / torch.sqrt(var + bn.eps)
     return scale, beta - mean * scale
 

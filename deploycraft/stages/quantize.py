@@ -37,7 +37,7 @@ from deploycraft.deployables import (
     onnx_metadata,
     quantized_module,
 )
-from deploycraft.distill import Distiller
+from deploycraft.distill import Distiller, stage_modules
 from deploycraft.errors import UserError
 from deploycraft.evaluate import top1, torch_predictor
 from deploycraft.models.io import read_spec
@@ -45,6 +45,7 @@ from deploycraft.names import ARTIFACT_FILE, INT8_NAME
 from deploycraft.onnx_io import quant_dtypes, relative_error
 from deploycraft.progress import log
 from deploycraft.quant import fidelity, sensitivity
+from deploycraft.quant.graph import capture, stage_outputs
 from deploycraft.quant.placement import act_quantizers
 from deploycraft.runtime import onnx_runner
 from deploycraft.stages.base import Stage, StageOutput, register_stage
@@ -52,7 +53,8 @@ from deploycraft.stages.train import train_epochs
 
 
 class QATDistillConfig(Strict):
-    """Distillation inside QAT: the FP32 model teaches the quantized simulation (logits, Hinton et al. 2015)."""
+    """Distillation inside QAT: the FP32 model teaches the quantized simulation (logits, Hinton et al. 2015, and
+    optionally stage features, FitNets)."""
 
     enabled: bool = Field(True, description="Distill from the FP32 teacher (else plain cross-entropy QAT).")
     teacher: Literal["after_pruning", "before_pruning"] = Field(
@@ -62,6 +64,13 @@ class QATDistillConfig(Strict):
     )
     temperature: float = Field(4.0, gt=0, description="Softmax temperature of the soft targets.")
     alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft (KD) loss; 1 - alpha weights the labels.")
+    feature_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of feature distillation on stage outputs (1x1 adapters where widths differ, as with "
+        "teacher: before_pruning after pruning): MSE between the simulation's quantized stage outputs and the FP32 "
+        "teacher's.",
+    )
     control: bool = Field(
         True, description="Also run plain QAT (cross-entropy only, same schedule) on a copy and report it beside KD."
     )
@@ -261,8 +270,10 @@ def qat_finetune(
     device: str = "cpu",
     world=None,
 ) -> list[dict]:
-    """Fine-tune a calibrated simulation in place (distilling from ``teacher`` when given); returns the
-    history. Resumes from ``workdir/checkpoint.pt`` like training: a killed run re-run ends bit-identical.
+    """Fine-tune a calibrated simulation in place (distilling from ``teacher`` when given: logits, and stage
+    features when ``cfg.distill.feature_weight`` > 0, the adapters trained and checkpointed with the model);
+    returns the history. Resumes from ``workdir/checkpoint.pt`` like training: a killed run re-run ends
+    bit-identical.
 
     The folded model has no BatchNorm left (BN folded and frozen); train mode changes nothing but the
     scales' gradients. Scales are buffers again on return, so the module exports and saves as after PTQ.
@@ -272,13 +283,18 @@ def qat_finetune(
     distiller = None
     if teacher is not None:
         d = cfg.distill
-        distiller = Distiller(qmodel, teacher, d.temperature, d.alpha, 0.0, data.sample_input(2), cfg.label_smoothing)
+        # the adapters (feature_weight > 0) are drawn from the run's seed: a re-run starts from the same ones
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            distiller = Distiller(
+                qmodel, teacher, d.temperature, d.alpha, d.feature_weight, data.sample_input(2), cfg.label_smoothing
+            )
         loss_fn = distiller.loss
         teacher.to(device)
     try:
         history = train_epochs(
             qmodel, data, cfg, workdir, seed, loss_fn, label=label, device=device, field="stages.quantize.qat",
-            world=world,
+            extra=distiller.adapters if distiller is not None else None, world=world,
         )  # fmt: skip
     finally:
         if distiller is not None:
@@ -288,11 +304,41 @@ def qat_finetune(
     return history
 
 
+def check_feature_kd(student: torch.nn.Module, teacher: torch.nn.Module, arch: str, field: str) -> None:
+    """Feature distillation inside QAT needs stage outputs that the simulation's graph carries, and the same
+    stages in the teacher; else one UserError naming ``field`` (stages.<index>.qat.distill.feature_weight).
+
+    ``student``: the model to quantize or its simulation (a GraphModule); checked before any training."""
+    stages = stage_modules(student)
+    fix = "set qat.distill.feature_weight: 0 (logit distillation only)"
+    if not stages:
+        raise UserError(
+            f"feature distillation needs stage outputs, and {arch} has none "
+            "(DenseNets and fully connected Highway nets do not declare stages)",
+            field=field,
+            fix=fix + ", or quantize a model with stages",
+        )
+    if stage_modules(teacher) != stages:
+        raise UserError(
+            f"the teacher's stages {stage_modules(teacher)} do not match the student's {stages}",
+            field=field,
+            fix=fix + ", or distill from a teacher of the same family",
+        )
+    try:
+        stage_outputs(student if isinstance(student, torch.fx.GraphModule) else capture(student), stages)
+    except ValueError as exc:
+        raise UserError(f"{arch}: the quantized graph hides a stage output: {exc}", field=field, fix=fix) from None
+
+
 def _qat_line(qat: dict[str, Any]) -> str:
     from deploycraft.formatting import fmt_pct
 
     scales = "LSQ-learned scales" if qat["learnable_scales"] else "calibrated scales kept fixed"
-    kd = f"QAT with KD from {qat['teacher']}" if qat.get("teacher") else "QAT"
+    kd = "QAT"
+    if qat.get("teacher"):
+        fw = qat.get("feature_weight") or 0.0
+        what = f"logits and stage features, feature weight {fw:g}" if fw > 0 else "logits only"
+        kd = f"QAT with KD ({what}) from {qat['teacher']}"
     line = (
         f"QAT: {qat['epochs']} epoch(s), SGD lr {qat['lr']} {qat['schedule']}, {scales}, BN folded and frozen. "
         f"Held-out top-1: FP32 {fmt_pct(qat['top1_fp32'])}, PTQ {fmt_pct(qat['top1_ptq'])}, "
@@ -383,11 +429,24 @@ class QuantizeStage(Stage):
                     field=f"stages.{index}.method",
                     fix="point data.train_split at the training images, or use method: ptq",
                 )
+        kd = cfg.qat.distill
+        if cfg.enabled and cfg.method == "qat" and kd.feature_weight > 0 and not kd.enabled:
+            raise UserError(
+                "feature distillation needs the FP32 teacher, and qat.distill.enabled is false",
+                field=f"stages.{index}.qat.distill.feature_weight",
+                fix="set qat.distill.enabled: true, or qat.distill.feature_weight: 0 (plain QAT)",
+            )
 
     @classmethod
     def preflight(cls, pre, index: int) -> None:
         cfg = pre.recipe.stages[index]
-        if not cfg.enabled or not cfg.layer_bits:
+        if not cfg.enabled:
+            return
+        kd = cfg.qat.distill
+        if cfg.method == "qat" and kd.enabled and kd.feature_weight > 0:
+            # either teacher is the recipe's architecture (before or after pruning, which keeps the stages)
+            check_feature_kd(pre.model, pre.model, pre.recipe.model.arch, f"stages.{index}.qat.distill.feature_weight")
+        if not cfg.layer_bits:
             return
         modules = dict(pre.model.named_modules())
         for path in cfg.layer_bits:
@@ -676,6 +735,7 @@ class QuantizeStage(Stage):
             "schedule": q.schedule,
             "learnable_scales": q.learnable_scales,
             "distill": q.distill.enabled,
+            "feature_weight": q.distill.feature_weight if q.distill.enabled else 0.0,
         }
         world = ctx.world
         metrics["top1_fp32"] = top1(torch_predictor(model), data, 256, "top-1 FP32", world)
@@ -688,6 +748,10 @@ class QuantizeStage(Stage):
             else:
                 teacher, metrics["teacher"] = copy.deepcopy(model), "the FP32 model being quantized"
             metrics["top1_teacher"] = top1(torch_predictor(teacher), data, 256, "top-1 teacher", world)
+            if q.distill.feature_weight > 0:  # preflight checked the recipe's model; this checks the simulation
+                check_feature_kd(
+                    ptq_module, teacher, ctx.recipe.model.arch, "stages.quantize.qat.distill.feature_weight"
+                )
         log(f"  {target}: FP32 top-1 {metrics['top1_fp32']:.4f}, PTQ (simulated) {metrics['top1_ptq']:.4f}")
         qmodel = ptq_module
         label = "QAT+KD" if teacher is not None else "QAT"

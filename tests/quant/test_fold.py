@@ -68,3 +68,18 @@ def test_stochastic_depth_scale_folds_into_bn():
     assert not any(isinstance(m, StochasticDepth) for m in folded.modules())
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channel_affine_has_no_autograd_history():
+    """A BN that no conv absorbs becomes buffers without the BN's autograd history: the folded graph can be copied
+    (QAT's control) and trained step after step (a second backward used to reach the freed BN graph)."""
+    import copy
+
+    model = create_model("preact_resnet20", num_classes=10, in_chans=3).eval()
+    gm = fold_bn(model).train()
+    assert any(isinstance(m, ChannelAffine) for m in gm.modules())
+    assert not any(b.requires_grad for b in gm.buffers())
+    copy.deepcopy(gm)
+    x = torch.randn(2, 3, 16, 16)
+    for _ in range(2):
+        gm(x).sum().backward()
