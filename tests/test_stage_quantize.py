@@ -64,3 +64,35 @@ def test_qat_settings_are_strict():
     with pytest.raises(UserError) as err:
         build_recipe(raw)
     assert "stages.1.qat.distill.teacher" in str(err.value) or "qat.distill.teacher" in str(err.value)
+
+
+def test_auto_leaves_out_a_runtime_but_not_a_recipe_error(tmp_path, monkeypatch):
+    """target: auto skips a runtime whose file cannot be built (said in the log), but a UserError (a bad QAT
+    setting, a diverged fine-tuning) is the recipe's to fix on every runtime: it ends the run as one error."""
+    from deploycraft.runtime import cpu_runtimes
+    from deploycraft.stages.quantize import QuantizeStage
+
+    if len(cpu_runtimes()) < 2:
+        pytest.skip("needs ONNX Runtime and OpenVINO (target auto builds one file per CPU runtime)")
+    real = QuantizeStage._build
+
+    def failing(kind):
+        def build(self, ctx, model, target, *args):
+            if target == "openvino-cpu":
+                raise kind("openvino-cpu cannot take this network")
+            return real(self, ctx, model, target, *args)
+
+        return build
+
+    raw = smoke_recipe(target="auto")
+    raw["stages"] = raw["stages"][:2]  # train and quantize are enough
+    monkeypatch.setattr(QuantizeStage, "_build", failing(RuntimeError))
+    out = tmp_path / "a" / "run"  # separate parents: a finished sibling stage would be copied in
+    Pipeline(build_recipe(raw), out).execute()
+    assert "openvino-cpu: left out of auto" in (out / "log.txt").read_text()
+    stage = next((out / "stages").glob("*-quantize-*"))
+    assert (stage / "model_int8.onnx").is_file() and not (stage / "model_int8_openvino.onnx").exists()
+
+    monkeypatch.setattr(QuantizeStage, "_build", failing(UserError))
+    with pytest.raises(UserError, match="cannot take this network"):
+        Pipeline(build_recipe(raw), tmp_path / "b" / "run").execute()

@@ -290,8 +290,9 @@ def qat_finetune(
                 qmodel, teacher, d.temperature, d.alpha, d.feature_weight, data.sample_input(2), cfg.label_smoothing
             )
         loss_fn = distiller.loss
-        teacher.to(device)
     try:
+        if teacher is not None:
+            teacher.to(device)  # inside the try: the student's feature taps come out whatever happens here
         history = train_epochs(
             qmodel, data, cfg, workdir, seed, loss_fn, label=label, device=device, field="stages.quantize.qat",
             extra=distiller.adapters if distiller is not None else None, world=world,
@@ -485,8 +486,10 @@ class QuantizeStage(Stage):
             try:
                 artifact, metrics = self._build(ctx, model, target, images, provenance, spec, check, workdir)
             except Exception as exc:
-                if ctx.recipe.target != "auto" or self._busy:
-                    raise  # (busy: the other ranks are inside this target's fine-tuning)
+                if ctx.recipe.target != "auto" or self._busy or isinstance(exc, UserError):
+                    # busy: the other ranks are inside this target's fine-tuning; a UserError is the recipe's to
+                    # fix (a bad QAT setting, a diverged fine-tuning) whatever the runtime, not a runtime to skip
+                    raise
                 if not self._announced:
                     self._share(ctx, None)  # the other ranks of a QAT run skip this target too
                 # auto tries every CPU runtime; one that cannot take this network is left out, and said so
