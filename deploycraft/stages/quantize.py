@@ -68,8 +68,8 @@ class QATDistillConfig(Strict):
         0.0,
         ge=0,
         description="Weight of feature distillation on stage outputs (1x1 adapters where widths differ, as with "
-        "teacher: before_pruning after pruning): MSE between the simulation's quantized stage outputs and the FP32 "
-        "teacher's.",
+        "teacher: before_pruning after pruning): MSE between the simulation's stage outputs (after the activation "
+        "quantizer where the target places one there, else in float) and the FP32 teacher's.",
     )
     control: bool = Field(
         True, description="Also run plain QAT (cross-entropy only, same schedule) on a copy and report it beside KD."
