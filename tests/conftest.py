@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -96,3 +97,22 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
             m.bias.data = torch.rand(n, generator=gen) - 0.5
             m.running_mean = torch.rand(n, generator=gen) - 0.5
             m.running_var = torch.rand(n, generator=gen) + 0.5
+
+
+@contextlib.contextmanager
+def killed_after_epoch(monkeypatch, epoch: int = 1):
+    """Training dies (as if killed) right after it wrote the checkpoint of ``epoch``; restored on exit."""
+    from deploycraft.stages import train as train_module
+
+    save = train_module.save_epoch_checkpoint
+
+    def save_then_die(path, state):
+        save(path, state)
+        if state["epoch"] == epoch:
+            raise KeyboardInterrupt(f"killed after epoch {epoch}")
+
+    monkeypatch.setattr(train_module, "save_epoch_checkpoint", save_then_die)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(train_module, "save_epoch_checkpoint", save)

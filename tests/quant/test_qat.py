@@ -15,9 +15,9 @@ from deploycraft.data import build_data
 from deploycraft.deployables import QuantSettings, build_deployable, export_deployable
 from deploycraft.evaluate import top1, torch_predictor
 from deploycraft.models import create_model
-from deploycraft.stages import train as train_module
 from deploycraft.stages.quantize import QATConfig, qat_finetune
 from deploycraft.stages.train import TrainConfig, train_epochs
+from tests.conftest import killed_after_epoch
 
 NO_AUG = {"crop_padding": 0, "hflip": False, "batch_size": 64}
 
@@ -103,17 +103,8 @@ def test_killed_qat_resumes_bit_identical(trained, tmp_path, monkeypatch):
     reference = copy.deepcopy(built.module)
     qat_finetune(reference, data, cfg, tmp_path / "reference", 0, teacher=copy.deepcopy(model))
 
-    save = train_module.save_epoch_checkpoint
-
-    def save_then_die(path, state):
-        save(path, state)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt("killed after epoch 1")
-
-    monkeypatch.setattr(train_module, "save_epoch_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_epoch(monkeypatch, 1), pytest.raises(KeyboardInterrupt):
         qat_finetune(copy.deepcopy(built.module), data, cfg, tmp_path / "killed", 0, teacher=copy.deepcopy(model))
-    monkeypatch.setattr(train_module, "save_epoch_checkpoint", save)
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     resumed = copy.deepcopy(built.module)
     history = qat_finetune(resumed, data, cfg, tmp_path / "killed", 0, teacher=copy.deepcopy(model))

@@ -20,9 +20,8 @@ from deploycraft.quant.graph import stage_outputs
 from deploycraft.quant.modules import ActQuantizer
 from deploycraft.quant.placement import act_quantizers, insert_quantizers
 from deploycraft.recipe import build_recipe
-from deploycraft.stages import train as train_module
 from deploycraft.stages.quantize import QATConfig, _qat_line, check_feature_kd, qat_finetune
-from tests.conftest import randomize_bn, run_cli, smoke_recipe, write_recipe
+from tests.conftest import killed_after_epoch, randomize_bn, run_cli, smoke_recipe, write_recipe
 
 NO_AUG = {"crop_padding": 0, "hflip": False, "batch_size": 64}
 
@@ -155,19 +154,10 @@ def test_qat_with_features_trains_the_adapters_and_resumes_bit_identical(pruned_
     assert initial.keys() == adapters.keys() and initial
     assert all(not torch.equal(initial[k], adapters[k]) for k in initial)
 
-    save = train_module.save_epoch_checkpoint
-
-    def save_then_die(path, state):
-        save(path, state)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt("killed after epoch 1")
-
-    monkeypatch.setattr(train_module, "save_epoch_checkpoint", save_then_die)
     killed = copy.deepcopy(qmodel)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_epoch(monkeypatch, 1), pytest.raises(KeyboardInterrupt):
         qat_finetune(killed, data, cfg, tmp_path / "killed", 0, teacher=copy.deepcopy(teacher))
     assert not any("feature_tap" in n for n, _ in killed.named_modules())
-    monkeypatch.setattr(train_module, "save_epoch_checkpoint", save)
     resumed = copy.deepcopy(qmodel)
     assert [h["epoch"] for h in qat_finetune(resumed, data, cfg, tmp_path / "killed", 0, teacher=teacher)] == [1, 2]
     ref, got = reference.state_dict(), resumed.state_dict()
