@@ -44,6 +44,28 @@ def stage_modules(model: nn.Module) -> list[str]:
     return list(names) if names else []
 
 
+def check_stages(student: nn.Module, teacher: nn.Module | None, arch: str, field: str, fix: str) -> list[str]:
+    """The student's stage names for feature distillation, or one UserError naming ``field``: the student has no
+    stages, or the teacher (when given) has other ones. ``fix`` says how to turn feature distillation off."""
+    from deploycraft.errors import UserError
+
+    stages = stage_modules(student)
+    if not stages:
+        raise UserError(
+            f"feature distillation needs stage outputs, and {arch} has none "
+            "(DenseNets and fully connected Highway nets do not declare stages)",
+            field=field,
+            fix=f"{fix}, or use a model with stages",
+        )
+    if teacher is not None and stage_modules(teacher) != stages:
+        raise UserError(
+            f"the teacher's stages {stage_modules(teacher)} do not match the student's {stages}",
+            field=field,
+            fix=f"{fix}, or distill from a teacher of the same family",
+        )
+    return stages
+
+
 class FeatureTaps:
     """Forward hooks that keep the latest output of each named module."""
 

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 from deploycraft.config import FilePath, ModelConfig, ParallelOptimConfig, StageConfig
-from deploycraft.distill import Distiller, stage_modules
+from deploycraft.distill import Distiller, check_stages
 from deploycraft.errors import UserError
 from deploycraft.evaluate import top1, torch_predictor
 from deploycraft.models.io import load_checkpoint, load_model, make_spec, read_spec, save_model, width_diff
@@ -126,20 +126,10 @@ class DistillStage(Stage):
             teacher = pre.build(cfg.teacher, f"stages.{index}.teacher")
             pre.check_checkpoint(cfg.teacher, f"stages.{index}.teacher")
         if cfg.feature_weight > 0:
-            student_stages = stage_modules(pre.model)
-            if not student_stages:
-                raise UserError(
-                    f"feature distillation needs stage outputs, and {pre.recipe.model.arch} has none "
-                    "(DenseNets and fully connected Highway nets do not declare stages)",
-                    field=f"stages.{index}.feature_weight",
-                    fix="set feature_weight: 0 (logit distillation only), or use a model with stages",
-                )
-            if teacher is not None and stage_modules(teacher) != student_stages:
-                raise UserError(
-                    f"the teacher's stages {stage_modules(teacher)} do not match the student's {student_stages}",
-                    field=f"stages.{index}.feature_weight",
-                    fix="use a teacher of the same family, or set feature_weight: 0",
-                )
+            check_stages(
+                pre.model, teacher, pre.recipe.model.arch, f"stages.{index}.feature_weight",
+                "set feature_weight: 0 (logit distillation only)",
+            )  # fmt: skip
 
     def run(self, ctx, workdir: Path) -> StageOutput:
         cfg = self.config

@@ -37,7 +37,7 @@ from deploycraft.deployables import (
     onnx_metadata,
     quantized_module,
 )
-from deploycraft.distill import Distiller, stage_modules
+from deploycraft.distill import Distiller, check_stages
 from deploycraft.errors import UserError
 from deploycraft.evaluate import top1, torch_predictor
 from deploycraft.models.io import read_spec
@@ -310,21 +310,8 @@ def check_feature_kd(student: torch.nn.Module, teacher: torch.nn.Module, arch: s
     stages in the teacher; else one UserError naming ``field`` (stages.<index>.qat.distill.feature_weight).
 
     ``student``: the model to quantize or its simulation (a GraphModule); checked before any training."""
-    stages = stage_modules(student)
     fix = "set qat.distill.feature_weight: 0 (logit distillation only)"
-    if not stages:
-        raise UserError(
-            f"feature distillation needs stage outputs, and {arch} has none "
-            "(DenseNets and fully connected Highway nets do not declare stages)",
-            field=field,
-            fix=fix + ", or quantize a model with stages",
-        )
-    if stage_modules(teacher) != stages:
-        raise UserError(
-            f"the teacher's stages {stage_modules(teacher)} do not match the student's {stages}",
-            field=field,
-            fix=fix + ", or distill from a teacher of the same family",
-        )
+    stages = check_stages(student, teacher, arch, field, fix)
     try:
         stage_outputs(student if isinstance(student, torch.fx.GraphModule) else capture(student), stages)
     except ValueError as exc:
