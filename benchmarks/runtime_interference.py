@@ -20,31 +20,18 @@ from pathlib import Path
 import onnx
 import torch
 
+from deploycraft.runtime import openvino, ort
 from deploycraft.runtime.bench import measure
 
 
 def ort_session(path: Path, threads: int, spin: bool):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if not spin:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = ort.session(path, threads, spinning=spin)
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})[0]
 
 
 def ov_request(path: Path, threads: int, pinning: bool | None):
-    import openvino as ov
-
-    core = ov.Core()
-    config = {"NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    config["INFERENCE_NUM_THREADS"] = threads
-    if pinning is not None:
-        config["ENABLE_CPU_PINNING"] = pinning
-    request = core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
+    request = openvino.compile_model(path, threads, "f32", pinning).create_infer_request()
 
     def run(x):
         request.infer({0: x}, share_inputs=True)

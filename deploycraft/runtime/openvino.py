@@ -22,11 +22,14 @@ def core():
     return ov.Core()
 
 
-def compile_model(path: Path, threads: int | None = None, precision: str = "f32"):
-    """A compiled model for latency: one stream, ``threads`` inference threads, the given float precision."""
+def compile_model(path: Path, threads: int | None = None, precision: str = "f32", pinning: bool | None = None):
+    """A compiled model for latency: one stream, ``threads`` inference threads, the given float precision;
+    ``pinning`` sets the CPU plugin's thread pinning (None: its default)."""
     config = {"NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+    if pinning is not None:
+        config["ENABLE_CPU_PINNING"] = pinning
     c = core()
     return c.compile_model(c.read_model(str(path)), "CPU", config)
 

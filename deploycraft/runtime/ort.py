@@ -10,8 +10,15 @@ import onnx
 
 
 def session(
-    path: Path, threads: int | None = None, optimized_path: Path | None = None, providers: list[str] | None = None
+    path: Path,
+    threads: int | None = None,
+    optimized_path: Path | None = None,
+    providers: list[str] | None = None,
+    spinning: bool = True,
 ):
+    """``spinning``: ONNX Runtime's default lets its worker threads spin after a run (lower latency alone; in a
+    process that times other runtimes too they take the cores from the next model:
+    benchmarks/runtime_interference.py)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -21,6 +28,8 @@ def session(
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
