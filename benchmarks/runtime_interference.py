@@ -24,8 +24,8 @@ from deploycraft.runtime import openvino, ort
 from deploycraft.runtime.bench import measure
 
 
-def ort_session(path: Path, threads: int, spin: bool):
-    sess = ort.session(path, threads, spinning=spin)
+def ort_session(path: Path, threads: int, spin: bool, stop_after_run: bool = False):
+    sess = ort.session(path, threads, spinning=spin, stop_spinning_after_run=stop_after_run)
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})[0]
 
@@ -56,8 +56,11 @@ def main() -> int:
     dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     th = args.threads
 
-    def ort_pair(spin: bool) -> dict:
-        return {"ORT FP32": ort_session(fp32, th, spin), "ORT INT8": ort_session(int8, th, spin)}
+    def ort_pair(spin: bool, stop_after_run: bool = False) -> dict:
+        return {
+            "ORT FP32": ort_session(fp32, th, spin, stop_after_run),
+            "ORT INT8": ort_session(int8, th, spin, stop_after_run),
+        }
 
     configs = {
         "OpenVINO alone": lambda: {"OV A": ov_request(int8_ov, th, None), "OV B": ov_request(int8_ov, th, None)},
@@ -71,6 +74,13 @@ def main() -> int:
             **ort_pair(False),
             "OV B": ov_request(int8_ov, th, None),
         },
+        "with ONNX Runtime, spinning stops when a run returns": lambda: {
+            "OV A": ov_request(int8_ov, th, None),
+            **ort_pair(True, stop_after_run=True),
+            "OV B": ov_request(int8_ov, th, None),
+        },
+        "ONNX Runtime alone (spinning)": lambda: ort_pair(True),
+        "ONNX Runtime alone, spinning stops when a run returns": lambda: ort_pair(True, stop_after_run=True),
         "with ONNX Runtime (spinning), OpenVINO unpinned": lambda: {
             "OV A": ov_request(int8_ov, th, False),
             **ort_pair(True),

@@ -204,19 +204,34 @@ def test_headline_says_slower_when_the_shipped_file_is():
     assert "4.00× slower than the fastest FP32 runtime" in text and "2.00× faster than FP32 torch" in text
 
 
-def test_onnxruntime_spinning_can_be_turned_off(tmp_path):
-    """benchmarks/runtime_interference.py times ONNX Runtime with its worker threads spinning (its default) or not."""
+def _relu_file(tmp_path):
     import onnx
     from onnx import TensorProto, helper
-
-    from deploycraft.runtime.ort import session
 
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 2])
     y = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2])
     graph = helper.make_graph([helper.make_node("Relu", ["input"], ["output"])], "g", [x], [y])
     path = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_onnxruntime_spinning_can_be_turned_off(tmp_path):
+    """benchmarks/runtime_interference.py times ONNX Runtime with its worker threads spinning (its default) or not."""
+    from deploycraft.runtime.ort import session
+
+    path = _relu_file(tmp_path)
     key = "session.intra_op.allow_spinning"
     assert session(path, 1, spinning=False).get_session_options().get_session_config_entry(key) == "0"
     with pytest.raises(RuntimeError, match="does not have configuration"):  # left at ONNX Runtime's default
         session(path, 1).get_session_options().get_session_config_entry(key)
+
+
+def test_onnxruntime_runner_parks_its_threads_when_a_run_returns(tmp_path):
+    """verify and bench time every runtime in one process: the runner's spinning threads must not outlive its run."""
+    from deploycraft.runtime.ort import OrtRunner
+
+    options = OrtRunner(_relu_file(tmp_path), 1).sess.get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # spinning inside a run stays on
+        options.get_session_config_entry("session.intra_op.allow_spinning")
