@@ -4,8 +4,11 @@ verify and `deploycraft bench` time every deployable in one process, interleaved
 per model in turn). This script measures what that costs OpenVINO: two copies of the run's
 INT8-for-OpenVINO file (A and B) timed alone, then with ONNX Runtime's FP32 and INT8 sessions between
 them (so B always follows ONNX Runtime), with ONNX Runtime's worker threads allowed to spin after a run
-(its default) or not, and with OpenVINO's thread pinning off. If B is slower than A only when ONNX
-Runtime spins, its spinning threads are taking the cores from the model timed after it.
+(its default), never, or only inside a run, with a pause of 5 or 50 ms before each block, and with
+OpenVINO's thread pinning off; then two ONNX Runtime sessions with torch's eager model between them
+(torch's OpenMP pool). If B is slower than A only when the model between them spins, its spinning
+threads are taking the cores from the model timed after it. The last configurations are how verify and
+`deploycraft bench` time now.
 
     .venv/bin/python benchmarks/runtime_interference.py RUN_DIR [--batch 1 64] [--threads 2]
 
@@ -21,7 +24,7 @@ import onnx
 import torch
 
 from deploycraft.runtime import openvino, ort
-from deploycraft.runtime.bench import measure
+from deploycraft.runtime.bench import IDLE_S, measure
 
 
 def ort_session(path: Path, threads: int, spin: bool, stop_after_run: bool = False):
@@ -62,36 +65,44 @@ def main() -> int:
             "ORT INT8": ort_session(int8, th, spin, stop_after_run),
         }
 
+    def ov_pair_around(middle: dict, pinning: bool | None = None) -> dict:
+        return {"OV A": ov_request(int8_ov, th, pinning), **middle, "OV B": ov_request(int8_ov, th, pinning)}
+
+    def torch_between() -> dict:
+        from deploycraft.models.io import load_model
+        from deploycraft.runtime.torch_rt import TorchRunner
+
+        a, b = ort_session(int8, th, True, True), ort_session(int8, th, True, True)
+        return {"ORT INT8 A": a, "torch FP32": TorchRunner(load_model(deploy / "torch")), "ORT INT8 B": b}
+
+    idle = IDLE_S
+    # (what is timed, seconds of idle before each block): idle 0 shows each interference as it was
     configs = {
-        "OpenVINO alone": lambda: {"OV A": ov_request(int8_ov, th, None), "OV B": ov_request(int8_ov, th, None)},
-        "with ONNX Runtime (spinning, its default)": lambda: {
-            "OV A": ov_request(int8_ov, th, None),
-            **ort_pair(True),
-            "OV B": ov_request(int8_ov, th, None),
-        },
-        "with ONNX Runtime, spinning off": lambda: {
-            "OV A": ov_request(int8_ov, th, None),
-            **ort_pair(False),
-            "OV B": ov_request(int8_ov, th, None),
-        },
-        "with ONNX Runtime, spinning stops when a run returns": lambda: {
-            "OV A": ov_request(int8_ov, th, None),
-            **ort_pair(True, stop_after_run=True),
-            "OV B": ov_request(int8_ov, th, None),
-        },
-        "ONNX Runtime alone (spinning)": lambda: ort_pair(True),
-        "ONNX Runtime alone, spinning stops when a run returns": lambda: ort_pair(True, stop_after_run=True),
-        "with ONNX Runtime (spinning), OpenVINO unpinned": lambda: {
-            "OV A": ov_request(int8_ov, th, False),
-            **ort_pair(True),
-            "OV B": ov_request(int8_ov, th, False),
-        },
+        "OpenVINO alone": (lambda: ov_pair_around({}), 0.0),
+        "with ONNX Runtime (spinning, its default)": (lambda: ov_pair_around(ort_pair(True)), 0.0),
+        "with ONNX Runtime (spinning), 5 ms idle before each block": (lambda: ov_pair_around(ort_pair(True)), 0.005),
+        "with ONNX Runtime (spinning), 50 ms idle before each block": (lambda: ov_pair_around(ort_pair(True)), 0.05),
+        "with ONNX Runtime, spinning off": (lambda: ov_pair_around(ort_pair(False)), 0.0),
+        "with ONNX Runtime, spinning stops when a run returns": (
+            lambda: ov_pair_around(ort_pair(True, stop_after_run=True)),
+            0.0,
+        ),
+        "with ONNX Runtime (spinning), OpenVINO unpinned": (lambda: ov_pair_around(ort_pair(True), False), 0.0),
+        "ONNX Runtime alone (spinning)": (lambda: ort_pair(True), idle),
+        "ONNX Runtime alone, spinning stops when a run returns": (lambda: ort_pair(True, stop_after_run=True), idle),
+        f"as verify times them (spinning stops when a run returns, {idle * 1000:.0f} ms idle)": (
+            lambda: ov_pair_around(ort_pair(True, stop_after_run=True)),
+            idle,
+        ),
     }
+    if (deploy / "torch").is_dir():
+        configs["torch between two ONNX Runtime sessions (its OpenMP pool)"] = (torch_between, 0.0)
+        configs[f"torch between, {idle * 1000:.0f} ms idle"] = (torch_between, idle)
     print(f"p50 ms at batch {' / '.join(map(str, args.batch))}, {th} threads, {args.repeats} runs per model")
-    for label, build in configs.items():
+    for label, (build, idle_s) in configs.items():
         runners = build()
         make_input = lambda bs: torch.rand(bs, *dims[1:])  # noqa: E731
-        res = measure(runners, make_input, args.batch, warmup=5, repeats=args.repeats, show=False)
+        res = measure(runners, make_input, args.batch, warmup=5, repeats=args.repeats, show=False, idle_s=idle_s)
         cells = "  ".join(f"{k} " + " / ".join(f"{res[k][b].p50:.3f}" for b in args.batch) for k in runners)
         print(f"{label}: {cells}", flush=True)
         del runners

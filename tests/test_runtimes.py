@@ -235,3 +235,31 @@ def test_onnxruntime_runner_parks_its_threads_when_a_run_returns(tmp_path):
     assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     with pytest.raises(RuntimeError, match="does not have configuration"):  # spinning inside a run stays on
         options.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_each_cpu_block_starts_after_the_machine_went_idle(monkeypatch):
+    """measure sleeps before every CPU model's block (the previous model's spinning threads park), never
+    inside the timed runs, and not before GPU runners timed by CUDA events."""
+    from deploycraft.runtime import bench
+
+    events: list[str] = []
+
+    class Cpu:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, x):
+            events.append(self.name)
+
+    class Gpu(Cpu):
+        cuda_events = True
+
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(f"idle {s}"))
+    monkeypatch.setattr(bench, "cuda_time", lambda r, x: (r(x), 0.001)[1])
+    runners = {"a": Cpu("a"), "b": Cpu("b"), "g": Gpu("g")}
+    bench.measure(runners, lambda bs: torch.zeros(bs, 1), [1], warmup=0, repeats=4, rounds=2, show=False)
+    block = [f"idle {bench.IDLE_S}", "a", "a", "a", f"idle {bench.IDLE_S}", "b", "b", "b", "g", "g", "g"]
+    assert events == block * 2  # idle, settle run, two timed runs; the GPU runner without the idle wait
+    events.clear()
+    bench.measure(runners, lambda bs: torch.zeros(bs, 1), [1], warmup=0, repeats=2, rounds=1, show=False, idle_s=0)
+    assert not [e for e in events if e.startswith("idle")]

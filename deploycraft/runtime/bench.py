@@ -17,6 +17,11 @@ import torch
 
 from deploycraft.progress import bar
 
+# Worker threads left spinning after a run keep at it for 5-50 ms here (ONNX Runtime's spinning workers
+# slowed the next model with a 5 ms pause before its block, not with 50 ms; torch's OpenMP pool slowed
+# the next model's batch 1 by up to 19 %): benchmarks/runtime_interference.py, README.
+IDLE_S = 0.05
+
 
 def physical_cores() -> int:
     try:
@@ -81,10 +86,13 @@ def measure(
     rounds: int | None = None,
     show: bool = True,
     settle: int = 1,
+    idle_s: float = IDLE_S,
 ) -> dict[str, dict[int, Latency]]:
     """``repeats`` timed runs per model and batch size, in ``rounds`` (default: blocks of about 4 runs)
-    that visit the models in turn; each block starts with ``settle`` untimed runs, so that the thread
-    pools a runtime left spinning or asleep (its own or the previous model's) are not timed."""
+    that visit the models in turn. Each CPU block starts after ``idle_s`` of sleep, so that the worker
+    threads the previous model left spinning (torch's OpenMP pool, ONNX Runtime's or OpenVINO's) have gone
+    to sleep and do not take the cores from the model timed next; then ``settle`` untimed runs wake the
+    model's own pool, and only then is it timed."""
     results: dict[str, dict[int, Latency]] = {name: {} for name in runners}
     rounds = rounds or max(1, repeats // 4)
     per_round = max(1, repeats // rounds)
@@ -99,6 +107,8 @@ def measure(
             for _ in range(rounds):
                 for name, r in runners.items():
                     inp = inputs[name]
+                    if idle_s and not getattr(r, "cuda_events", False):
+                        time.sleep(idle_s)
                     for _ in range(settle):
                         r(inp)
                     for _ in range(per_round):
