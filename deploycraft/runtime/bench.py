@@ -17,9 +17,9 @@ import torch
 
 from deploycraft.progress import bar
 
-# Worker threads left spinning after a run keep at it for 5-50 ms here (ONNX Runtime's spinning workers
-# slowed the next model with a 5 ms pause before its block, not with 50 ms; torch's OpenMP pool slowed
-# the next model's batch 1 by up to 19 %): benchmarks/runtime_interference.py, README.
+# Worker threads left spinning after a run keep at it for more than 5 ms and less than 50 ms here: ONNX
+# Runtime's spinning workers still slowed the model timed next with a 5 ms pause before its block, not with
+# 50 ms (benchmarks/runtime_interference.py, README). The pause costs a flagship verify about 20 s.
 IDLE_S = 0.05
 
 
