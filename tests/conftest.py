@@ -19,6 +19,9 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # One intra-op thread by default: the unit tests use tiny tensors, where thread start-up costs more
 # than it saves, and on a loaded machine spinning OpenMP threads slow small models down many times.
 torch.set_num_threads(int(os.environ.get("DEPLOYCRAFT_TEST_THREADS", "1")))
+# No idle pause before timed blocks in tests (it makes measurements fair, tests do not measure; its own
+# test sets it): in this process and in every CLI run the tests start.
+os.environ.setdefault("DEPLOYCRAFT_BENCH_IDLE_S", "0")
 
 
 def fashion_mnist_available() -> bool:

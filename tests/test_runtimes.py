@@ -11,6 +11,7 @@ import torch
 
 from deploycraft.data.transforms import InputSpec
 from deploycraft.deployables import DeployableCheckError, QuantSettings, build_deployable, check_int8_execution
+from deploycraft.errors import UserError
 from deploycraft.onnx_io import quant_dtypes, relative_error
 from deploycraft.runtime import available
 from deploycraft.stages.verify import fastest_fp32, select_fastest
@@ -254,6 +255,7 @@ def test_each_cpu_block_starts_after_the_machine_went_idle(monkeypatch):
     class Gpu(Cpu):
         cuda_events = True
 
+    monkeypatch.delenv(bench.IDLE_ENV, raising=False)  # the default pause (the suite turns it off)
     monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(f"idle {s}"))
     monkeypatch.setattr(bench, "cuda_time", lambda r, x: (r(x), 0.001)[1])
     runners = {"a": Cpu("a"), "b": Cpu("b"), "g": Gpu("g")}
@@ -263,3 +265,10 @@ def test_each_cpu_block_starts_after_the_machine_went_idle(monkeypatch):
     events.clear()
     bench.measure(runners, lambda bs: torch.zeros(bs, 1), [1], warmup=0, repeats=2, rounds=1, show=False, idle_s=0)
     assert not [e for e in events if e.startswith("idle")]
+    monkeypatch.setenv(bench.IDLE_ENV, "0.2")
+    events.clear()
+    bench.measure({"a": Cpu("a")}, lambda bs: torch.zeros(bs, 1), [1], warmup=0, repeats=1, rounds=1, show=False)
+    assert events == ["idle 0.2", "a", "a"]
+    monkeypatch.setenv(bench.IDLE_ENV, "soon")
+    with pytest.raises(UserError, match="DEPLOYCRAFT_BENCH_IDLE_S is 'soon'"):
+        bench.measure({"a": Cpu("a")}, lambda bs: torch.zeros(bs, 1), [1], warmup=0, repeats=1, show=False)
