@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from deploycraft.runtime import openvino, ort
-from deploycraft.runtime.bench import IDLE_S, measure
+from deploycraft.runtime.bench import idle_seconds, measure
 
 
 def ort_session(path: Path, threads: int, spin: bool, stop_after_run: bool = False):
@@ -75,7 +75,7 @@ def main() -> int:
         a, b = ort_session(int8, th, True, True), ort_session(int8, th, True, True)
         return {"ORT INT8 A": a, "torch FP32": TorchRunner(load_model(deploy / "torch")), "ORT INT8 B": b}
 
-    idle = IDLE_S
+    idle = idle_seconds()  # as verify would pause
     # (what is timed, seconds of idle before each block): idle 0 shows each interference as it was
     configs = {
         "OpenVINO alone": (lambda: ov_pair_around({}), 0.0),
