@@ -217,15 +217,17 @@ def int8_execution(path: Path, target: Target, workdir: Path) -> dict[str, Any] 
             "ops": opt,
         }
     if target == "openvino-cpu":
-        from deploycraft.runtime.openvino import INT8, runtime_layers
+        from deploycraft.runtime.openvino import INT8, clip_only_quantizers, runtime_layers, runtime_ops
 
-        layers = runtime_layers(path)
+        ops = runtime_ops(path)
+        layers = runtime_layers(path, ops=ops)
         convs = {p: v for (kind, p), v in layers.items() if kind == "Convolution"}
         return {
             "runtime": "openvino",
             "int8_convs": sum(v for p, v in convs.items() if p in INT8),
             "convs": sum(convs.values()),
             "ops": {f"{kind}:{p}": v for (kind, p), v in sorted(layers.items())},
+            "clip_only": sorted(clip_only_quantizers(path, ops)),
         }
     return None
 
@@ -241,6 +243,9 @@ def check_int8_execution(path: Path, target: Target, qmodel: nn.Module, workdir:
             f"{proof['runtime']} would run only {proof['int8_convs']} of the {expected} convs that {path.name} "
             f"quantizes in INT8 ({proof['convs']} convs in all): the rest would run in float"
         )
+    if "clip_only" in proof:  # the quantizers OpenVINO applies without rounding, as run and as simulated
+        simulated = sorted(name for name, q in act_quantizers(qmodel) if q.mode == "quantize" and not q.rounds)
+        proof["clip_only"] = {"runtime": proof["clip_only"], "simulated": simulated}
     return proof
 
 

@@ -52,6 +52,48 @@ def test_every_conv_runs_in_int8_on_its_runtime(tmp_path, tiny_resnet, target):
     assert proof["int8_convs"] == proof["convs"] == proof["expected_int8_convs"] == 21
     if target == "openvino-cpu":  # symmetric: U8 after ReLU, S8 on the signed tensors (the input, conv outputs)
         assert set(quant_dtypes(built.proto)) == {"uint8", "int8"}
+        # OpenVINO's own graph clips without rounding exactly where the simulation does (one per block)
+        assert proof["clip_only"]["runtime"] == proof["clip_only"]["simulated"]
+        assert len(proof["clip_only"]["runtime"]) == 9
+
+
+@needs_openvino
+def test_openvino_runs_a_residual_block_as_simulated_only_with_its_unrounded_clip(tmp_path):
+    """A residual block (16 channels, trained-like BN): OpenVINO's output equals the openvino-cpu simulation on
+    every element; rounding at the conv -> add quantizer, as the Q/DQ file literally says, moves thousands
+    of them by a step."""
+    from deploycraft.models.resnet import BasicBlock
+    from deploycraft.runtime.openvino import OvRunner
+    from tests.conftest import randomize_bn
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+            self.bn = torch.nn.BatchNorm2d(16)
+            self.block = BasicBlock(16, 16)
+
+        def forward(self, x):
+            return self.block(torch.relu(self.bn(self.conv(x)))).flatten(1)
+
+    torch.manual_seed(0)
+    net = Net()
+    randomize_bn(net)
+    path, x = tmp_path / "block.onnx", torch.randn(8, 3, 16, 16)
+    built = build_deployable(
+        net.eval(), "int8", path, x[:2], target="openvino-cpu", calibration=(_calib(), SPEC)
+    )  # fmt: skip
+    quantizers = [q for _, q in built.module.named_modules() if hasattr(q, "clip_only_while")]
+    clipped = [q for q in quantizers if not q.rounds]
+    assert len(clipped) == 1
+    step = float(quantizers[-1].scale)
+    ov = OvRunner(path, threads=1, precision="f32")(x.numpy())
+    with torch.no_grad():
+        sim = built.module(x).numpy()
+        object.__setattr__(clipped[0], "clip_only_while", None)  # round there, as the file says
+        rounded = built.module(x).numpy()
+    assert np.mean(np.abs(ov - sim) > step / 2) < 1e-3
+    assert np.mean(np.abs(ov - rounded) > step / 2) > 0.02
 
 
 @needs_openvino

@@ -63,6 +63,11 @@ class ActQuantizer(nn.Module):
     """
 
     SCHEMES = ("u8", "s8", "sym")
+    # OpenVINO's CPU plugin fuses conv -> Q/DQ -> residual add -> (ReLU) -> Q/DQ into one convolution and
+    # applies the first Q/DQ there as a clip without rounding, while the add's output quantizer is active
+    # (placement.py: _set_clip_only). ``clip_only_while`` is that output quantizer; the exported file keeps
+    # the Q/DQ pair either way.
+    clip_only_while: ActQuantizer | None = None
 
     def __init__(self, scheme: str = "u8"):
         super().__init__()
@@ -79,6 +84,15 @@ class ActQuantizer(nn.Module):
     @property
     def qrange(self) -> tuple[int, int]:
         return (0, 255) if bool(self.unsigned) else (-128, 127)
+
+    def clip_only_before(self, output_quant: ActQuantizer) -> None:
+        # a plain attribute, not a submodule: the other quantizer belongs to the graph
+        object.__setattr__(self, "clip_only_while", output_quant)
+
+    @property
+    def rounds(self) -> bool:
+        """False where the target runtime clips without rounding (see ``clip_only_while``)."""
+        return self.clip_only_while is None or self.clip_only_while.mode != "quantize"
 
     def start_calibration(self) -> None:
         self.calibrator = HistogramCalibrator()
@@ -118,6 +132,9 @@ class ActQuantizer(nn.Module):
             return x
         if self.mode == "quantize":
             qmin, qmax = self.qrange
+            if not self.rounds and not torch.onnx.is_in_onnx_export():
+                zp = self.zero_point.to(x.dtype)
+                return torch.clamp(x, (qmin - zp) * self.scale, (qmax - zp) * self.scale)
             if isinstance(self.scale, nn.Parameter) and self.training:
                 return lsq_fake_quant(x, self.scale, self.zero_point, qmin, qmax)
             return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, qmin, qmax)
@@ -136,7 +153,8 @@ class ActQuantizer(nn.Module):
         kind = {"u8": "u8 asymmetric", "s8": "s8 symmetric"}.get(self.scheme) or (
             f"{'u8' if bool(self.unsigned) else 's8'} symmetric"
         )
-        return f"{kind}, mode={self.mode}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
+        clip = "" if self.rounds else ", clip only (no rounding)"
+        return f"{kind}, mode={self.mode}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}{clip}"
 
 
 def weight_levels(bits: int, reduce_range: bool) -> int:

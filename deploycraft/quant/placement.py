@@ -181,8 +181,41 @@ def insert_quantizers(
         setattr(gm.get_submodule(parent_name) if parent_name else gm, child, new)
     if target == "onnxruntime-cpu":
         _set_bias_grids(gm)
+    if target == "openvino-cpu":
+        _set_clip_only(gm)
     gm.recompile()
     return gm.eval()
+
+
+def _quantized_conv(gm: fx.GraphModule, x) -> ActQuantizer | None:
+    """The quantizer of ``x`` when ``x`` is a quantizer applied right to a conv's output (no op between), the
+    conv's only user."""
+    q = _module(gm, x) if isinstance(x, fx.Node) else None
+    if not isinstance(q, ActQuantizer) or not isinstance(x.args[0], fx.Node):
+        return None
+    conv = x.args[0]
+    return q if isinstance(_module(gm, conv), QuantConv2d) and len(conv.users) == 1 else None
+
+
+def _set_clip_only(gm: fx.GraphModule) -> None:
+    """OpenVINO's CPU plugin fuses a residual add into one of the convs that feed it ("sum" post-op), with the
+    add's ReLU and its output quantizer; when the conv's first fused op is its own output quantizer and an
+    output quantizer follows the sum, it applies that first quantizer as a clip without rounding (its graph
+    optimizer picks the add's first input when both are quantized convs, else the one that is a conv; its
+    convolution node drops the rounding of that pattern). The simulation does the same, so that it computes
+    what OpenVINO runs. The quantize stage checks this against OpenVINO's runtime model."""
+    for n in gm.graph.nodes:
+        if not (isinstance(_module(gm, n), ResidualAdd) or _is_plain_add(n)) or len(n.args) < 2:
+            continue
+        users = list(n.users)
+        if len(users) == 1 and _is_relu(gm, users[0]):
+            users = list(users[0].users)
+        out = _module(gm, users[0]) if len(users) == 1 else None
+        if not isinstance(out, ActQuantizer):
+            continue
+        branch = _quantized_conv(gm, n.args[0]) or _quantized_conv(gm, n.args[1])
+        if branch is not None:
+            branch.clip_only_before(out)
 
 
 def _set_bias_grids(gm: fx.GraphModule) -> None:

@@ -52,16 +52,48 @@ class OvRunner:
         return self.request.get_output_tensor(0).data.copy()
 
 
-def runtime_layers(path: Path, precision: str = "f32") -> Counter:
-    """(layer type, runtime precision) of every layer the CPU plugin executes after its own fusions."""
+def runtime_ops(path: Path, precision: str = "f32") -> list[tuple[str, str, list[str]]]:
+    """(layer type, runtime precision, original layers it fused, in order) of every layer the CPU plugin
+    executes after its own fusions."""
     compiled = compile_model(path, threads=1, precision=precision)
-    counts: Counter = Counter()
+    ops = []
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
         prec = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
-        counts[(kind, prec)] += 1
-    return counts
+        fused = info["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in info else []
+        ops.append((kind, prec, fused))
+    return ops
+
+
+def runtime_layers(path: Path, precision: str = "f32", ops: list | None = None) -> Counter:
+    """(layer type, runtime precision) of every layer the CPU plugin executes after its own fusions."""
+    return Counter((kind, prec) for kind, prec, _ in (ops if ops is not None else runtime_ops(path, precision)))
+
+
+def _quantizer_module(node_name: str) -> str | None:
+    """Module path of the activation quantizer whose exported QuantizeLinear is ``node_name``
+    (``/layer1/0/act_quant/QuantizeLinear_1`` -> ``layer1.0.act_quant``), else None."""
+    head, sep, tail = node_name.rpartition("/QuantizeLinear")
+    if not sep or not (tail == "" or tail.lstrip("_").isdigit()):
+        return None
+    return head.strip("/").replace("/", ".") or None
+
+
+def clip_only_quantizers(path: Path, ops: list | None = None) -> set[str]:
+    """Activation quantizers (module paths) that OpenVINO's CPU plugin applies without rounding: in a
+    convolution that fused its output Q/DQ first, then a residual add ("sum"), then another Q/DQ, the first
+    one is a clip only (its convolution node drops that rounding). Read from the runtime model, where each
+    layer lists the original layers it fused, in order (``ops``: runtime_ops of ``path``, if at hand)."""
+    found = set()
+    for kind, _, names in ops if ops is not None else runtime_ops(path):
+        if kind != "Convolution":
+            continue
+        quants = [i for i, name in enumerate(names) if _quantizer_module(name)]
+        adds = [i for i, name in enumerate(names) if name.rsplit("/", 1)[-1].startswith("Add")]
+        if quants and adds and quants[0] < adds[0] < quants[-1]:
+            found.add(_quantizer_module(names[quants[0]]))
+    return found
 
 
 def int8_convolutions(path: Path) -> tuple[int, int]:

@@ -318,6 +318,16 @@ def check_feature_kd(student: torch.nn.Module, teacher: torch.nn.Module, arch: s
         raise UserError(f"{arch}: the quantized graph hides a stage output: {exc}", field=field, fix=fix) from None
 
 
+def _clip_difference(clip: dict[str, list[str]]) -> str:
+    runtime, simulated = set(clip["runtime"]), set(clip["simulated"])
+    parts = []
+    if runtime - simulated:
+        parts.append("only the runtime: " + ", ".join(sorted(runtime - simulated)[:4]))
+    if simulated - runtime:
+        parts.append("only the simulation: " + ", ".join(sorted(simulated - runtime)[:4]))
+    return "; ".join(parts)
+
+
 def _qat_line(qat: dict[str, Any]) -> str:
     from deploycraft.formatting import fmt_pct
 
@@ -588,6 +598,12 @@ class QuantizeStage(Stage):
             )
         proof = check_int8_execution(path, target, qmodel, workdir)
         if proof is not None:
+            clip = proof.get("clip_only")
+            if clip and clip["runtime"] != clip["simulated"]:
+                log(
+                    f"  [yellow]{target}: {proof['runtime']} clips without rounding at other quantizers than the "
+                    f"simulation does ({_clip_difference(clip)}); simulation and deployed file will agree less[/]"
+                )
             metrics["int8_execution"] = proof
             metrics["int8_conv_fraction"] = proof["int8_convs"] / proof["convs"] if proof["convs"] else None
             log(
@@ -789,6 +805,17 @@ class QuantizeStage(Stage):
                     f"; {proof['runtime']}'s own graph runs {proof['int8_convs']} of {proof['convs']} convs in INT8"
                     f"{adds} (the placement quantizes {proof['expected_int8_convs']})"
                 )
+                clip = proof.get("clip_only")
+                if clip and (clip["runtime"] or clip["simulated"]):
+                    same = (
+                        "as the simulation does"
+                        if clip["runtime"] == clip["simulated"]
+                        else (f"the simulation at {len(clip['simulated'])} (they differ: {_clip_difference(clip)})")
+                    )
+                    line += (
+                        f"; it fuses {len(clip['runtime'])} conv -> residual add pairs and clips there without "
+                        f"rounding, {same}"
+                    )
             line += f"; simulation vs deployed file: top-1 agreement {t['sim_vs_onnx_top1_agreement'] * 100:.1f} %."
             lines.append(line)
             bits = t.get("weight_bits") or {}

@@ -121,3 +121,27 @@ def test_dynamic_batch(exported):
     runner = OrtRunner(out["onnxruntime-cpu"][1])
     for bs in (1, 5):
         assert runner(np.random.randn(bs, 3, 16, 16).astype(np.float32)).shape == (bs, 10)
+
+
+def test_openvino_placement_clips_without_rounding_where_openvino_fuses_the_add(tiny_resnet, tmp_path):
+    """The quantizer between a block's last conv and its residual add is a clip only for openvino-cpu (its CPU
+    plugin fuses conv -> Q/DQ -> add -> ReLU -> Q/DQ and drops that rounding), rounds again once the add's
+    output quantizer is off (no fusion then), never for the other targets, and is exported as Q/DQ all the same."""
+    q = _calibrated(tiny_resnet, "openvino-cpu")
+    clip = {name: a for name, a in act_quantizers(q) if not a.rounds}
+    assert len(clip) == 9  # one per residual block of ResNet-20
+    a = next(iter(clip.values()))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y = a(x * 10)
+    lo, hi = (a.qrange[0] - int(a.zero_point)) * float(a.scale), (a.qrange[1] - int(a.zero_point)) * float(a.scale)
+    assert torch.equal(y, (x * 10).clamp(lo, hi))  # clipped, not on the grid
+    a.clip_only_while.mode = "off"
+    assert a.rounds
+    a.clip_only_while.mode = "quantize"
+    path = tmp_path / "ov.onnx"
+    export_onnx(q, x, path)
+    names = {n.name for n in onnx.load(str(path)).graph.node if n.op_type == "QuantizeLinear"}
+    assert all(f"/{name}/QuantizeLinear" in names for name in clip)
+    for target in ("onnxruntime-cpu", "tensorrt"):
+        assert all(a.rounds for _, a in act_quantizers(_calibrated(tiny_resnet, target)))
