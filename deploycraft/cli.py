@@ -132,6 +132,8 @@ def models(
     size: int | None = typer.Option(None, help="Input resolution for MACs (default: 224 ImageNet, 32 CIFAR)."),
 ) -> None:
     """List the registered architectures with parameters and MACs."""
+    import torch
+
     from deploycraft.models.profile import count_macs, count_params
     from deploycraft.models.registry import create_model, list_models, model_info
 
@@ -146,7 +148,8 @@ def models(
         info = model_info(name)
         res = size or (32 if info.input_style == "cifar" else 224)
         classes = 10 if info.input_style == "cifar" else 1000
-        m = create_model(name, num_classes=classes)
+        with torch.device("meta"):  # shapes only: no weights initialised, no arithmetic done
+            m = create_model(name, num_classes=classes)
         typer.echo(
             f"{name:<{w}}{info.family:<12}{res:>6}{classes:>9}{count_params(m) / 1e6:>10.2f} M"
             f"{count_macs(m, (3, res, res)) / 1e9:>9.3f} G"

@@ -72,11 +72,12 @@ def test_validate_and_schema(tmp_path):
     assert "stages" in schema["properties"]
 
 
-def test_models_lists_params_and_macs():
-    proc = run_cli("models", "--family", "resnet")
+def test_models_lists_params_and_macs_of_one_family():
+    proc = run_cli("models", "--family", "wrn")
     assert proc.returncode == 0, proc.stderr
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("resnet50 "))
-    assert "25.56 M" in row and "4.089 G" in row
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line.strip()}
+    assert set(rows) == {"wrn_16_2", "wrn_16_4", "wrn_16_8", "wrn_28_10", "wrn_40_4"}
+    assert "0.69 M" in rows["wrn_16_2"] and "0.101 G" in rows["wrn_16_2"]
 
 
 def test_version():

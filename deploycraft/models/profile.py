@@ -36,8 +36,10 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
             handles.append(m.register_forward_hook(linear_hook))
     was_training = model.training
     model.eval()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     try:
-        model(torch.zeros(1, *input_shape))
+        model(torch.zeros(1, *input_shape, device=device))  # a model built on the meta device costs nothing
     finally:
         for h in handles:
             h.remove()
