@@ -89,6 +89,17 @@ class QATConfig(OptimConfig):
         description="Learn activation and weight scales with the weights (LSQ, Esser et al. 2020); else the "
         "calibrated scales stay fixed.",
     )
+    crop_padding: int = Field(
+        4,
+        ge=0,
+        description="Augmentation: zero-pad by this many pixels, then random-crop. Left unset, the recipe's last "
+        "train or distill stage's value (QAT fine-tunes on the data the model learned from); else 4.",
+    )
+    hflip: bool = Field(
+        True,
+        description="Augmentation: random horizontal flips. Left unset, the recipe's last train or distill "
+        "stage's value; else on.",
+    )
     distill: QATDistillConfig = Field(default_factory=QATDistillConfig, description="Distillation inside QAT.")
 
 
@@ -318,6 +329,20 @@ def check_feature_kd(student: torch.nn.Module, teacher: torch.nn.Module, arch: s
         raise UserError(f"{arch}: the quantized graph hides a stage output: {exc}", field=field, fix=fix) from None
 
 
+AUGMENTATION = ("crop_padding", "hflip")
+
+
+def qat_settings(recipe, q: QATConfig) -> tuple[QATConfig, str]:
+    """The QAT settings with the augmentation the recipe leaves unset under ``qat`` taken from its last
+    enabled train or distill stage: QAT fine-tunes on the data the model learned from (a model trained
+    without crops and flips loses points when fine-tuned with them). Also says where they came from."""
+    unset = [k for k in AUGMENTATION if k not in q.model_fields_set]
+    source = next((st for st in reversed(recipe.stages) if st.type in ("train", "distill") and st.enabled), None)
+    if not unset or source is None:
+        return q, "qat" if not unset else "defaults"
+    return q.model_copy(update={k: getattr(source, k) for k in unset}), f"the {source.type} stage"
+
+
 def _clip_difference(clip: dict[str, list[str]]) -> str:
     runtime, simulated = set(clip["runtime"]), set(clip["simulated"])
     parts = []
@@ -326,6 +351,15 @@ def _clip_difference(clip: dict[str, list[str]]) -> str:
     if simulated - runtime:
         parts.append("only the simulation: " + ", ".join(sorted(simulated - runtime)[:4]))
     return "; ".join(parts)
+
+
+def _augmentation_words(aug: dict[str, Any] | None) -> str:
+    if not aug:
+        return ""
+    what = [f"{aug['crop_padding']}-pixel crops" if aug["crop_padding"] else "no crops"]
+    what.append("flips" if aug["hflip"] else "no flips")
+    source = {"qat": "as set under qat", "defaults": "the defaults"}.get(aug["from"], f"as in {aug['from']}")
+    return f", {' and '.join(what)} ({source})"
 
 
 def _qat_line(qat: dict[str, Any]) -> str:
@@ -338,7 +372,8 @@ def _qat_line(qat: dict[str, Any]) -> str:
         what = f"logits and stage features, feature weight {fw:g}" if fw > 0 else "logits only"
         kd = f"QAT with KD ({what}) from {qat['teacher']}"
     line = (
-        f"QAT: {qat['epochs']} epoch(s), SGD lr {qat['lr']} {qat['schedule']}, {scales}, BN folded and frozen. "
+        f"QAT: {qat['epochs']} epoch(s), SGD lr {qat['lr']} {qat['schedule']}, {scales}, BN folded and frozen"
+        f"{_augmentation_words(qat.get('augmentation'))}. "
         f"Held-out top-1: FP32 {fmt_pct(qat['top1_fp32'])}, PTQ {fmt_pct(qat['top1_ptq'])}, "
         f"{kd} {fmt_pct(qat['top1_qat'])}"
     )
@@ -733,9 +768,10 @@ class QuantizeStage(Stage):
     def _qat(self, ctx, model, ptq_module, target: str, workdir: Path):
         """PTQ's calibrated simulation fine-tuned with KD (and a plain-QAT control); held-out top-1 of each."""
         cfg, data = self.config, ctx.data
-        q = cfg.qat
+        q, augmentation_from = qat_settings(ctx.recipe, cfg.qat)
         sub = STATE_SUFFIX[target].lstrip("_")
         metrics: dict[str, Any] = {
+            "augmentation": {"crop_padding": q.crop_padding, "hflip": q.hflip, "from": augmentation_from},
             "epochs": q.epochs,
             "lr": q.lr,
             "schedule": q.schedule,

@@ -5,6 +5,7 @@ and recipes that cannot have feature KD fail with one error before anything runs
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -200,3 +201,29 @@ def test_model_without_stages_fails_validate_with_exit_2(tmp_path):
     proc = run_cli("validate", path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "stages.1.qat.distill.feature_weight" in proc.stderr and "has none" in proc.stderr
+
+
+def test_qat_fine_tunes_with_the_augmentation_the_model_was_trained_with():
+    """qat.crop_padding and qat.hflip left unset follow the last train (or distill) stage; set, they win; with
+    no training stage in the recipe, the defaults (4-pixel crops, flips)."""
+    from deploycraft.stages.quantize import qat_settings
+
+    raw = smoke_recipe()
+    raw["stages"][0].update(crop_padding=0, hflip=False)
+    raw["stages"][1].update(method="qat")
+    recipe = build_recipe(raw)
+    q, source = qat_settings(recipe, recipe.stage("quantize").qat)
+    assert (q.crop_padding, q.hflip, source) == (0, False, "the train stage")
+    raw["stages"][1]["qat"] = {"hflip": True}
+    recipe = build_recipe(raw)
+    q, source = qat_settings(recipe, recipe.stage("quantize").qat)
+    assert (q.crop_padding, q.hflip) == (0, True)
+    quantize = recipe.stage("quantize").model_copy(update={"qat": QATConfig()})
+    q, source = qat_settings(SimpleNamespace(stages=[quantize]), quantize.qat)  # a recipe that loads weights
+    assert (q.crop_padding, q.hflip, source) == (4, True, "defaults")
+    line = _qat_line({
+        "epochs": 1, "lr": 0.002, "schedule": "cosine", "learnable_scales": False, "top1_fp32": 0.9, "top1_ptq": 0.8,
+        "top1_qat": 0.85, "ptq_file": "ptq/model_int8.onnx",
+        "augmentation": {"crop_padding": 0, "hflip": False, "from": "the train stage"},
+    })  # fmt: skip
+    assert "no crops and no flips (as in the train stage)" in line
