@@ -4,6 +4,8 @@
 VENV ?= .venv
 RECIPE ?= recipes/resnet50_int8.yaml
 PYTEST_ARGS ?=
+# Test files run on this many processes (pytest-xdist; a file's tests stay together, sharing its fixtures).
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test test-slow lint clean
 
@@ -17,7 +19,7 @@ run: setup
 	$(VENV)/bin/deploycraft run $(RECIPE)
 
 test: setup
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: setup
 	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
