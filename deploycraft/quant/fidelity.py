@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import torch
 
+from deploycraft.quant.modules import rounding_everywhere
 from deploycraft.quant.placement import act_quantizers
 
 # A tap diverges when its relative error exceeds that of the taps feeding it by more than this.
@@ -161,21 +162,17 @@ def _sim_taps(qmodel: torch.nn.Module, x: torch.Tensor) -> dict[str, list[np.nda
     def keep(name: str):
         return lambda module, args, out: outputs.setdefault(name, []).append(out.detach().numpy().copy())
 
-    # The tapped file exposes every quantizer's output, so no runtime fuses across one (OpenVINO then rounds
-    # where it would clip in the untapped file): the simulation rounds everywhere too, for these taps only.
-    fused = {}
-    for name, q in act_quantizers(qmodel):
+    quantizers = act_quantizers(qmodel)
+    for name, q in quantizers:
         handles.append(q.register_forward_hook(keep(name)))
-        fused[q] = q.clip_only_while
-        object.__setattr__(q, "clip_only_while", None)
     try:
-        with torch.no_grad():
+        # The tapped file exposes every quantizer's output, so no runtime fuses across one (OpenVINO then
+        # rounds where it would clip in the untapped file): the simulation rounds everywhere too.
+        with torch.no_grad(), rounding_everywhere([q for _, q in quantizers]):
             qmodel.eval()(x)
     finally:
         for h in handles:
             h.remove()
-        for q, partner in fused.items():
-            object.__setattr__(q, "clip_only_while", partner)
     return outputs
 
 

@@ -13,6 +13,7 @@ the exported graph is the PTQ graph with other numbers in it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,7 +35,7 @@ def lsq_fake_quant(
     through zero (channels whose weights decay to nothing: 457 of the flagship's 4-bit weight scales in one
     epoch) computes the same in training and in the file.
     """
-    scale = scale.abs().clamp(min=SCALE_FLOOR)
+    scale = quant_step(scale)
     shape = [1] * x.dim()
     if axis is not None:
         shape[axis] = -1
@@ -49,6 +50,11 @@ def lsq_fake_quant(
 
 
 SCALE_FLOOR = 1e-12  # the smallest quantization step kept (an all-zero weight channel has this scale)
+
+
+def quant_step(scale: torch.Tensor) -> torch.Tensor:
+    """The quantization step a (possibly learned) scale stands for: its absolute value, at least SCALE_FLOOR."""
+    return scale.abs().clamp(min=SCALE_FLOOR)
 
 
 def _to_parameter(module: nn.Module, name: str) -> None:
@@ -141,7 +147,7 @@ class ActQuantizer(nn.Module):
             qmin, qmax = self.qrange
             if not self.rounds and not torch.onnx.is_in_onnx_export():
                 zp = self.zero_point.to(x.dtype)
-                step = self.scale.abs().clamp(min=SCALE_FLOOR)  # as lsq_fake_quant when the scale is learned
+                step = quant_step(self.scale)  # as lsq_fake_quant when the scale is learned
                 return torch.clamp(x, (qmin - zp) * step, (qmax - zp) * step)
             if isinstance(self.scale, nn.Parameter) and self.training:
                 return lsq_fake_quant(x, self.scale, self.zero_point, qmin, qmax)
@@ -153,7 +159,7 @@ class ActQuantizer(nn.Module):
         if learn and not isinstance(self.scale, nn.Parameter):
             _to_parameter(self, "scale")
         elif not learn and isinstance(self.scale, nn.Parameter):
-            self.scale.data = self.scale.data.abs().clamp(min=SCALE_FLOOR)  # the step lsq_fake_quant used
+            self.scale.data = quant_step(self.scale.data)  # the step lsq_fake_quant used
             _to_buffer(self, "scale")
 
     def extra_repr(self) -> str:
@@ -162,6 +168,20 @@ class ActQuantizer(nn.Module):
         )
         clip = "" if self.rounds else ", clip only (no rounding)"
         return f"{kind}, mode={self.mode}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}{clip}"
+
+
+@contextlib.contextmanager
+def rounding_everywhere(quantizers: list[ActQuantizer]):
+    """Every quantizer rounds inside the block, also those the target runtime applies as a clip only: for a
+    file whose quantizer outputs are all exposed (fidelity taps), where no runtime fuses across one."""
+    partners = {q: q.clip_only_while for q in quantizers}
+    try:
+        for q in quantizers:
+            object.__setattr__(q, "clip_only_while", None)
+        yield
+    finally:
+        for q, partner in partners.items():
+            object.__setattr__(q, "clip_only_while", partner)
 
 
 def weight_levels(bits: int, reduce_range: bool) -> int:
@@ -223,7 +243,7 @@ class _WeightQuant:
         if learn and not isinstance(self.weight_scale, nn.Parameter):
             _to_parameter(self, "weight_scale")
         elif not learn and isinstance(self.weight_scale, nn.Parameter):
-            self.weight_scale.data = self.weight_scale.data.abs().clamp(min=SCALE_FLOOR)  # as lsq_fake_quant
+            self.weight_scale.data = quant_step(self.weight_scale.data)  # as lsq_fake_quant
             _to_buffer(self, "weight_scale")
 
     def qweight(self) -> torch.Tensor:
