@@ -208,35 +208,55 @@ def choose_fallback(
     max_units: int,
     batch: int = 256,
 ) -> dict[str, Any]:
-    """Greedy: add the next most sensitive unit until top-1 on ``images`` (a larger training-split sample
-    than the analysis': a 0.3-point budget needs thousands of images to be seen) is within ``budget`` of
-    the float model's on the same images. Works on a copy; returns the chosen names and each step's top-1."""
+    """The shortest prefix of the sensitivity ranking (at most ``max_units`` units) that, kept at higher
+    precision, brings top-1 on ``images`` within ``budget`` of the float model's on the same images.
+
+    The prefix is found by bisection, ``2 + log2(max_units)`` evaluations instead of one per unit: a 0.3-point
+    budget needs thousands of training-split images to be seen (the standard error of a top-1 difference
+    on 5,000 images is about 0.25 points where 3 % of the predictions change), and the flagship needed more
+    than half of its 52 layers back at 8 bits, so one evaluation per unit on a sample that size is what
+    the user cannot afford. Bisection presumes top-1 grows with the prefix; each trial is recorded in
+    ``steps``. Works on copies; returns the chosen names."""
     import copy
 
-    trial = copy.deepcopy(qmodel)
-    units_ = units(trial)
+    base = copy.deepcopy(qmodel)
+    units_ = units(base)
     # Below 8 bits the candidates are those layers (back to 8 bits: still integer, and faster on ONNX
     # Runtime than its float INT4 path); otherwise any quantizer, back to float.
     low = {u.name for u in units_ if u.kind == "weight" and u.module.bits < 8}
-    order = [name for name in ranking(result) if not low or name in low]
-    steps = []
-    chosen: list[str] = []
-    top1_float, top1, _, _ = _float_then_quantized(trial, units_, images, labels, batch)
-    steps.append({"units": 0, "top1": top1})
-    for name in order[:max_units]:
-        if top1_float - top1 <= budget:
-            break
-        apply_fallback(trial, [name])
-        chosen.append(name)
-        top1, _, _ = _evaluate(trial, images, labels, None, batch)
-        steps.append({"units": len(chosen), "unit": name, "top1": top1})
+    order = [name for name in ranking(result) if not low or name in low][:max_units]
+    top1_float, top1_none, _, _ = _float_then_quantized(base, units_, images, labels, batch)  # leaves all on
+    steps = [{"units": 0, "top1": top1_none}]
+    top1_at = {0: top1_none}
+
+    def within(k: int) -> bool:
+        if k not in top1_at:
+            trial = copy.deepcopy(base)
+            apply_fallback(trial, order[:k])
+            top1_at[k], _, _ = _evaluate(trial, images, labels, None, batch)
+            steps.append({"units": k, "unit": order[k - 1], "top1": top1_at[k]})
+        return top1_float - top1_at[k] <= budget
+
+    if within(0) or not order:
+        chosen = 0
+    elif not within(len(order)):
+        chosen = len(order)  # the cap: still outside the budget
+    else:
+        lo, chosen = 0, len(order)  # outside at lo, within at chosen
+        while chosen - lo > 1:
+            mid = (lo + chosen) // 2
+            if within(mid):
+                chosen = mid
+            else:
+                lo = mid
     return {
-        "chosen": chosen,
+        "chosen": order[:chosen],
         "steps": steps,
+        "search": "bisection over the ranking",
         "images": len(images),
         "top1_float": top1_float,
-        "top1_after": top1,
-        "within_budget": top1_float - top1 <= budget,
+        "top1_after": top1_at[chosen],
+        "within_budget": top1_float - top1_at[chosen] <= budget,
     }
 
 

@@ -158,8 +158,9 @@ class QuantizeConfig(StageConfig):
     )
     fallback: Literal["none", "auto"] = Field(
         "none",
-        description="auto: after the sensitivity analysis, keep the most sensitive quantizers at higher precision, "
-        "one at a time, until top-1 on `fallback_images` training images is within `fallback_budget` of float: "
+        description="auto: after the sensitivity analysis, keep the fewest most sensitive quantizers at higher "
+        "precision (the shortest prefix of the ranking, found by bisection) that bring top-1 on `fallback_images` "
+        "training images within `fallback_budget` of float: "
         "where weights are below 8 bits, those layers back at 8 bits; otherwise any quantizer in float. The "
         "report lists them with their size and latency cost on the target runtime.",
     )
@@ -383,6 +384,13 @@ def _qat_line(qat: dict[str, Any]) -> str:
     return line + f" (simulated). The PTQ file ({qat['ptq_file']}) is kept; the shipped file has its graph."
 
 
+def _search_words(fb: dict[str, Any]) -> str:
+    """How the fallback's prefix was found (runs before the bisection recorded no ``search``: one per unit)."""
+    if fb.get("search") != "bisection over the ranking":
+        return ""
+    return f" (the shortest prefix of the ranking, by bisection: {len(fb['steps'])} evaluations)"
+
+
 def _sensitivity_lines(sens: dict[str, Any]) -> list[str]:
     """The analysis in a sentence, the fallback's table of kept quantizers with their costs, the plot."""
     order = {name: i for i, name in enumerate(sensitivity.ranking(sens))}
@@ -408,7 +416,8 @@ def _sensitivity_lines(sens: dict[str, Any]) -> list[str]:
             status = "within" if fb["within_budget"] else "**still outside**"
             lines.append(
                 f"Fallback (auto, budget {fb['budget'] * 100:.2f} pt): {len(fb['chosen'])} quantizer(s) kept at higher "
-                f"precision, top-1 on {fb['images']} training-split images {fb['steps'][0]['top1'] * 100:.2f} % → "
+                f"precision{_search_words(fb)}, top-1 on {fb['images']} training-split images "
+                f"{fb['steps'][0]['top1'] * 100:.2f} % → "
                 f"{fb['top1_after'] * 100:.2f} % against {fb['top1_float'] * 100:.2f} % in float "
                 f"({status} the budget); held-out top-1 without fallback {fb['held_out_top1_before'] * 100:.2f} % "
                 f"(with it: the verify table). Cost of each alone, on {fb['costs']['runtime']}:"

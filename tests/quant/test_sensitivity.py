@@ -67,6 +67,39 @@ def test_fallback_auto_keeps_the_weak_layer_at_8_bits_and_ends_within_budget(set
     assert built.module.get_submodule(WEAK).bits == 8
 
 
+@pytest.mark.parametrize("budget", [0.0, 0.05])
+def test_fallback_keeps_the_shortest_prefix_of_the_ranking_found_by_bisection(tiny_resnet, data, tmp_path, budget):
+    import math
+
+    images, _ = data.calibration_images(64)
+    built = build_deployable(
+        tiny_resnet, "int8", tmp_path / "int3.onnx", data.sample_input(2), target="onnxruntime-cpu",
+        settings=QuantSettings(weight_bits=3), calibration=(images, data.spec), show=False,
+    )  # fmt: skip
+    x, _, _ = sensitivity.training_sample(data, 128, "stages.quantize.fallback")
+    with torch.no_grad():
+        y = tiny_resnet(x).argmax(1)
+    before = built.module(x[:8])
+    result = sensitivity.analyse(built.module, x, y)
+    low = [u.name for u in sensitivity.units(built.module) if u.kind == "weight" and u.module.bits < 8]
+    ranked = [name for name in sensitivity.ranking(result) if name in low]
+    max_units = len(ranked)
+    assert max_units >= 6
+    choice = sensitivity.choose_fallback(built.module, result, x, y, budget=budget, max_units=max_units)
+    top1_at = {s["units"]: s["top1"] for s in choice["steps"]}
+    n = len(choice["chosen"])
+    assert choice["chosen"] == ranked[:n]  # a prefix of the ranking
+    assert len(choice["steps"]) <= 2 + math.ceil(math.log2(max_units))  # not one evaluation per unit
+    assert top1_at[0] < 1.0 and top1_at[n] == choice["top1_after"]
+    if choice["within_budget"]:
+        assert choice["top1_float"] - top1_at[n] <= budget
+        if n:  # one unit fewer was tried and is outside the budget
+            assert choice["top1_float"] - top1_at[n - 1] > budget
+    else:
+        assert n == max_units
+    assert torch.equal(built.module(x[:8]), before)  # the choice worked on copies
+
+
 def test_a_layer_kept_in_float_exports_and_the_int8_proof_counts_it_out(setup, data, tmp_path):
     built, _, _ = setup
     module = built.module
