@@ -372,6 +372,8 @@ def _qat_line(qat: dict[str, Any]) -> str:
     if qat.get("teacher"):
         fw = qat.get("feature_weight") or 0.0
         what = f"logits and stage features, feature weight {fw:g}" if fw > 0 else "logits only"
+        if "alpha" in qat:  # runs before the weights were recorded did not say
+            what += f", soft-target weight {qat['alpha']:g}, T {qat['temperature']:g}"
         kd = f"QAT with KD ({what}) from {qat['teacher']}"
     line = (
         f"QAT: {qat['epochs']} epoch(s), SGD lr {qat['lr']} {qat['schedule']}, {scales}, BN folded and frozen"
@@ -788,6 +790,7 @@ class QuantizeStage(Stage):
             "learnable_scales": q.learnable_scales,
             "distill": q.distill.enabled,
             "feature_weight": q.distill.feature_weight if q.distill.enabled else 0.0,
+            **({"alpha": q.distill.alpha, "temperature": q.distill.temperature} if q.distill.enabled else {}),
         }
         world = ctx.world
         metrics["top1_fp32"] = top1(torch_predictor(model), data, 256, "top-1 FP32", world)

@@ -173,6 +173,8 @@ def test_report_line_names_feature_kd():
            "teacher": "the model before pruning"}  # fmt: skip
     assert "QAT with KD (logits only) from the model before pruning" in _qat_line(qat)
     assert "KD (logits and stage features, feature weight 0.5)" in _qat_line({**qat, "feature_weight": 0.5})
+    weights = _qat_line({**qat, "alpha": 0.5, "temperature": 4.0})
+    assert "KD (logits only, soft-target weight 0.5, T 4) from the model before pruning" in weights
 
 
 # --- bad input: one error before anything runs ------------------------------------------------------------
