@@ -213,9 +213,9 @@ def choose_fallback(
 
     The prefix is found by bisection, ``2 + log2(max_units)`` evaluations instead of one per unit: a 0.3-point
     budget needs thousands of training-split images to be seen (the standard error of a top-1 difference
-    on 5,000 images is about 0.25 points where 3 % of the predictions change), and the flagship needed more
-    than half of its 52 layers back at 8 bits, so one evaluation per unit on a sample that size is what
-    the user cannot afford. Bisection presumes top-1 grows with the prefix; each trial is recorded in
+    on 5,000 images is about 0.25 points where 3 % of the predictions change), and 24 of the flagship's 52
+    4-bit layers back at 8 bits were not enough, so one evaluation per unit on a sample that size is more
+    than a user can afford. Bisection presumes top-1 grows with the prefix; each trial is recorded in
     ``steps``. Works on copies; returns the chosen names."""
     import copy
 
