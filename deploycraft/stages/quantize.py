@@ -168,6 +168,13 @@ class QuantizeConfig(StageConfig):
         0.003, ge=0, le=1, description="fallback: auto: the largest top-1 drop from float kept (0.003 = 0.3 points)."
     )
     fallback_max_layers: int = Field(16, ge=1, description="fallback: auto: at most this many quantizers kept.")
+    fallback_confidence: float = Field(
+        0.95,
+        ge=0.5,
+        lt=1,
+        description="fallback: auto: the drop is within the budget when its one-sided upper confidence bound is "
+        "(paired over the sample's images); 0.5 takes the drop seen on the sample as it is.",
+    )
     fidelity_tolerance: float = Field(
         0.1,
         gt=0,
@@ -393,6 +400,16 @@ def _search_words(fb: dict[str, Any]) -> str:
     return f" (the shortest prefix of the ranking, by bisection: {len(fb['steps'])} evaluations)"
 
 
+def _bound_words(fb: dict[str, Any]) -> str:
+    """The drop and its confidence bound (runs before the bound was recorded: nothing)."""
+    if "drop_bound" not in fb:
+        return ""
+    return (
+        f"; drop {fb['drop'] * 100:.2f} pt, at most {fb['drop_bound'] * 100:.2f} pt at "
+        f"{fb['confidence'] * 100:g} % one-sided confidence"
+    )
+
+
 def _sensitivity_lines(sens: dict[str, Any]) -> list[str]:
     """The analysis in a sentence, the fallback's table of kept quantizers with their costs, the plot."""
     order = {name: i for i, name in enumerate(sensitivity.ranking(sens))}
@@ -412,7 +429,7 @@ def _sensitivity_lines(sens: dict[str, Any]) -> list[str]:
             lines.append(
                 f"Fallback (auto, budget {fb['budget'] * 100:.2f} pt): nothing kept: on {fb['images']} training-split "
                 f"images the quantized model's top-1 {fb['top1_after'] * 100:.2f} % is within it of float's "
-                f"{fb['top1_float'] * 100:.2f} %."
+                f"{fb['top1_float'] * 100:.2f} %{_bound_words(fb)}."
             )
         else:
             status = "within" if fb["within_budget"] else "**still outside**"
@@ -421,7 +438,8 @@ def _sensitivity_lines(sens: dict[str, Any]) -> list[str]:
                 f"precision{_search_words(fb)}, top-1 on {fb['images']} training-split images "
                 f"{fb['steps'][0]['top1'] * 100:.2f} % → "
                 f"{fb['top1_after'] * 100:.2f} % against {fb['top1_float'] * 100:.2f} % in float "
-                f"({status} the budget); held-out top-1 without fallback {fb['held_out_top1_before'] * 100:.2f} % "
+                f"({status} the budget{_bound_words(fb)}); held-out top-1 without fallback "
+                f"{fb['held_out_top1_before'] * 100:.2f} % "
                 f"(with it: the verify table). Cost of each alone, on {fb['costs']['runtime']}:"
             )
             bs = fb["costs"]["batch_sizes"]
@@ -724,8 +742,9 @@ class QuantizeStage(Stage):
             return result
         images, labels, _ = sensitivity.training_sample(data, cfg.fallback_images, field)
         choice = sensitivity.choose_fallback(
-            built.module, result, images, labels, cfg.fallback_budget, cfg.fallback_max_layers
-        )
+            built.module, result, images, labels, cfg.fallback_budget, cfg.fallback_max_layers,
+            confidence=cfg.fallback_confidence,
+        )  # fmt: skip
         choice["budget"] = cfg.fallback_budget
         if choice["chosen"]:
             # for the report only (the choice above saw the training split alone): what PTQ gives without it
@@ -735,7 +754,7 @@ class QuantizeStage(Stage):
         log(
             f"  {target}: fallback keeps {len(choice['chosen'])} quantizer(s) at higher precision "
             f"({', '.join(choice['chosen']) or 'none needed'}); top-1 on {choice['images']} training images "
-            f"{choice['top1_after']:.4f}, float {choice['top1_float']:.4f}"
+            f"{choice['top1_after']:.4f}, float {choice['top1_float']:.4f}{_bound_words(choice)}"
             + ("" if choice["within_budget"] else f" — [yellow]still outside the budget of {cfg.fallback_budget}[/]")
         )
         result["fallback"] = choice

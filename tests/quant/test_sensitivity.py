@@ -86,18 +86,37 @@ def test_fallback_keeps_the_shortest_prefix_of_the_ranking_found_by_bisection(ti
     max_units = len(ranked)
     assert max_units >= 6
     choice = sensitivity.choose_fallback(built.module, result, x, y, budget=budget, max_units=max_units)
-    top1_at = {s["units"]: s["top1"] for s in choice["steps"]}
+    step = {s["units"]: s for s in choice["steps"]}
     n = len(choice["chosen"])
     assert choice["chosen"] == ranked[:n]  # a prefix of the ranking
     assert len(choice["steps"]) <= 2 + math.ceil(math.log2(max_units))  # not one evaluation per unit
-    assert top1_at[0] < 1.0 and top1_at[n] == choice["top1_after"]
+    assert step[0]["top1"] < 1.0 and step[n]["top1"] == choice["top1_after"]
+    assert choice["drop"] == pytest.approx(choice["top1_float"] - choice["top1_after"])
+    assert choice["drop_bound"] > choice["drop"] or choice["drop"] == 0  # a bound, above the drop seen
     if choice["within_budget"]:
-        assert choice["top1_float"] - top1_at[n] <= budget
+        assert choice["drop_bound"] <= budget
         if n:  # one unit fewer was tried and is outside the budget
-            assert choice["top1_float"] - top1_at[n - 1] > budget
+            assert step[n - 1]["drop_bound"] > budget
     else:
         assert n == max_units
     assert torch.equal(built.module(x[:8]), before)  # the choice worked on copies
+
+
+def test_the_drop_bound_counts_only_the_images_the_two_models_disagree_on():
+    right_float = torch.ones(100, dtype=torch.bool)
+    right = right_float.clone()
+    right[:3] = False  # 3 images right in float only
+    assert sensitivity.drop_bound(right_float, right, 0.5) == pytest.approx((0.03, 0.03))
+    sd = ((3 - 9 / 100) / 100**2) ** 0.5
+    assert sensitivity.drop_bound(right_float, right, 0.95) == pytest.approx((0.03, 0.03 + 1.6449 * sd), abs=1e-4)
+    right_float[50:56] = False  # 6 more images on which both are wrong: nothing changes
+    right[50:56] = False
+    assert sensitivity.drop_bound(right_float, right, 0.95)[1] == pytest.approx(0.03 + 1.6449 * sd, abs=1e-4)
+    right[60] = False  # one disagreement each way: no drop, but not sure of it either
+    right_float[61] = False
+    right[:3] = True
+    drop, bound = sensitivity.drop_bound(right_float, right, 0.95)
+    assert drop == 0 and bound == pytest.approx(1.6449 * 2**0.5 / 100, abs=1e-4)
 
 
 def test_a_layer_kept_in_float_exports_and_the_int8_proof_counts_it_out(setup, data, tmp_path):
