@@ -45,7 +45,7 @@ def test_qat_run_reports_kd_and_control(tmp_path):
     assert types(ptq) == types(shipped)
     md = (out / "report.md").read_text()
     assert "QAT: 1 epoch(s)" in md and "plain QAT (control)" in md
-    assert "QAT with KD (logits and stage features, feature weight 0.5)" in md
+    assert "QAT with KD (logits and stage features, feature weight 0.5, soft-target weight 0.9, T 4)" in md
     q = report["stages"]["quantize"]
     assert q["weight_bits"]["8"] == ["conv1", "fc"] and len(q["weight_bits"]["4"]) == 20
     assert q["int4_initializers"] >= 20 and "Weights: 4 bits in 20 layer(s)" in md
