@@ -395,7 +395,7 @@ def _qat_line(qat: dict[str, Any]) -> str:
 
 def _search_words(fb: dict[str, Any]) -> str:
     """How the fallback's prefix was found (runs before the bisection recorded no ``search``: one per unit)."""
-    if fb.get("search") != "bisection over the ranking":
+    if "search" not in fb:
         return ""
     return f" (the shortest prefix of the ranking, by bisection: {len(fb['steps'])} evaluations)"
 
