@@ -393,11 +393,53 @@ def _qat_line(qat: dict[str, Any]) -> str:
     return line + f" (simulated). The PTQ file ({qat['ptq_file']}) is kept; the shipped file has its graph."
 
 
+ALL_KEPT = "(all kept)"  # the fallback's cost table: every kept quantizer at once, the file that ships
+COST_GROUP = 6  # files timed at a time beside the file without fallback
+
+
+def grouped_costs(open_runner, files: dict[str, Path], make_input, batch_sizes: list[int], group: int = COST_GROUP,
+                  measure_fn=None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:  # fmt: skip
+    """Median latency of each file minus that of ``files["none"]``, per batch size, timed in groups of at most
+    ``group`` files beside their own run of ``files["none"]`` (interleaved rounds within a group), each
+    group's sessions closed before the next opens: dozens of sessions alive in one process (the flagship
+    kept 52 layers: 53 sessions) made batch 64 unreliable. Returns the differences (ms, keyed by batch size
+    as a string) and the base's median over the groups."""
+    import gc
+    import statistics
+
+    if measure_fn is None:
+        from deploycraft.runtime.bench import measure as measure_fn
+    names = [n for n in files if n != "none"]
+    deltas: dict[str, dict[str, float]] = {}
+    base: dict[int, list[float]] = {bs: [] for bs in batch_sizes}
+    for start in range(0, len(names), group):
+        part = names[start : start + group]
+        runners = {"none": open_runner(files["none"]), **{n: open_runner(files[n]) for n in part}}
+        times = measure_fn(runners, make_input, batch_sizes, warmup=3, repeats=40, show=True)
+        del runners  # the sessions go before the next group's open
+        gc.collect()
+        for bs in batch_sizes:
+            base[bs].append(times["none"][bs].p50)
+        for n in part:
+            deltas[n] = {str(bs): times[n][bs].p50 - times["none"][bs].p50 for bs in batch_sizes}
+    return deltas, {str(bs): statistics.median(v) for bs, v in base.items()}
+
+
 def _search_words(fb: dict[str, Any]) -> str:
     """How the fallback's prefix was found (runs before the bisection recorded no ``search``: one per unit)."""
     if "search" not in fb:
         return ""
     return f" (the shortest prefix of the ranking, by bisection: {len(fb['steps'])} evaluations)"
+
+
+def _cost_words(costs: dict[str, Any]) -> str:
+    """How the cost table was timed (runs before the grouped timing: every file in one set of rounds)."""
+    if "group" not in costs:
+        return ""
+    return (
+        f"{' and of all together' if 'all' in costs else ''} (median latency, timed {costs['group']} files at a time "
+        f"beside the file without fallback)"
+    )
 
 
 def _bound_words(fb: dict[str, Any]) -> str:
@@ -440,7 +482,8 @@ def _sensitivity_lines(sens: dict[str, Any]) -> list[str]:
                 f"{fb['top1_after'] * 100:.2f} % against {fb['top1_float'] * 100:.2f} % in float "
                 f"({status} the budget{_bound_words(fb)}); held-out top-1 without fallback "
                 f"{fb['held_out_top1_before'] * 100:.2f} % "
-                f"(with it: the verify table). Cost of each alone, on {fb['costs']['runtime']}:"
+                f"(with it: the verify table). "
+                f"Cost of each alone{_cost_words(fb['costs'])}, on {fb['costs']['runtime']}:"
             )
             bs = fb["costs"]["batch_sizes"]
             lines += [
@@ -453,6 +496,11 @@ def _sensitivity_lines(sens: dict[str, Any]) -> list[str]:
                 lat = " | ".join(f"{c['latency_ms'][str(b)]:+.3f} ms" for b in bs)
                 lines.append(f"| {a['unit']} | {a['action']} | {c['bytes'] / 1e3:+.1f} kB | {lat} |")
             base = fb["costs"]
+            if "all" in base:  # runs before the grouped timing measured only each alone
+                c = base["all"]
+                lat = " | ".join(f"{c['latency_ms'][str(b)]:+.3f} ms" for b in bs)
+                kept = f"**all {len(fb['actions'])} together** (the shipped file)"
+                lines.append(f"| {kept} | | {c['bytes'] / 1e3:+.1f} kB | {lat} |")
             lines.append(
                 f"| (file without fallback) | | {base['base_bytes'] / 1e3:.1f} kB | "
                 + " | ".join(f"{base['base_ms'][str(b)]:.3f} ms" for b in bs)
@@ -761,40 +809,44 @@ class QuantizeStage(Stage):
         return result
 
     def _fallback_costs(self, ctx, built, target: str, path: Path, metadata: dict, chosen: list[str], workdir: Path):
-        """Each kept quantizer's cost, alone against the file without fallback: bytes and median latency on the
-        target's runtime at verify's batch sizes (interleaved rounds, one process)."""
-        from deploycraft.runtime.bench import measure
-
-        cfg, data = self.config, ctx.data
+        """Each kept quantizer's cost, alone against the file without fallback, and all of them together: bytes
+        and median latency on the target's runtime at verify's batch sizes (interleaved rounds, one process, a
+        few files at a time beside the file without fallback; ``grouped_costs``)."""
         from deploycraft.runtime.bench import physical_cores
 
+        cfg, data = self.config, ctx.data
         verify = next((s for s in ctx.recipe.stages if s.type == "verify" and s.enabled), None)
         batch_sizes = list(verify.batch_sizes) if verify is not None else [1]
         threads = (verify.threads if verify is not None else None) or physical_cores()  # as verify times
         folder = workdir / "fallback" / (STATE_SUFFIX[target].lstrip("_") or "onnxruntime")
         folder.mkdir(parents=True, exist_ok=True)
         files = {"none": path}
-        for i, name in enumerate(chosen):
+        variants = [(name, [name]) for name in chosen] + ([(ALL_KEPT, chosen)] if len(chosen) > 1 else [])
+        for i, (name, kept) in enumerate(variants):
             variant = copy.deepcopy(built.module)
-            sensitivity.apply_fallback(variant, [name])
-            files[name] = folder / f"{i:02d}.onnx"
+            sensitivity.apply_fallback(variant, kept)
+            files[name] = folder / (f"{i:02d}.onnx" if name != ALL_KEPT else "all.onnx")
             export_deployable(
                 variant, "int8", files[name], data.sample_input(2), target, cfg.opset, metadata=metadata,
                 ranges=built.ranges,
             )  # fmt: skip
         runtime = TARGET_RUNTIME[target]
-        runners = {name: onnx_runner(runtime, f, threads=threads) for name, f in files.items()}
-        times = measure(runners, data.sample_input, batch_sizes, warmup=3, repeats=40, show=True)
-        base = times["none"]
-        costs = {}
-        for name in chosen:
-            costs[name] = {
+        deltas, base_ms = grouped_costs(
+            lambda f: onnx_runner(runtime, f, threads=threads), files, data.sample_input, batch_sizes
+        )
+        costs = {
+            name: {
                 "bytes": files[name].stat().st_size - path.stat().st_size,
-                "latency_ms": {str(bs): (times[name][bs].p50 - base[bs].p50) for bs in batch_sizes},
+                "latency_ms": deltas[name],
                 "file": files[name].relative_to(workdir).as_posix(),
             }
-        return {"runtime": runtime, "batch_sizes": batch_sizes, "base_ms": {str(b): base[b].p50 for b in batch_sizes},
-                "base_bytes": path.stat().st_size, "per_unit": costs}  # fmt: skip
+            for name, _ in variants
+        }
+        out = {"runtime": runtime, "batch_sizes": batch_sizes, "base_ms": base_ms, "base_bytes": path.stat().st_size,
+               "group": COST_GROUP, "per_unit": {n: costs[n] for n in chosen}}  # fmt: skip
+        if ALL_KEPT in costs:
+            out["all"] = costs[ALL_KEPT]
+        return out
 
     def _qat(self, ctx, model, ptq_module, target: str, workdir: Path):
         """PTQ's calibrated simulation fine-tuned with KD (and a plain-QAT control); held-out top-1 of each."""

@@ -169,6 +169,9 @@ def test_the_quantize_stage_reports_sensitivity_and_fallback_with_costs(tmp_path
     assert set(fb["costs"]["per_unit"]) == set(fb["chosen"]) and fb["costs"]["batch_sizes"] == [1]
     md = (tmp_path / "run" / "report.md").read_text()
     assert "Fallback (auto, budget 2.00 pt)" in md and f"| {fb['chosen'][0]} |" in md
+    assert fb["costs"]["group"] >= 1 and "timed" in md
+    if len(fb["chosen"]) > 1:  # the file that ships, with every kept quantizer, timed too
+        assert set(fb["costs"]["all"]["latency_ms"]) == {"1"} and f"all {len(fb['chosen'])} together" in md
     assert (tmp_path / "run" / sens["plot"]).is_file() and f"]({sens['plot']})" in md
 
 
@@ -189,3 +192,39 @@ def test_lsq_leaves_the_scales_of_quantizers_kept_in_float_as_buffers(setup):
         assert isinstance(module.get_submodule("layer1.0.conv1").weight_scale, nn.Parameter)
     finally:
         _learn_scales(module, False)
+
+
+def test_fallback_costs_are_timed_a_few_files_at_a_time_each_against_its_own_base():
+    """53 sessions in one process made the flagship's batch-64 costs unreliable: the cost table now times at
+    most ``group`` files beside their own run of the file without fallback, the previous group's sessions gone."""
+    from types import SimpleNamespace
+
+    from deploycraft.stages.quantize import grouped_costs
+
+    alive = []
+
+    class Session:
+        def __init__(self, f):
+            self.f = f
+            alive.append(f)
+
+        def __del__(self):
+            alive.remove(self.f)
+
+    calls = []
+
+    def fake_measure(runners, make_input, batch_sizes, **_):
+        assert len(alive) == len(runners) <= 3 + 1 and "none" in runners
+        calls.append(list(runners))
+        slow = 10.0 * len(calls)  # each group runs on a slower machine than the one before
+        return {
+            name: {bs: SimpleNamespace(p50=slow * bs + (0 if name == "none" else int(name[1:]))) for bs in batch_sizes}
+            for name in runners
+        }
+
+    files = {"none": "base.onnx", **{f"u{i}": f"{i}.onnx" for i in range(1, 8)}}
+    deltas, base = grouped_costs(Session, files, None, [1, 64], group=3, measure_fn=fake_measure)
+    assert [c[1:] for c in calls] == [["u1", "u2", "u3"], ["u4", "u5", "u6"], ["u7"]]
+    assert deltas == {f"u{i}": {"1": float(i), "64": float(i)} for i in range(1, 8)}  # against its own group's base
+    assert base == {"1": 20.0, "64": 1280.0}  # the median of the groups' bases
+    assert alive == []
