@@ -228,3 +228,24 @@ def test_fallback_costs_are_timed_a_few_files_at_a_time_each_against_its_own_bas
     assert deltas == {f"u{i}": {"1": float(i), "64": float(i)} for i in range(1, 8)}  # against its own group's base
     assert base == {"1": 20.0, "64": 1280.0}  # the median of the groups' bases
     assert alive == []
+
+
+def test_weights_below_8_bits_rank_first_by_the_error_each_brings_alone():
+    """Beside 8-bit activations, leaving one 4-bit layer in float moves the total error by noise; the error
+    it brings alone ranks it (the flagship's `layer1.0.downsample.0` ranked last by the first measure)."""
+
+    def row(unit, kind, mse_alone, mse_in_float, bits=None):
+        r = {"unit": unit, "kind": kind, "mse_alone": mse_alone, "mse_in_float": mse_in_float}
+        r.update(drop_alone=0.0, gain_in_float=0.0, **({"bits": bits} if bits is not None else {}))
+        return r
+
+    units_ = [
+        row("act_quant_1", "activation", 900.0, 900.0),
+        row("a", "weight", 0.1, 1800.0, bits=4),
+        row("b", "weight", 2.3, 1870.0, bits=4),
+        row("c", "weight", 0.5, 1000.0, bits=8),
+    ]
+    assert sensitivity.ranking({"units": units_}) == ["b", "a", "act_quant_1", "c"]
+    for r in units_:  # a report written before the bits were recorded: ranked as it was
+        r.pop("bits", None)
+    assert sensitivity.ranking({"units": units_}) == ["act_quant_1", "c", "a", "b"]
