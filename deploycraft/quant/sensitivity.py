@@ -9,7 +9,7 @@ on a finite sample.
 
 Fallback (``fallback: auto``) keeps units at higher precision, most sensitive first (the largest logit
 error removed, then the top-1 won back; weights below 8 bits by the error each brings alone, see
-``ranking``): the shortest such prefix, found by bisection on a larger
+``fallback_order``): the shortest such prefix, found by bisection on a larger
 training-split sample, whose drop from float is within the budget at a stated confidence. Where some
 weights are below 8 bits only those layers are candidates, and they go back to 8 bits (the layer stays
 integer); otherwise any quantizer goes to float.
@@ -161,7 +161,6 @@ def analyse(qmodel: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
                         "unit": u.name,
                         "kind": u.kind,
                         "label": u.label,
-                        **({"bits": u.module.bits} if u.kind == "weight" else {}),
                         "drop_alone": top1_float - alone,  # top-1 lost when only this unit is quantized
                         "gain_in_float": kept - top1_quant,  # top-1 won back when only this unit stays float
                         "mse_alone": mse_alone,
@@ -184,23 +183,25 @@ def analyse(qmodel: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 def ranking(result: dict[str, Any]) -> list[str]:
     """Units, most sensitive first: the most logit error removed when only it is left in float (a smooth
     measure; on a sample of hundreds of images the top-1 changes of single quantizers are mostly noise),
-    then the top-1 won back.
-
-    Weights below 8 bits (the fallback's only candidates then) come first, ranked by the logit error each
-    brings when it alone is quantized. Left in float one at a time they would be ranked against the error
-    of everything else quantized, 8-bit activations included, which dwarfs theirs: on the flagship at 4
-    bits (1,000 images), all quantized gave a logit MSE of 1839, one 4-bit layer alone at most 2.3, and
-    leaving one in float moved the total by −24 to +38; `layer1.0.downsample.0`, the largest alone (2.3, 30 %
-    of the 52 layers' sum), ranked last that way, and putting it back at 8 bits took the drop on 10,000
-    images from 0.22 to 0.02 pt.
-    Reports written before the bits were recorded rank as before."""
+    then the top-1 won back. The report's "most sensitive" and the plot follow it; the fallback's order
+    among weights below 8 bits is ``fallback_order``."""
     rows = sorted(result["units"], key=lambda r: (r["mse_in_float"], -r["gain_in_float"]))
-    low = sorted(
-        (r for r in rows if r["kind"] == "weight" and r.get("bits", 8) < 8),
-        key=lambda r: (-r["mse_alone"], -r["drop_alone"]),
-    )
-    first = {r["unit"] for r in low}
-    return [r["unit"] for r in low] + [r["unit"] for r in rows if r["unit"] not in first]
+    return [r["unit"] for r in rows]
+
+
+def fallback_order(result: dict[str, Any], low: set[str]) -> list[str]:
+    """The fallback's candidates, most sensitive first. Without weights below 8 bits (``low`` empty): every
+    unit, in ``ranking``'s order. Otherwise only those layers, ranked by the logit error each brings when it
+    alone is quantized. Left in float one at a time they would be ranked against the error of everything
+    else quantized, 8-bit activations included, which dwarfs theirs: on the flagship at 4 bits (1,000
+    images), all quantized gave a logit MSE of 1839, one 4-bit layer alone at most 2.3, and leaving one in
+    float moved the total by −24 to +38; `layer1.0.downsample.0`, the largest alone (2.3, 30 % of the 52
+    layers' sum), ranked last that way, and putting it back at 8 bits took the drop on 10,000 images from
+    0.22 to 0.02 pt."""
+    if not low:
+        return ranking(result)
+    rows = [r for r in result["units"] if r["unit"] in low]
+    return [r["unit"] for r in sorted(rows, key=lambda r: (-r["mse_alone"], -r["drop_alone"]))]
 
 
 def apply_fallback(qmodel: nn.Module, names: list[str]) -> list[dict[str, Any]]:
@@ -270,7 +271,7 @@ def choose_fallback(
     # Below 8 bits the candidates are those layers (back to 8 bits: still integer, and faster on ONNX
     # Runtime than its float INT4 path); otherwise any quantizer, back to float.
     low = {u.name for u in units_ if u.kind == "weight" and u.module.bits < 8}
-    order = [name for name in ranking(result) if not low or name in low][:max_units]
+    order = fallback_order(result, low)[:max_units]
     for u in units_:
         u.set(False)
     right_float = _correct(base, images, labels, batch)

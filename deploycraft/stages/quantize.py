@@ -403,13 +403,15 @@ def grouped_costs(open_runner, files: dict[str, Path], make_input, batch_sizes: 
     ``group`` files beside their own run of ``files["none"]`` (interleaved rounds within a group), each
     group's sessions closed before the next opens: dozens of sessions alive in one process (the flagship
     kept 52 layers: 53 sessions) made batch 64 unreliable. Returns the differences (ms, keyed by batch size
-    as a string) and the base's median over the groups."""
+    as a string; each against the base timed in its own group) and the base's median over the groups."""
     import gc
     import statistics
 
     if measure_fn is None:
         from deploycraft.runtime.bench import measure as measure_fn
     names = [n for n in files if n != "none"]
+    if not names:
+        return {}, {}
     deltas: dict[str, dict[str, float]] = {}
     base: dict[int, list[float]] = {bs: [] for bs in batch_sizes}
     for start in range(0, len(names), group):
@@ -437,8 +439,9 @@ def _cost_words(costs: dict[str, Any]) -> str:
     if "group" not in costs:
         return ""
     return (
-        f"{' and of all together' if 'all' in costs else ''} (median latency, timed {costs['group']} files at a time "
-        f"beside the file without fallback)"
+        f"{' and of all together' if 'all' in costs else ''} (median latency; timed at most {costs['group']} files "
+        f"at a time, each against the file without fallback timed in the same rounds; that file's row: the median "
+        f"over those groups)"
     )
 
 
@@ -499,7 +502,7 @@ def _sensitivity_lines(sens: dict[str, Any]) -> list[str]:
             if "all" in base:  # runs before the grouped timing measured only each alone
                 c = base["all"]
                 lat = " | ".join(f"{c['latency_ms'][str(b)]:+.3f} ms" for b in bs)
-                kept = f"**all {len(fb['actions'])} together** (the shipped file)"
+                kept = f"**all {len(fb['actions'])} together** (the PTQ file with the fallback)"
                 lines.append(f"| {kept} | | {c['bytes'] / 1e3:+.1f} kB | {lat} |")
             lines.append(
                 f"| (file without fallback) | | {base['base_bytes'] / 1e3:.1f} kB | "
@@ -843,7 +846,7 @@ class QuantizeStage(Stage):
             for name, _ in variants
         }
         out = {"runtime": runtime, "batch_sizes": batch_sizes, "base_ms": base_ms, "base_bytes": path.stat().st_size,
-               "group": COST_GROUP, "per_unit": {n: costs[n] for n in chosen}}  # fmt: skip
+               "group": min(COST_GROUP, len(variants)), "per_unit": {n: costs[n] for n in chosen}}  # fmt: skip
         if ALL_KEPT in costs:
             out["all"] = costs[ALL_KEPT]
         return out
