@@ -3,13 +3,16 @@
 Runs each recipe with ``--set stages.quantize.method=qat`` (QAT with KD from the FP32 model, the stage's
 defaults; the plain-QAT control off unless ``--control``) and reads, per INT8 target, the quantize stage's
 held-out top-1 of the PTQ simulation, of the QAT simulation and of the deployed QAT file (the full test
-split). The PTQ and QAT simulations are evaluated by the same code on the same images, one after the
-other in the same run, so their difference is the comparison; the deployed file's top-1 is beside it.
+split). The PTQ and QAT simulations are evaluated on the same images in the same run (the QAT one on
+the recipe's device, where QAT trained), so their difference is the comparison; the deployed file's top-1
+is beside it.
 
     python benchmarks/qat_vs_ptq.py resnet20_fmnist_int8 wrn_16_2_fmnist --json qat_vs_ptq.json
     python benchmarks/qat_vs_ptq.py --read RUN_DIR [RUN_DIR ...]      # tabulate finished runs only
 
-Extra ``--set`` overrides (``--set stages.train.epochs=2``) go to every run; the table names them.
+Run from anywhere; recipes are looked up in the repository's recipes/. Extra ``--set`` overrides
+(``--set stages.train.epochs=2``) go to every run; they are printed above the table and kept in the JSON.
+A run that fails (a verify gate, say) still gives its row when its quantize stage finished.
 """
 
 from __future__ import annotations
@@ -22,14 +25,22 @@ import time
 from pathlib import Path
 
 MARGIN = 0.001  # QAT may end at most 0.1 points below PTQ
+REPO = Path(__file__).resolve().parents[1]
+
+
+class NoQAT(Exception):
+    pass
 
 
 def rows(run_dir: Path) -> list[dict]:
     """One row per INT8 target of a finished run with ``method: qat``."""
-    report = json.loads((run_dir / "report.json").read_text())
-    q = report["stages"].get("quantize")
-    if not q or q.get("method") != "qat":
-        raise SystemExit(f"{run_dir}: no QAT in this run's quantize stage (method: {q and q.get('method')})")
+    path = run_dir / "report.json"
+    if not path.is_file():
+        raise NoQAT(f"{run_dir}: no report.json")
+    report = json.loads(path.read_text())
+    q = report.get("stages", {}).get("quantize")
+    if not q or q.get("method") != "qat" or not all("qat" in t for t in q.get("targets", {q["target"]: q}).values()):
+        raise NoQAT(f"{run_dir}: no finished QAT in this run's quantize stage")
     out = []
     for target, t in q.get("targets", {q["target"]: q}).items():
         qat, held = t["qat"], t.get("held_out") or {}
@@ -53,14 +64,15 @@ def rows(run_dir: Path) -> list[dict]:
 
 def table(all_rows: list[dict]) -> str:
     lines = [
-        "| recipe | target | FP32 | PTQ (sim) | QAT+KD (sim) | QAT − PTQ | QAT deployed | ≥ PTQ − 0.1 |",
+        "| recipe | target | FP32 | PTQ (sim) | QAT (sim) | QAT − PTQ | QAT deployed | ≥ PTQ − 0.1 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in all_rows:
+        qat = "QAT+KD" if r["kd"] else "QAT"
         dep = f"{r['top1_qat_deployed'] * 100:.2f} %" if r["top1_qat_deployed"] is not None else "—"
         lines.append(
             f"| {r['recipe']} | {r['target']} | {r['top1_fp32'] * 100:.2f} % | {r['top1_ptq_sim'] * 100:.2f} % | "
-            f"{r['top1_qat_sim'] * 100:.2f} % | {r['qat_minus_ptq'] * 100:+.2f} pt | {dep} | "
+            f"{qat} {r['top1_qat_sim'] * 100:.2f} % | {r['qat_minus_ptq'] * 100:+.2f} pt | {dep} | "
             f"{'yes' if r['holds'] else '**no**'} |"
         )
     return "\n".join(lines)
@@ -77,32 +89,43 @@ def main() -> int:
     args = ap.parse_args()
     if not args.recipes and not args.read:
         ap.error("name recipes to run or --read run folders")
-    all_rows, runs = [], []
+    all_rows, runs, problems = [], [], []
+    sets = ["stages.quantize.method=qat", *args.sets]
+    if not args.control:
+        sets.append("stages.quantize.qat.distill.control=false")
     for name in args.recipes:
-        recipe = Path("recipes") / f"{name}.yaml"
+        recipe = Path(name) if name.endswith(".yaml") else REPO / "recipes" / f"{name}.yaml"
         if not recipe.is_file():
-            raise SystemExit(f"{recipe}: no such recipe")
-        sets = ["stages.quantize.method=qat", *args.sets]
-        if not args.control:
-            sets.append("stages.quantize.qat.distill.control=false")
-        cmd = [sys.executable, "-m", "deploycraft", "run", str(recipe), "-o", str(args.out / name)]
+            raise SystemExit(f"{recipe}: no such recipe (give a name under {REPO / 'recipes'} or a .yaml path)")
+        run_dir = args.out / recipe.stem
+        cmd = [sys.executable, "-m", "deploycraft", "run", str(recipe), "-o", str(run_dir)]
         for s in sets:
             cmd += ["--set", s]
         print("$", " ".join(cmd), flush=True)
         t0 = time.monotonic()
         rc = subprocess.call(cmd)
-        runs.append({"recipe": name, "rc": rc, "wall_s": round(time.monotonic() - t0, 1), "sets": sets})
-        if rc != 0:
-            print(f"{name}: exit {rc}", flush=True)
+        runs.append({"recipe": recipe.stem, "rc": rc, "wall_s": round(time.monotonic() - t0, 1)})
+        try:
+            got = rows(run_dir)
+        except NoQAT as exc:
+            problems.append(f"{recipe.stem}: exit {rc}; {exc}")
             continue
-        all_rows += rows(args.out / name)
+        if rc != 0:
+            problems.append(f"{recipe.stem}: exit {rc} after its quantize stage (its row is below)")
+        all_rows += [{**r, "rc": rc} for r in got]
     for run_dir in args.read:
-        all_rows += rows(run_dir)
+        try:
+            all_rows += rows(run_dir)
+        except NoQAT as exc:
+            problems.append(str(exc))
+    if args.recipes:
+        print("overrides: " + " ".join(f"--set {s}" for s in sets))
     print(table(all_rows))
+    for p in problems:
+        print(p)
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "rows": all_rows}, indent=1) + "\n")
-    failed = [r for r in runs if r["rc"] != 0]
-    return 1 if failed or not all(r["holds"] for r in all_rows) else 0
+        args.json.write_text(json.dumps({"sets": sets, "runs": runs, "rows": all_rows}, indent=1) + "\n")
+    return 1 if problems or not all(r["holds"] for r in all_rows) else 0
 
 
 if __name__ == "__main__":
