@@ -9,13 +9,16 @@ images the run used (the recipe's data, its calibration sample), it builds:
 and measures, interleaved in one process, top-1 on the held-out split and p50 latency at batch 1 and
 64 of those, of deploycraft's INT8 files on both runtimes, of the FP32 file on both runtimes (and in
 bf16 on OpenVINO where the CPU has bf16 units), and of the deployable the run shipped
-(deploy/deployable.json). Latency is timed in rounds (every model in turn, four runs each); the table's
+(deploy/deployable.json). Latency is timed in rounds (every model in turn, four runs each, in a fresh
+seeded order each round); the table's
 p50 is the median of the rounds' p50s, and every comparison is paired: the median over rounds of one
 model's p50 over the other's in the same round, which holds when the machine's speed changes between
 rounds. It prints the table, whether the shipped deployable is at least as fast as NNCF-on-OpenVINO at
 both batch sizes (within 3 %) with at least its top-1, and whether it is the fastest of the candidates
 `target: auto` chooses from (the FP32 file and deploycraft's INT8 files on every runtime, inside the
-recipe's accuracy budget), scored as verify scores them, within 3 %.
+recipe's accuracy budget), scored as verify scores them, within 3 %. The shipped deployable is also timed
+against the same file on the same runtime in a session of its own (A/A): how far that paired ratio is
+from 1 is how much this machine's noise the comparisons carry.
 
     .venv/bin/python benchmarks/quantizer_peers.py RUN_DIR [--images 10000] [--json out.json]
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import tempfile
 from pathlib import Path
 
@@ -97,15 +101,32 @@ def timed_rounds(runners: dict, make_input, batch_sizes: list[int], repeats: int
     """``measure`` one round at a time (each model in turn, ``per_round`` timed runs after the idle pause and
     the settle run): {model: {batch size: [p50 of each round]}}. Comparing two models round by round
     (paired ratios) holds when the machine's speed changes between rounds (OpenVINO's batch-64 times here
-    jump between about 15 and 45 ms for minutes at a time, for every OpenVINO model at once)."""
+    jump between about 15 and 45 ms for minutes at a time, for every OpenVINO model at once). The rounds
+    after the first visit the models in a seeded random order: in a fixed order the shipped deployable always
+    ran right after the same file's own session, and the two differed by up to 4.6 % at batch 1."""
     rounds = max(1, repeats // per_round)
     out: dict = {n: {b: [] for b in batch_sizes} for n in runners}
+    order = random.Random(0)
     for b in batch_sizes:
         for i in range(rounds):
-            res = measure(runners, make_input, [b], warmup=10 if i == 0 else 0, repeats=per_round, rounds=1, show=False)
+            names = list(runners)
+            if i:  # a fresh order each round after the first: no model always follows the same one
+                order.shuffle(names)
+            res = measure(
+                {n: runners[n] for n in names}, make_input, [b], warmup=10 if i == 0 else 0, repeats=per_round,
+                rounds=1, show=False,
+            )  # fmt: skip
             for n in runners:
                 out[n][b].append(res[n][b].p50)
     return out
+
+
+def twin_of(shipped: dict) -> str:
+    """The benchmark's name of the shipped deployable's file on its runtime, timed in a session of its own."""
+    stem, rt = Path(shipped["file"]).stem, shipped["runtime"]
+    if stem.startswith("model_int8"):
+        return f"deploycraft {stem} on {rt}"
+    return "FP32 on openvino, bf16" if shipped.get("openvino_precision_hint") == "bf16" else f"FP32 on {rt}"
 
 
 def paired(times: dict, a: str, b: str, bs: int) -> float:
@@ -195,6 +216,10 @@ def main() -> int:
         cells = "".join(f"{p50[n][b]:>12.3f}" for b in args.batch)
         print(f"{n:<56}{acc[n] * 100:>7.2f}%{cells}{sizes[n] / 1e6:>7.2f}")
         out["models"][n] = {"top1": acc[n], "p50_ms": {str(b): p50[n][b] for b in args.batch}, "bytes": sizes[n]}
+    twin = twin_of(shipped)
+    if twin in runners:  # the same file on the same runtime in its own session: the benchmark's own noise
+        out["a_a"] = {str(b): round(paired(times, twin, main, b), 3) for b in args.batch}
+        print(f"A/A, the shipped deployable against {twin} (the same file, another session): {out['a_a']}")
     nncf_ov = "NNCF default PTQ on openvino"
     if nncf_ov in runners:
         ratio = {b: paired(times, nncf_ov, main, b) for b in args.batch}  # > 1: the shipped one is faster

@@ -1,0 +1,69 @@
+"""The benchmark scripts' own logic (benchmarks/ is not a package: loaded from its file), on stub timings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peers_rounds_visit_the_models_in_a_fresh_order_and_keep_each_models_times(monkeypatch):
+    peers = _load("quantizer_peers")
+    orders = []
+
+    def fake_measure(runners, make_input, batch_sizes, **_):
+        orders.append(list(runners))
+        return {n: {b: SimpleNamespace(p50=float(n[1:]) * b) for b in batch_sizes} for n in runners}
+
+    monkeypatch.setattr(peers, "measure", fake_measure)
+    runners = {f"m{i}": object() for i in range(1, 7)}
+    times = peers.timed_rounds(runners, None, [1, 64], repeats=40)
+    assert len(orders) == 20 and orders[0] == list(runners)  # 10 rounds per batch size, the first in order
+    assert all(sorted(o) == sorted(runners) for o in orders)
+    followers = {o[o.index("m1") + 1] for o in orders if o[-1] != "m1"}
+    assert len(followers) > 1  # m1 is not always followed by the same model
+    assert times["m3"][64] == [3.0 * 64] * 10  # each model's own times, whatever its place in the round
+
+
+def test_peers_twin_is_the_shipped_file_on_its_runtime():
+    peers = _load("quantizer_peers")
+    twin = peers.twin_of
+    assert twin({"file": "deploy/model_int8_openvino.onnx", "runtime": "openvino"}) == (
+        "deploycraft model_int8_openvino on openvino"
+    )
+    assert twin({"file": "deploy/model_int8.onnx", "runtime": "onnxruntime"}) == "deploycraft model_int8 on onnxruntime"
+    fp32 = {"file": "deploy/model_fp32.onnx", "runtime": "openvino", "openvino_precision_hint": "bf16"}
+    assert twin(fp32) == "FP32 on openvino, bf16"
+    assert twin({**fp32, "openvino_precision_hint": "f32"}) == "FP32 on openvino"
+
+
+def test_qat_vs_ptq_rows_hold_within_a_tenth_of_a_point(tmp_path):
+    qvp = _load("qat_vs_ptq")
+
+    def run(name, ptq, qat, method="qat"):
+        d = tmp_path / name
+        d.mkdir()
+        t = {"qat": {"epochs": 2, "teacher": "the FP32 model", "top1_fp32": 0.92, "top1_ptq": ptq, "top1_qat": qat}}
+        t["held_out"] = {"top1_deployed": qat}
+        report = {"recipe": name, "stages": {"quantize": {"method": method, "target": "x", "targets": {"x": t}}}}
+        (d / "report.json").write_text(json.dumps(report))
+        return d
+
+    assert qvp.rows(run("a", 0.9200, 0.9191))[0]["holds"]  # 0.09 points below: within
+    assert not qvp.rows(run("b", 0.9200, 0.9189))[0]["holds"]  # 0.11 below
+    try:
+        qvp.rows(run("c", 0.92, 0.92, method="ptq"))
+    except qvp.NoQAT as exc:
+        assert "no finished QAT" in str(exc)
+    else:
+        raise AssertionError("a PTQ run has no QAT row")
