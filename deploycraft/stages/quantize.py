@@ -393,7 +393,7 @@ def _qat_line(qat: dict[str, Any]) -> str:
     return line + f" (simulated). The PTQ file ({qat['ptq_file']}) is kept; the shipped file has its graph."
 
 
-ALL_KEPT = "(all kept)"  # the fallback's cost table: every kept quantizer at once, the file that ships
+ALL_KEPT = "(all kept)"  # the fallback's cost table: every kept quantizer at once (the PTQ file with the fallback)
 COST_GROUP = 6  # files timed at a time beside the file without fallback
 
 
