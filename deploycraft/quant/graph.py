@@ -125,8 +125,11 @@ def _bypass(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
-def fold_bn(model: nn.Module) -> fx.GraphModule:
+def fold_bn(model: nn.Module, record: dict[str, tuple[nn.Conv2d, nn.BatchNorm2d]] | None = None) -> fx.GraphModule:
     """A copy of ``model`` with every eval-mode BatchNorm folded away.
+
+    ``record``, when given, receives a copy of each conv and the BN folded into it, by the conv's module path
+    (the folded conv keeps that path): QAT with ``bn_fold: after`` trains them unfolded.
 
     - Conv -> BN: the BN's scale and shift go into the conv's weight and bias (standard folding).
     - BN or conv -> StochasticDepth (eval: multiply by the survival probability): the constant goes
@@ -156,6 +159,8 @@ def fold_bn(model: nn.Module) -> fx.GraphModule:
         src = node.args[0]
         conv = _module(gm, src) if isinstance(src, fx.Node) else None
         if isinstance(conv, nn.Conv2d) and len(src.users) == 1 and conv.out_channels == bn.num_features:
+            if record is not None:
+                record[src.target] = (copy.deepcopy(conv), copy.deepcopy(bn))
             scale, shift = _bn_affine(bn)
             w = conv.weight.detach().double() * scale.view(-1, 1, 1, 1)
             b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(shift)

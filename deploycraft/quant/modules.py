@@ -14,6 +14,7 @@ the exported graph is the PTQ graph with other numbers in it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
 import torch
@@ -246,14 +247,16 @@ class _WeightQuant:
             self.weight_scale.data = quant_step(self.weight_scale.data)  # as lsq_fake_quant
             _to_buffer(self, "weight_scale")
 
-    def qweight(self) -> torch.Tensor:
+    def qweight(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The fake-quantized weight (``w``: another weight on this layer's grid, the BN-folded one of a live BN)."""
+        w = self.weight if w is None else w
         if not self.quantize_weight:
-            return self.weight
+            return w
         qmin, qmax = self.weight_qrange
         scale, zp = self.weight_scale, self.weight_zero_point
         if isinstance(scale, nn.Parameter) and self.training:
-            return lsq_fake_quant(self.weight, scale, zp, qmin, qmax, axis=0 if self.per_channel else None)
-        return self._fake(self.weight, scale, zp, qmin, qmax)
+            return lsq_fake_quant(w, scale, zp, qmin, qmax, axis=0 if self.per_channel else None)
+        return self._fake(w, scale, zp, qmin, qmax)
 
     def narrow_for_export(self) -> None:
         """Replace a below-8-bit weight by its fake-quantized value and export it with the INT8 range."""
@@ -291,14 +294,51 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
             return False  # INT4 convs run in float in ONNX Runtime, with a float bias
         return all(q.mode == "quantize" for q in self.bias_grid)
 
-    def qbias(self) -> torch.Tensor | None:
+    def qbias(self, b: torch.Tensor | None = None) -> torch.Tensor | None:
         # The exported file keeps the float bias: ONNX Runtime rounds it to the same integers when it fuses
         # the conv (and a named initializer stays named).
+        b = self.bias if b is None else b
         if torch.onnx.is_in_onnx_export() or not self._integer_bias():
-            return self.bias
-        step = (self.bias_grid[0].scale.detach() * self.weight_scale.detach()).to(self.bias.dtype)
+            return b
+        step = (self.bias_grid[0].scale.detach() * self.weight_scale.detach()).to(b.dtype)
         step = step.clamp(min=1e-30)
-        return self.bias + (torch.round(self.bias / step) * step - self.bias).detach()
+        return b + (torch.round(b / step) * step - b).detach()
+
+    # --- QAT with the BatchNorm trained, folded at the end (qat.bn_fold: after) -------------------------------
+    # The conv holds the unfolded weight and bias and its BN as the submodule ``live_bn``. In training it
+    # computes as torch's quantized ConvBn does (Jacob et al. 2018, Krishnamoorthi 2018): the weight is folded
+    # with the BN's *running* std and quantized, the conv's output is divided by that fold factor again and
+    # normalized with the batch's statistics (which also update the running ones). In eval it is the folded
+    # conv, running statistics folded into weight and bias, which is what ``fold_live_bn`` writes at the end:
+    # the file holds exactly the simulation that was evaluated.
+
+    def attach_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+        """Unfold: this conv's weight and bias become ``conv``'s and ``bn`` (a copy) follows it, live."""
+        if conv.weight.shape != self.weight.shape or bn.num_features != self.out_channels:
+            raise ValueError(f"conv {tuple(conv.weight.shape)} / BN {bn.num_features} do not match {self}")
+        with torch.no_grad():
+            self.weight.copy_(conv.weight)
+            self.bias.copy_(conv.bias if conv.bias is not None else torch.zeros_like(self.bias))
+        self.live_bn = copy.deepcopy(bn).to(self.weight.device)
+        self.live_bn.requires_grad_(True)  # trained, whatever the model it was copied from (a frozen teacher)
+        self.live_bn.train(self.training)
+
+    def _bn_factor(self) -> torch.Tensor:
+        bn = self._modules["live_bn"]
+        return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias with the live BN's running statistics folded in."""
+        bn, s = self._modules["live_bn"], self._bn_factor()
+        return self.weight * s.view(-1, 1, 1, 1), (self.bias - bn.running_mean) * s + bn.bias
+
+    def fold_bn(self) -> None:
+        """Fold the live BN into weight and bias (the same float32 arithmetic as the eval forward) and drop it."""
+        with torch.no_grad():
+            w, b = self.folded()
+            self.weight.copy_(w)
+            self.bias.copy_(b)
+        del self._modules["live_bn"]
 
     @classmethod
     def from_float(
@@ -320,7 +360,39 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.qweight(), self.qbias())
+        bn = self._modules.get("live_bn")
+        if bn is None:
+            return self._conv_forward(x, self.qweight(), self.qbias())
+        if not self.training:
+            w, b = self.folded()
+            return self._conv_forward(x, self.qweight(w), self.qbias(b))
+        s = self._bn_factor()
+        y = self._conv_forward(x, self.qweight(self.weight * s.view(-1, 1, 1, 1)), None)
+        s = torch.where(s == 0, torch.ones_like(s), s)  # a zero gamma: the quantized weight is 0, so is y
+        return bn(y / s.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1))
+
+
+def attach_live_bn(qmodel: nn.Module, pairs: dict[str, tuple[nn.Conv2d, nn.BatchNorm2d]]) -> list[str]:
+    """Give every QuantConv2d of ``qmodel`` whose BN was folded (``pairs``: fold_bn's record, by module path) its
+    BN back, live; returns their paths. A conv whose weight is not the fold of its pair is refused."""
+    done = []
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantConv2d) and name in pairs and m._modules.get("live_bn") is None:
+            conv, bn = pairs[name]
+            scale = (bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)).view(-1, 1, 1, 1)
+            if not torch.allclose((conv.weight.detach().double() * scale).float(), m.weight.detach(), atol=1e-6):
+                raise ValueError(f"{name}: its weight is not the fold of its recorded conv and BN")
+            m.attach_bn(conv, bn)
+            done.append(name)
+    return done
+
+
+def fold_live_bn(qmodel: nn.Module) -> int:
+    """Fold every live BN (``attach_live_bn``) into its conv; returns how many."""
+    convs = [m for m in qmodel.modules() if isinstance(m, QuantConv2d) and m._modules.get("live_bn") is not None]
+    for m in convs:
+        m.fold_bn()
+    return len(convs)
 
 
 class QuantLinear(nn.Linear, _WeightQuant):

@@ -7,11 +7,12 @@ the file: Q/DQ pairs present, no BatchNormalization, the activation integer type
 The stage then proves what ONNX Runtime does with it: how many convs its optimizer actually turned
 into QLinearConv, and how closely the file agrees with the simulation.
 
-``method: qat`` fine-tunes that calibrated simulation (BN folded and frozen, straight-through
-gradients, optionally LSQ-learned scales) with the train stage's loop (cosine schedule, a checkpoint
-per epoch, bit-identical resume), distilling from the FP32 model; a plain-QAT control trains a copy
-with cross-entropy alone. The fine-tuned module is exported by the same code as the PTQ one, so the
-shipped file has the PTQ file's graph (kept beside it in ``ptq/``) with the trained numbers.
+``method: qat`` fine-tunes that calibrated simulation (BN folded and frozen, or with ``qat.bn_fold: after``
+trained with batch statistics and folded at the end; straight-through gradients, optionally LSQ-learned
+scales) with the train stage's loop (cosine schedule, a checkpoint per epoch, bit-identical resume),
+distilling from the FP32 model; a plain-QAT control trains a copy with cross-entropy alone. The
+fine-tuned module is exported by the same code as the PTQ one, so the shipped file has the PTQ file's
+graph (kept beside it in ``ptq/``) with the trained numbers.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from deploycraft.names import ARTIFACT_FILE, INT8_NAME
 from deploycraft.onnx_io import quant_dtypes, relative_error
 from deploycraft.progress import log
 from deploycraft.quant import fidelity, sensitivity
-from deploycraft.quant.graph import capture, stage_outputs
+from deploycraft.quant.graph import capture, fold_bn, stage_outputs
+from deploycraft.quant.modules import attach_live_bn, fold_live_bn
 from deploycraft.quant.placement import act_quantizers
 from deploycraft.runtime import onnx_runner
 from deploycraft.stages.base import Stage, StageOutput, register_stage
@@ -99,6 +101,13 @@ class QATConfig(OptimConfig):
         True,
         description="Augmentation: random horizontal flips. Left unset, the recipe's last train or distill "
         "stage's value; else on.",
+    )
+    bn_fold: Literal["before", "after"] = Field(
+        "before",
+        description="before: BatchNorm folded into the convs before QAT and frozen (the PTQ simulation fine-tuned "
+        "as it is); after: each conv's BN kept and trained with batch statistics, the weight quantized folded "
+        "with the running statistics (Jacob et al. 2018), folded into the conv at the end. BNs not after a conv "
+        "(pre-activation nets, DenseNet) stay folded either way.",
     )
     distill: QATDistillConfig = Field(default_factory=QATDistillConfig, description="Distillation inside QAT.")
 
@@ -288,15 +297,25 @@ def qat_finetune(
     label: str = "QAT",
     device: str = "cpu",
     world=None,
+    bn_pairs: dict[str, tuple[torch.nn.Module, torch.nn.Module]] | None = None,
 ) -> list[dict]:
     """Fine-tune a calibrated simulation in place (distilling from ``teacher`` when given: logits, and stage
     features when ``cfg.distill.feature_weight`` > 0, the adapters trained and checkpointed with the model);
     returns the history. Resumes from ``workdir/checkpoint.pt`` like training: a killed run re-run ends
     bit-identical.
 
-    The folded model has no BatchNorm left (BN folded and frozen); train mode changes nothing but the
-    scales' gradients. Scales are buffers again on return, so the module exports and saves as after PTQ.
+    With ``cfg.bn_fold == "before"`` the folded model has no BatchNorm left (BN folded and frozen); train mode
+    changes nothing but the scales' gradients. With ``"after"``, ``bn_pairs`` (``fold_bn``'s record of the FP32
+    model) gives each folded conv its BN back, trained with batch statistics and folded again on return.
+    Scales are buffers again on return, so the module exports and saves as after PTQ.
     """
+    if cfg.bn_fold == "after":
+        if not attach_live_bn(qmodel, bn_pairs or {}):
+            raise UserError(
+                "qat.bn_fold: after, but no conv of this model is followed by a BatchNorm",
+                field="stages.quantize.qat.bn_fold",
+                fix="set qat.bn_fold: before",
+            )
     _learn_scales(qmodel, cfg.learnable_scales)
     loss_fn = None
     distiller = None
@@ -321,6 +340,7 @@ def qat_finetune(
             distiller.close()
             teacher.to("cpu")
         _learn_scales(qmodel, False)
+    fold_live_bn(qmodel)
     return history
 
 
@@ -371,6 +391,12 @@ def _augmentation_words(aug: dict[str, Any] | None) -> str:
     return f", {' and '.join(what)} ({source})"
 
 
+def _bn_words(qat: dict[str, Any]) -> str:
+    if qat.get("bn_fold") == "after":
+        return f"BN trained with batch statistics in {qat['live_bn']} conv(s) and folded at the end"
+    return "BN folded and frozen"
+
+
 def _qat_line(qat: dict[str, Any]) -> str:
     from deploycraft.formatting import fmt_pct
 
@@ -383,7 +409,7 @@ def _qat_line(qat: dict[str, Any]) -> str:
             what += f", soft-target weight {qat['alpha']:g}, T {qat['temperature']:g}"
         kd = f"QAT with KD ({what}) from {qat['teacher']}"
     line = (
-        f"QAT: {qat['epochs']} epoch(s), SGD lr {qat['lr']} {qat['schedule']}, {scales}, BN folded and frozen"
+        f"QAT: {qat['epochs']} epoch(s), SGD lr {qat['lr']} {qat['schedule']}, {scales}, {_bn_words(qat)}"
         f"{_augmentation_words(qat.get('augmentation'))}. "
         f"Held-out top-1: FP32 {fmt_pct(qat['top1_fp32'])}, PTQ {fmt_pct(qat['top1_ptq'])}, "
         f"{kd} {fmt_pct(qat['top1_qat'])}"
@@ -862,6 +888,7 @@ class QuantizeStage(Stage):
             "lr": q.lr,
             "schedule": q.schedule,
             "learnable_scales": q.learnable_scales,
+            "bn_fold": q.bn_fold,
             "distill": q.distill.enabled,
             "feature_weight": q.distill.feature_weight if q.distill.enabled else 0.0,
             **({"alpha": q.distill.alpha, "temperature": q.distill.temperature} if q.distill.enabled else {}),
@@ -883,17 +910,21 @@ class QuantizeStage(Stage):
                 )
         log(f"  {target}: FP32 top-1 {metrics['top1_fp32']:.4f}, PTQ (simulated) {metrics['top1_ptq']:.4f}")
         qmodel = ptq_module
+        bn_pairs: dict = {}
+        if q.bn_fold == "after":
+            fold_bn(model, bn_pairs)
+            metrics["live_bn"] = len(bn_pairs)
         label = "QAT+KD" if teacher is not None else "QAT"
         history = qat_finetune(
             qmodel, data, q, workdir / "qat" / sub, ctx.recipe.seed, teacher, label=label, device=ctx.device,
-            world=world,
+            world=world, bn_pairs=bn_pairs,
         )  # fmt: skip
         metrics["top1_qat"] = history[-1]["val_top1"]
         metrics["history"] = history
         if control_module is not None:
             ctrl = qat_finetune(
                 control_module, data, q, workdir / "qat-control" / sub, ctx.recipe.seed, None, "QAT control",
-                ctx.device, world,
+                ctx.device, world, bn_pairs,
             )  # fmt: skip
             metrics["top1_qat_control"] = ctrl[-1]["val_top1"]
             metrics["control_history"] = ctrl

@@ -141,3 +141,78 @@ def test_a_learned_scale_pushed_through_zero_computes_the_same_in_training_and_i
     with torch.no_grad():
         assert torch.equal(act(conv(x)), trained)
     assert float(conv.weight_scale.min()) > 0 and float(act.scale) > 0
+
+
+def test_a_live_bn_conv_computes_the_folded_conv_and_folds_into_the_same_numbers(trained, tmp_path):
+    """qat.bn_fold: after gives each folded conv its BN back. Evaluated, the simulation is the PTQ one (the same
+    folded weights, to float32 rounding); after training steps in batch-statistics mode the running statistics
+    moved, and folding them in at the end changes no output of the evaluated simulation."""
+    from deploycraft.quant.graph import fold_bn
+    from deploycraft.quant.modules import attach_live_bn, fold_live_bn
+
+    model, data = trained
+    built = _ptq(model, data, tmp_path / "ptq.onnx", 99.99)
+    pairs: dict = {}
+    fold_bn(model, pairs)
+    live = copy.deepcopy(built.module)
+    names = attach_live_bn(live, pairs)
+    assert len(names) == 21 and "conv1" in names  # ResNet-20: the stem, 2 convs in each of 9 blocks, 2 shortcuts
+    x = data.sample_input(32)
+    with torch.no_grad():
+        ptq_out, live_out = built.module.eval()(x), live.eval()(x)
+    assert torch.allclose(live_out, ptq_out, atol=0.05 * float(ptq_out.abs().max())), (live_out - ptq_out).abs().max()
+    assert (live_out.argmax(1) == ptq_out.argmax(1)).float().mean() >= 0.95
+    bn = live.get_submodule(names[3]).live_bn
+    before = bn.running_mean.clone()
+    live.train()
+    opt = torch.optim.SGD(live.parameters(), lr=0.01)
+    for xb, yb in data.train_epoch(64, 0, None):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(live(xb), yb).backward()
+        opt.step()
+    assert not torch.equal(before, bn.running_mean) and bn.weight.grad is not None
+    with torch.no_grad():
+        unfolded = live.eval()(x)
+        assert fold_live_bn(live) == 21
+        assert torch.equal(live(x), unfolded)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in live.modules())
+
+
+def test_qat_with_bn_folded_after_repairs_a_bad_ptq_result_and_exports_the_ptq_graph(trained, tmp_path):
+    model, data = trained
+    built = _ptq(model, data, tmp_path / "ptq.onnx", 80.0)
+    ptq = top1(torch_predictor(built.module), data)
+    pairs: dict = {}
+    from deploycraft.quant.graph import fold_bn
+
+    fold_bn(model, pairs)
+    cfg = QATConfig(epochs=1, lr=0.01, bn_fold="after", **NO_AUG)
+    history = qat_finetune(built.module, data, cfg, tmp_path / "qat", 0, bn_pairs=pairs)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in built.module.modules())
+    qat = top1(torch_predictor(built.module), data)
+    assert qat == history[-1]["val_top1"] and qat > ptq + 0.3, (ptq, qat)
+    export_deployable(built.module, "int8", tmp_path / "qat.onnx", data.sample_input(2))
+    assert _graph(tmp_path / "qat.onnx")[:2] == _graph(tmp_path / "ptq.onnx")[:2]
+    with pytest.raises(Exception, match="bn_fold"):  # nothing to unfold: one clear error
+        qat_finetune(built.module, data, cfg, tmp_path / "again", 0, bn_pairs={})
+
+
+def test_killed_qat_with_live_bn_resumes_bit_identical(trained, tmp_path, monkeypatch):
+    from deploycraft.quant.graph import fold_bn
+
+    model, data = trained
+    built = _ptq(model, data, tmp_path / "ptq.onnx", 99.99)
+    pairs: dict = {}
+    fold_bn(model, pairs)
+    cfg = QATConfig(epochs=2, lr=0.01, bn_fold="after", batch_size=128)
+    reference = copy.deepcopy(built.module)
+    qat_finetune(reference, data, cfg, tmp_path / "reference", 0, bn_pairs=pairs)
+    with killed_after_epoch(monkeypatch, 1), pytest.raises(KeyboardInterrupt):
+        qat_finetune(copy.deepcopy(built.module), data, cfg, tmp_path / "killed", 0, bn_pairs=pairs)
+    state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and any("live_bn.running_var" in k for k in state["model"])
+    resumed = copy.deepcopy(built.module)
+    qat_finetune(resumed, data, cfg, tmp_path / "killed", 0, bn_pairs=pairs)
+    ref_state, got = reference.state_dict(), resumed.state_dict()
+    assert ref_state.keys() == got.keys() == built.module.state_dict().keys()
+    assert all(torch.equal(ref_state[k], got[k]) for k in ref_state)

@@ -175,6 +175,9 @@ def test_report_line_names_feature_kd():
     assert "KD (logits and stage features, feature weight 0.5)" in _qat_line({**qat, "feature_weight": 0.5})
     weights = _qat_line({**qat, "alpha": 0.5, "temperature": 4.0})
     assert "KD (logits only, soft-target weight 0.5, T 4) from the model before pruning" in weights
+    assert "BN folded and frozen" in weights  # runs before bn_fold was recorded: it did not exist
+    live = _qat_line({**qat, "bn_fold": "after", "live_bn": 21})
+    assert "BN trained with batch statistics in 21 conv(s) and folded at the end" in live and "frozen" not in live
 
 
 # --- bad input: one error before anything runs ------------------------------------------------------------
