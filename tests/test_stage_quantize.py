@@ -1,6 +1,6 @@
 """The quantize stage with method: qat inside a run: KD (logits and stage features) and plain-QAT control
-reported, the PTQ file kept beside the shipped QAT file, both with one graph, here with 4-bit weights; bad QAT
-settings are one clear error."""
+reported, the PTQ file kept beside the shipped QAT file, both with one graph, here with 4-bit weights and the
+BNs trained live (bn_fold: after); bad QAT settings are one clear error."""
 
 from __future__ import annotations
 
@@ -19,7 +19,13 @@ QAT_STAGE = {
     "num_calibration": 64,
     "method": "qat",
     "weight_bits": 4,
-    "qat": {"epochs": 1, "batch_size": 64, "lr": 0.005, "distill": {"control": True, "feature_weight": 0.5}},
+    "qat": {
+        "epochs": 1,
+        "batch_size": 64,
+        "lr": 0.005,
+        "bn_fold": "after",
+        "distill": {"control": True, "feature_weight": 0.5},
+    },
 }
 
 
@@ -45,6 +51,8 @@ def test_qat_run_reports_kd_and_control(tmp_path):
     assert types(ptq) == types(shipped)
     md = (out / "report.md").read_text()
     assert "QAT: 1 epoch(s)" in md and "plain QAT (control)" in md
+    assert qat["bn_fold"] == "after" and qat["live_bn"] == 21 and qat["frozen_bn"] == 0
+    assert "BN trained with batch statistics in 21 conv(s) and folded at the end" in md
     assert "QAT with KD (logits and stage features, feature weight 0.5, soft-target weight 0.9, T 4)" in md
     q = report["stages"]["quantize"]
     assert q["weight_bits"]["8"] == ["conv1", "fc"] and len(q["weight_bits"]["4"]) == 20

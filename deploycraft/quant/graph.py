@@ -125,6 +125,23 @@ def _bypass(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
+def _foldable(conv: nn.Module | None, src, bn: nn.BatchNorm2d) -> bool:
+    """A BN folds into the conv before it when that conv feeds it alone."""
+    return isinstance(conv, nn.Conv2d) and len(src.users) == 1 and conv.out_channels == bn.num_features
+
+
+def folded_conv_paths(model: nn.Module) -> list[str]:
+    """Module paths of the convs ``fold_bn`` folds a BN into (the graph only: works on the meta device)."""
+    gm = capture(copy.deepcopy(model))
+    out = []
+    for node in gm.graph.nodes:
+        bn = _module(gm, node)
+        src = node.args[0] if node.args else None
+        if isinstance(bn, nn.BatchNorm2d) and isinstance(src, fx.Node) and _foldable(_module(gm, src), src, bn):
+            out.append(src.target)
+    return out
+
+
 def fold_bn(model: nn.Module, record: dict[str, tuple[nn.Conv2d, nn.BatchNorm2d]] | None = None) -> fx.GraphModule:
     """A copy of ``model`` with every eval-mode BatchNorm folded away.
 
@@ -158,7 +175,7 @@ def fold_bn(model: nn.Module, record: dict[str, tuple[nn.Conv2d, nn.BatchNorm2d]
             continue
         src = node.args[0]
         conv = _module(gm, src) if isinstance(src, fx.Node) else None
-        if isinstance(conv, nn.Conv2d) and len(src.users) == 1 and conv.out_channels == bn.num_features:
+        if _foldable(conv, src, bn):
             if record is not None:
                 record[src.target] = (copy.deepcopy(conv), copy.deepcopy(bn))
             scale, shift = _bn_affine(bn)

@@ -14,7 +14,6 @@ the exported graph is the PTQ graph with other numbers in it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 
 import torch
@@ -308,19 +307,23 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
     # The conv holds the unfolded weight and bias and its BN as the submodule ``live_bn``. In training it
     # computes as torch's quantized ConvBn does (Jacob et al. 2018, Krishnamoorthi 2018): the weight is folded
     # with the BN's *running* std and quantized, the conv's output is divided by that fold factor again and
-    # normalized with the batch's statistics (which also update the running ones). In eval it is the folded
-    # conv, running statistics folded into weight and bias, which is what ``fold_live_bn`` writes at the end:
-    # the file holds exactly the simulation that was evaluated.
+    # normalized with the batch's statistics (which also update the running ones); the bias is not on the
+    # int32 grid there (BN's batch mean removes it). In eval it is the folded conv, running statistics folded
+    # into weight and bias (bias rounded as always), which is what ``fold_live_bn`` writes at the end: the
+    # file holds exactly the simulation that was evaluated.
 
     def attach_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-        """Unfold: this conv's weight and bias become ``conv``'s and ``bn`` (a copy) follows it, live."""
+        """Unfold: this conv's weight and bias become ``conv``'s and ``bn`` (a copy) follows it, live. A BN
+        without affine parameters gets them (1 and 0: the same function), so that they can train."""
         if conv.weight.shape != self.weight.shape or bn.num_features != self.out_channels:
             raise ValueError(f"conv {tuple(conv.weight.shape)} / BN {bn.num_features} do not match {self}")
         with torch.no_grad():
             self.weight.copy_(conv.weight)
             self.bias.copy_(conv.bias if conv.bias is not None else torch.zeros_like(self.bias))
-        self.live_bn = copy.deepcopy(bn).to(self.weight.device)
-        self.live_bn.requires_grad_(True)  # trained, whatever the model it was copied from (a frozen teacher)
+        live = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum if bn.momentum is not None else 0.1)
+        live.load_state_dict(bn.state_dict(), strict=False)  # affine=False: weight 1, bias 0 stay
+        live.momentum = bn.momentum  # None: a cumulative average, as the model had it
+        self.live_bn = live.to(self.weight.device)
         self.live_bn.train(self.training)
 
     def _bn_factor(self) -> torch.Tensor:
@@ -332,7 +335,7 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
         bn, s = self._modules["live_bn"], self._bn_factor()
         return self.weight * s.view(-1, 1, 1, 1), (self.bias - bn.running_mean) * s + bn.bias
 
-    def fold_bn(self) -> None:
+    def absorb_bn(self) -> None:
         """Fold the live BN into weight and bias (the same float32 arithmetic as the eval forward) and drop it."""
         with torch.no_grad():
             w, b = self.folded()
@@ -379,7 +382,8 @@ def attach_live_bn(qmodel: nn.Module, pairs: dict[str, tuple[nn.Conv2d, nn.Batch
     for name, m in qmodel.named_modules():
         if isinstance(m, QuantConv2d) and name in pairs and m._modules.get("live_bn") is None:
             conv, bn = pairs[name]
-            scale = (bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)).view(-1, 1, 1, 1)
+            gamma = bn.weight.detach().double() if bn.weight is not None else 1.0
+            scale = (gamma / torch.sqrt(bn.running_var.double() + bn.eps)).view(-1, 1, 1, 1)
             if not torch.allclose((conv.weight.detach().double() * scale).float(), m.weight.detach(), atol=1e-6):
                 raise ValueError(f"{name}: its weight is not the fold of its recorded conv and BN")
             m.attach_bn(conv, bn)
@@ -391,7 +395,7 @@ def fold_live_bn(qmodel: nn.Module) -> int:
     """Fold every live BN (``attach_live_bn``) into its conv; returns how many."""
     convs = [m for m in qmodel.modules() if isinstance(m, QuantConv2d) and m._modules.get("live_bn") is not None]
     for m in convs:
-        m.fold_bn()
+        m.absorb_bn()
     return len(convs)
 
 

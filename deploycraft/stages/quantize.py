@@ -46,8 +46,8 @@ from deploycraft.names import ARTIFACT_FILE, INT8_NAME
 from deploycraft.onnx_io import quant_dtypes, relative_error
 from deploycraft.progress import log
 from deploycraft.quant import fidelity, sensitivity
-from deploycraft.quant.graph import capture, fold_bn, stage_outputs
-from deploycraft.quant.modules import attach_live_bn, fold_live_bn
+from deploycraft.quant.graph import ChannelAffine, capture, fold_bn, folded_conv_paths, stage_outputs
+from deploycraft.quant.modules import QuantConv2d, attach_live_bn, fold_live_bn
 from deploycraft.quant.placement import act_quantizers
 from deploycraft.runtime import onnx_runner
 from deploycraft.stages.base import Stage, StageOutput, register_stage
@@ -108,6 +108,12 @@ class QATConfig(OptimConfig):
         "as it is); after: each conv's BN kept and trained with batch statistics, the weight quantized folded "
         "with the running statistics (Jacob et al. 2018), folded into the conv at the end. BNs not after a conv "
         "(pre-activation nets, DenseNet) stay folded either way.",
+    )
+    sync_batchnorm: bool = Field(
+        False,
+        description="bn_fold: after, data-parallel on GPUs: the live BNs normalize over the whole global batch "
+        "(torch's SyncBatchNorm). Without it each process normalizes over its part and the running statistics "
+        "folded at the end are rank 0's, as in the train stage. CUDA only; a single process ignores it.",
     )
     distill: QATDistillConfig = Field(default_factory=QATDistillConfig, description="Distillation inside QAT.")
 
@@ -310,7 +316,9 @@ def qat_finetune(
     Scales are buffers again on return, so the module exports and saves as after PTQ.
     """
     if cfg.bn_fold == "after":
-        if not attach_live_bn(qmodel, bn_pairs or {}):
+        if bn_pairs is None:
+            raise ValueError("bn_fold: after needs bn_pairs, fold_bn's record of the FP32 model")
+        if not attach_live_bn(qmodel, bn_pairs):
             raise UserError(
                 "qat.bn_fold: after, but no conv of this model is followed by a BatchNorm",
                 field="stages.quantize.qat.bn_fold",
@@ -340,7 +348,7 @@ def qat_finetune(
             distiller.close()
             teacher.to("cpu")
         _learn_scales(qmodel, False)
-    fold_live_bn(qmodel)
+    fold_live_bn(qmodel)  # not reached when the fine-tuning fails: the caller discards the module then
     return history
 
 
@@ -393,7 +401,9 @@ def _augmentation_words(aug: dict[str, Any] | None) -> str:
 
 def _bn_words(qat: dict[str, Any]) -> str:
     if qat.get("bn_fold") == "after":
-        return f"BN trained with batch statistics in {qat['live_bn']} conv(s) and folded at the end"
+        frozen = qat.get("frozen_bn") or 0
+        rest = f" ({frozen} BN(s) not after a conv folded and frozen)" if frozen else ""
+        return f"BN trained with batch statistics in {qat['live_bn']} conv(s) and folded at the end{rest}"
     return "BN folded and frozen"
 
 
@@ -583,6 +593,13 @@ class QuantizeStage(Stage):
         if not cfg.enabled:
             return
         kd = cfg.qat.distill
+        if cfg.method == "qat" and cfg.qat.bn_fold == "after":
+            if not folded_conv_paths(pre.model):
+                raise UserError(
+                    f"qat.bn_fold: after, but no conv of {pre.recipe.model.arch} is followed by a BatchNorm",
+                    field=f"stages.{index}.qat.bn_fold",
+                    fix="set qat.bn_fold: before",
+                )
         if cfg.method == "qat" and kd.enabled and kd.feature_weight > 0:
             # either teacher is the recipe's architecture (before or after pruning, which keeps the stages)
             check_feature_kd(pre.model, pre.model, pre.recipe.model.arch, f"stages.{index}.qat.distill.feature_weight")
@@ -913,7 +930,9 @@ class QuantizeStage(Stage):
         bn_pairs: dict = {}
         if q.bn_fold == "after":
             fold_bn(model, bn_pairs)
-            metrics["live_bn"] = len(bn_pairs)
+            names = {n for n, m in qmodel.named_modules() if isinstance(m, QuantConv2d)}
+            metrics["live_bn"] = len(names & set(bn_pairs))
+            metrics["frozen_bn"] = sum(isinstance(m, ChannelAffine) for m in qmodel.modules())
         label = "QAT+KD" if teacher is not None else "QAT"
         history = qat_finetune(
             qmodel, data, q, workdir / "qat" / sub, ctx.recipe.seed, teacher, label=label, device=ctx.device,

@@ -83,3 +83,20 @@ def test_channel_affine_has_no_autograd_history():
     x = torch.randn(2, 3, 16, 16)
     for _ in range(2):
         gm(x).sum().backward()
+
+
+def test_the_convs_a_bn_folds_into_are_found_from_the_graph_alone():
+    """``folded_conv_paths`` (preflight's check for qat.bn_fold: after, on the meta device) names the convs that
+    ``fold_bn`` records with their BN, and a standalone BN (pre-activation) is not one of them."""
+    from deploycraft.quant.graph import folded_conv_paths
+
+    def resnet20():
+        return create_model("resnet20", num_classes=10, final_survival_prob=0.5)
+
+    for build, count in ((resnet20, 21), (PreAct, 0)):
+        record: dict = {}
+        fold_bn(build().eval(), record)
+        with torch.device("meta"):
+            meta = build()
+        assert folded_conv_paths(meta) == list(record) and len(record) == count
+        assert all(isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) for c, b in record.values())
