@@ -27,6 +27,7 @@ from deploycraft.artifacts import atomic_path
 from deploycraft.data.transforms import InputSpec, prepare_batch
 from deploycraft.onnx_io import export_onnx, op_counts, quant_dtypes
 from deploycraft.progress import bar
+from deploycraft.quant.bias_correction import correct_biases
 from deploycraft.quant.graph import fold_bn
 from deploycraft.quant.placement import Target, act_quantizers, expected_int8_convs, insert_quantizers
 
@@ -57,6 +58,7 @@ class QuantSettings:
     weight_bits: int = 8  # every conv and linear layer's weights, 2-8 bits
     ends_bits: int | None = 8  # the first conv and the classifier (None: weight_bits like the rest)
     layer_bits: tuple[tuple[str, int], ...] = ()  # per module path, over both of the above
+    bias_correction: bool = False  # after calibration, remove each layer's mean output shift (bias_correction.py)
 
     def bits_of(self, path: str, index: int, count: int) -> int:
         for name, bits in self.layer_bits:
@@ -109,7 +111,13 @@ def calibrate(
         for i in range(0, len(images), settings.batch_size):
             qmodel(prepare_batch(images[i : i + settings.batch_size], spec))
             b.advance()
-    return {name: list(q.finish_calibration(settings.calibrator, settings.percentile)) for name, q in quantizers}
+    ranges = {name: list(q.finish_calibration(settings.calibrator, settings.percentile)) for name, q in quantizers}
+    if settings.bias_correction:
+        batches = [
+            prepare_batch(images[i : i + settings.batch_size], spec) for i in range(0, len(images), settings.batch_size)
+        ]
+        correct_biases(qmodel, batches, show)
+    return ranges
 
 
 def quantized_module(float_model: nn.Module, target: Target, settings: QuantSettings) -> nn.Module:

@@ -157,6 +157,12 @@ class QuantizeConfig(StageConfig):
         {},
         description="Weight bit-width (2-8) by module path (e.g. layer3.2.conv2), over weight_bits and ends_at_8_bits.",
     )
+    bias_correction: bool = Field(
+        False,
+        description="After calibration, shift each quantized layer's bias by the mean output shift that "
+        "quantization causes on the calibration images (Nagel et al. 2019; NNCF's default), layer by layer in "
+        "graph order. One forward pass of the calibration images per layer.",
+    )
     qat: QATConfig = Field(default_factory=QATConfig, description="method: qat: the fine-tuning.")
     sensitivity: bool = Field(
         False,
@@ -230,6 +236,7 @@ class QuantizeConfig(StageConfig):
             self.weight_bits,
             8 if self.ends_at_8_bits else None,
             tuple(sorted(self.layer_bits.items())),
+            self.bias_correction,
         )
 
 
@@ -662,6 +669,7 @@ class QuantizeStage(Stage):
             "method": cfg.method,
             "calibrator": cfg.calibrator,
             "percentile": cfg.percentile if cfg.calibrator == "percentile" else None,
+            "bias_correction": cfg.bias_correction,
             "calibration": provenance,
             "calibration_images": len(images),
             "targets": per_target,
@@ -962,8 +970,9 @@ class QuantizeStage(Stage):
         lines = ["", "## Quantization", ""]
         pct = f", {q['percentile']} %" if q.get("percentile") else ""
         method = "PTQ, then QAT," if q.get("method") == "qat" else "PTQ"
+        corrected = ", biases corrected for the mean shift of each layer's output" if q.get("bias_correction") else ""
         lines.append(
-            f"{method} ({q['calibrator']} calibrator{pct}), symmetric per-channel weights; calibration: "
+            f"{method} ({q['calibrator']} calibrator{pct}{corrected}), symmetric per-channel weights; calibration: "
             f"{q['calibration']}."
         )
         for target, t in q.get("targets", {q["target"]: q}).items():
