@@ -6,7 +6,8 @@ amount that does not average out: rounding errors in a weight row add the same o
 channel. On the calibration images the shift is measured against the float model (the same simulation with
 every quantizer off) and subtracted from the layer's bias. Layers are corrected in graph order, each with all
 layers before it quantized and corrected, so when the pass ends every corrected layer's mean output on the
-calibration images is the float model's (to the int32 grid the bias is rounded to for ONNX Runtime).
+calibration images is the float model's (to the int32 grid the bias is rounded to for ONNX Runtime). The
+classifier is not corrected (see ``correctable``).
 
 The bias is a number in the exported file like any other, so the file computes what the corrected simulation
 computes; one forward pass of the calibration images per layer.
@@ -17,20 +18,25 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from deploycraft.progress import bar
 from deploycraft.quant.modules import QuantConv2d, QuantLinear
-from deploycraft.quant.placement import act_quantizers
+from deploycraft.quant.placement import act_quantizers, weight_layers
 
 
 def correctable(qmodel: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers with a quantized weight and a bias, in graph (module registration) order."""
-    return [
-        (n, m)
-        for n, m in qmodel.named_modules()
-        if isinstance(m, (QuantConv2d, QuantLinear)) and m.bias is not None and m.quantize_weight
-    ]
+    """The layers with a quantized weight and a bias, in graph order, but the classifier.
+
+    The classifier is left as it is: its output's mean per class follows the scale of the logits, which
+    quantization changes (the flagship's INT8 simulation: mean |logit| 6.3 against 7.7 in float, with the
+    same top-1), and an offset per class in its place moves the ranking (measured on the flagship: 86.8 %
+    → 79.8 % top-1 on 2,000 held-out images with the classifier corrected too, 86.85 % without)."""
+    modules = dict(qmodel.named_modules())
+    order = weight_layers(qmodel) if isinstance(qmodel, fx.GraphModule) else list(modules)
+    layers = [(n, modules[n]) for n in order if isinstance(modules.get(n), (QuantConv2d, QuantLinear))]
+    return [(n, m) for n, m in layers[:-1] if m.bias is not None and m.quantize_weight]
 
 
 @contextlib.contextmanager

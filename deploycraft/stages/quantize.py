@@ -159,9 +159,9 @@ class QuantizeConfig(StageConfig):
     )
     bias_correction: bool = Field(
         False,
-        description="After calibration, shift each quantized layer's bias by the mean output shift that "
-        "quantization causes on the calibration images (Nagel et al. 2019; NNCF's default), layer by layer in "
-        "graph order. One forward pass of the calibration images per layer.",
+        description="After calibration, shift each quantized layer's bias (not the classifier's) by the mean "
+        "output shift that quantization causes on the calibration images (Nagel et al. 2019; NNCF's default), "
+        "layer by layer in graph order. One forward pass of the calibration images per layer.",
     )
     qat: QATConfig = Field(default_factory=QATConfig, description="method: qat: the fine-tuning.")
     sensitivity: bool = Field(

@@ -58,7 +58,8 @@ def test_every_corrected_layer_ends_with_the_float_mean(trained, tmp_path, targe
     corrected = copy.deepcopy(plain.module)
     removed = correct_biases(corrected, batches, show=False)
     after = _shifts(corrected, batches, plain.module)
-    assert set(removed) == set(before) == set(after) and len(after) == 22  # 21 convs and the classifier
+    assert set(removed) == set(before) == set(after) and len(after) == 21  # the convs; not the classifier
+    assert "fc" not in removed and list(removed)[0] == "conv1"
     assert max(before.values()) > 0.05
     assert max(after.values()) < 0.01, max(after.items(), key=lambda kv: kv[1])
     # the biases moved, nothing else did
