@@ -183,15 +183,16 @@ def test_failure_on_one_rank_stops_every_rank_with_one_line(runs, tmp_path):
 
 def test_qat_runs_data_parallel(tmp_path):
     """method: qat under torchrun: rank 0 calibrates and sends the simulation, every rank fine-tunes it with
-    DDP (KD from the FP32 model, logits and the stage features tapped in the simulation's graph), rank 0 alone
-    exports, checks and writes."""
+    DDP (KD from the FP32 model, logits and the stage features tapped in the simulation's graph; the BNs live,
+    bn_fold: after), rank 0 alone exports, checks and writes."""
     recipe = smoke_recipe(
         target="onnxruntime-cpu",
         data={"train_subset": 256, "val_subset": 128},
         stages=[
             {"type": "train", "epochs": 1, "batch_size": 64, "lr": 0.05, "eval_each_epoch": False},
             {"type": "quantize", "num_calibration": 32, "method": "qat",
-             "qat": {"epochs": 1, "batch_size": 64, "distill": {"control": False, "feature_weight": 0.5}}},
+             "qat": {"epochs": 1, "batch_size": 64, "bn_fold": "after",
+                     "distill": {"control": False, "feature_weight": 0.5}}},
             {"type": "export"},
             {"type": "verify", "batch_sizes": [1], "repeats": 3, "warmup": 1, "max_accuracy_drop": 1.0},
         ],
@@ -203,6 +204,7 @@ def test_qat_runs_data_parallel(tmp_path):
     report = json.loads((out / "report.json").read_text())
     qat = report["stages"]["quantize"]["targets"]["onnxruntime-cpu"]["qat"]
     assert [h["world_size"] for h in qat["history"]] == [2] and qat["feature_weight"] == 0.5
+    assert qat["bn_fold"] == "after" and qat["live_bn"] == 21  # every rank trained the BNs live, then folded
     assert qat["top1_qat"] == pytest.approx(qat["history"][-1]["val_top1"])
     assert "int8_onnx" in report["models"]
     assert_written_by_rank0(out)
