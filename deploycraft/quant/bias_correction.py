@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from deploycraft.progress import bar
 from deploycraft.quant.modules import QuantConv2d, QuantLinear
-from deploycraft.quant.placement import act_quantizers, weight_layers
+from deploycraft.quant.placement import weight_layers
+from deploycraft.quant.sensitivity import units
 
 
 def correctable(qmodel: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -34,27 +35,22 @@ def correctable(qmodel: nn.Module) -> list[tuple[str, nn.Module]]:
     same top-1), and an offset per class in its place moves the ranking (measured on the flagship: 86.8 %
     → 79.8 % top-1 on 2,000 held-out images with the classifier corrected too, 86.85 % without)."""
     modules = dict(qmodel.named_modules())
-    order = weight_layers(qmodel) if isinstance(qmodel, fx.GraphModule) else list(modules)
-    layers = [(n, modules[n]) for n in order if isinstance(modules.get(n), (QuantConv2d, QuantLinear))]
+    layers = [(n, modules[n]) for n in weight_layers(qmodel) if isinstance(modules[n], (QuantConv2d, QuantLinear))]
     return [(n, m) for n, m in layers[:-1] if m.bias is not None and m.quantize_weight]
 
 
 @contextlib.contextmanager
-def in_float(qmodel: nn.Module):
-    """Every activation and weight quantizer off inside the block: the float model of the same graph."""
-    acts = [(q, q.mode) for _, q in act_quantizers(qmodel)]
-    weights = [(m, m.quantize_weight) for m in qmodel.modules() if hasattr(m, "quantize_weight")]
+def in_float(qmodel: fx.GraphModule):
+    """Every quantizer that is on switched off inside the block (sensitivity's units): the float model of the
+    same graph."""
+    on = [u for u in units(qmodel) if u.quantized]
     try:
-        for q, _ in acts:
-            q.mode = "off"
-        for m, _ in weights:
-            m.quantize_weight = False
+        for u in on:
+            u.set(False)
         yield
     finally:
-        for q, mode in acts:
-            q.mode = mode
-        for m, on in weights:
-            m.quantize_weight = on
+        for u in on:
+            u.set(True)
 
 
 def _channel_means(qmodel: nn.Module, batches: list[torch.Tensor], layers: list[tuple[str, nn.Module]]):

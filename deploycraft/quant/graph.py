@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from deploycraft.models.layers import CompositeLayer, StochasticDepth
-from deploycraft.quant.modules import ActQuantizer
+from deploycraft.quant.modules import ActQuantizer, QuantConv2d
 
 
 class DeployTracer(fx.Tracer):
@@ -204,3 +204,20 @@ def fold_bn(model: nn.Module, record: dict[str, tuple[nn.Conv2d, nn.BatchNorm2d]
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm.eval()
+
+
+def attach_live_bn(qmodel: nn.Module, pairs: dict[str, tuple[nn.Conv2d, nn.BatchNorm2d]]) -> list[str]:
+    """Give every QuantConv2d of ``qmodel`` whose BN was folded (``pairs``: fold_bn's record, by module path) its
+    BN back, live; returns their paths. A conv whose weight is not the fold of its pair is refused."""
+    done = []
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantConv2d) and name in pairs and m._modules.get("live_bn") is None:
+            conv, bn = pairs[name]
+            scale, _ = _bn_affine(bn)  # as fold_bn folded it
+            if not torch.allclose(
+                (conv.weight.detach().double() * scale.view(-1, 1, 1, 1)).float(), m.weight, atol=1e-6
+            ):
+                raise ValueError(f"{name}: its weight is not the fold of its recorded conv and BN")
+            m.attach_bn(conv, bn)
+            done.append(name)
+    return done

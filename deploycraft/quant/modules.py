@@ -375,22 +375,6 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
         return bn(y / s.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1))
 
 
-def attach_live_bn(qmodel: nn.Module, pairs: dict[str, tuple[nn.Conv2d, nn.BatchNorm2d]]) -> list[str]:
-    """Give every QuantConv2d of ``qmodel`` whose BN was folded (``pairs``: fold_bn's record, by module path) its
-    BN back, live; returns their paths. A conv whose weight is not the fold of its pair is refused."""
-    done = []
-    for name, m in qmodel.named_modules():
-        if isinstance(m, QuantConv2d) and name in pairs and m._modules.get("live_bn") is None:
-            conv, bn = pairs[name]
-            gamma = bn.weight.detach().double() if bn.weight is not None else 1.0
-            scale = (gamma / torch.sqrt(bn.running_var.double() + bn.eps)).view(-1, 1, 1, 1)
-            if not torch.allclose((conv.weight.detach().double() * scale).float(), m.weight.detach(), atol=1e-6):
-                raise ValueError(f"{name}: its weight is not the fold of its recorded conv and BN")
-            m.attach_bn(conv, bn)
-            done.append(name)
-    return done
-
-
 def fold_live_bn(qmodel: nn.Module) -> int:
     """Fold every live BN (``attach_live_bn``) into its conv; returns how many."""
     convs = [m for m in qmodel.modules() if isinstance(m, QuantConv2d) and m._modules.get("live_bn") is not None]

@@ -46,8 +46,8 @@ from deploycraft.names import ARTIFACT_FILE, INT8_NAME
 from deploycraft.onnx_io import quant_dtypes, relative_error
 from deploycraft.progress import log
 from deploycraft.quant import fidelity, sensitivity
-from deploycraft.quant.graph import ChannelAffine, capture, fold_bn, folded_conv_paths, stage_outputs
-from deploycraft.quant.modules import QuantConv2d, attach_live_bn, fold_live_bn
+from deploycraft.quant.graph import ChannelAffine, attach_live_bn, capture, fold_bn, folded_conv_paths, stage_outputs
+from deploycraft.quant.modules import QuantConv2d, fold_live_bn
 from deploycraft.quant.placement import act_quantizers
 from deploycraft.runtime import onnx_runner
 from deploycraft.stages.base import Stage, StageOutput, register_stage

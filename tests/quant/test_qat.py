@@ -148,8 +148,8 @@ def test_a_live_bn_conv_computes_the_folded_conv_and_folds_into_the_same_numbers
     """qat.bn_fold: after gives each folded conv its BN back. Evaluated, the simulation is the PTQ one (the same
     folded weights, to float32 rounding); after training steps in batch-statistics mode the running statistics
     moved, and folding them in at the end changes no output of the evaluated simulation."""
-    from deploycraft.quant.graph import fold_bn
-    from deploycraft.quant.modules import attach_live_bn, fold_live_bn
+    from deploycraft.quant.graph import attach_live_bn, fold_bn
+    from deploycraft.quant.modules import fold_live_bn
 
     model, data = trained
     built = _ptq(model, data, tmp_path / "ptq.onnx", 99.99)
