@@ -115,6 +115,14 @@ class QATConfig(OptimConfig):
         "(torch's SyncBatchNorm). Without it each process normalizes over its part and the running statistics "
         "folded at the end are rank 0's, as in the train stage. CUDA only; a single process ignores it.",
     )
+    divergence_retries: int = Field(
+        2,
+        ge=0,
+        le=8,
+        description="When the loss diverges (its moving average rises to 10x its lowest in the epoch and 0.5 above "
+        "it, or is not finite), the epoch starts again from its beginning at half the learning rate, at most this "
+        "many times in the run (each restart is reported); 0 ends the stage at the first divergence.",
+    )
     distill: QATDistillConfig = Field(default_factory=QATDistillConfig, description="Distillation inside QAT.")
 
 
@@ -414,6 +422,18 @@ def _bn_words(qat: dict[str, Any]) -> str:
     return "BN folded and frozen"
 
 
+def _restart_words(qat: dict[str, Any], key: str = "history") -> str:
+    """The divergence guard's restarts (train_epochs), if any: where the loss ran away and the lr it went on at."""
+    restarts = [(h["epoch"], r) for h in qat.get(key) or [] for r in h.get("restarts", [])]
+    if not restarts:
+        return ""
+    where = "; ".join(f"epoch {e}, step {r['step']} at lr {r['lr']:.3g}" for e, r in restarts)
+    return (
+        f" The loss diverged {len(restarts)} time(s) ({where}); each time the epoch started again at half the "
+        f"learning rate, so the peak lr ended at {qat['lr'] * restarts[-1][1]['lr_scale']:.3g}."
+    )
+
+
 def _qat_line(qat: dict[str, Any]) -> str:
     from deploycraft.formatting import fmt_pct
 
@@ -433,7 +453,12 @@ def _qat_line(qat: dict[str, Any]) -> str:
     )
     if "top1_qat_control" in qat:
         line += f", plain QAT (control) {fmt_pct(qat['top1_qat_control'])}"
-    return line + f" (simulated). The PTQ file ({qat['ptq_file']}) is kept; the shipped file has its graph."
+    line += f" (simulated). The PTQ file ({qat['ptq_file']}) is kept; the shipped file has its graph."
+    return (
+        line
+        + _restart_words(qat)
+        + _restart_words(qat, "control_history").replace(" The loss", " In the control, the loss")
+    )
 
 
 ALL_KEPT = "(all kept)"  # the fallback's cost table: every kept quantizer at once (the PTQ file with the fallback)

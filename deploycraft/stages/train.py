@@ -12,6 +12,7 @@ global batch split over the ranks, rank 0 writing the checkpoint, which any worl
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import math
 import time
@@ -85,6 +86,55 @@ def load_epoch_checkpoint(path: Path, label: str) -> dict | None:
         return None
 
 
+class Diverged(Exception):
+    """The loss of one epoch ran away (see ``DivergenceWatch``); caught by ``train_epochs``. ``loss``: the moving
+    average that tripped the watch, or the non-finite loss."""
+
+    def __init__(self, step: int, lr: float, loss: float, floor: float):
+        super().__init__(f"step {step} (lr {lr:.3g}): loss {loss:.4g}, lowest {floor:.4g}")
+        self.step, self.lr, self.loss, self.floor = step, lr, loss, floor
+
+
+class DivergenceWatch:
+    """Divergence seen from the loss, long before it is non-finite: the loss's moving average (weight 0.9 on
+    the past) rising to ``FACTOR`` times its lowest value in the epoch *and* ``RISE`` above it. A loss that
+    drifts, or spikes for a step or two, does not trip it: from a converged model (QAT) a loss of 0.03 must
+    pass 0.53; from scratch, 2.3 must pass 23."""
+
+    FACTOR, RISE, BETA = 5.0, 0.5, 0.9
+
+    def __init__(self) -> None:
+        self.ema: float | None = None
+        self.floor = math.inf
+
+    def diverged(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        self.ema = loss if self.ema is None else self.BETA * self.ema + (1 - self.BETA) * loss
+        self.floor = min(self.floor, self.ema)
+        return self.ema > self.FACTOR * self.floor and self.ema > self.floor + self.RISE
+
+
+def _snapshot(model: nn.Module, optimizer, extra: nn.Module | None, scaler) -> dict:
+    """Copies of everything an epoch changes, to start it again."""
+    copy_ = lambda sd: copy.deepcopy(sd)  # noqa: E731
+    return {
+        "model": copy_(model.state_dict()),
+        "optimizer": copy_(optimizer.state_dict()),
+        "extra": copy_(extra.state_dict()) if extra is not None else None,
+        "scaler": copy_(scaler.state_dict()),
+    }
+
+
+def _restore(snap: dict, model: nn.Module, optimizer, extra: nn.Module | None, scaler) -> None:
+    model.load_state_dict(snap["model"])
+    optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+    if extra is not None:
+        extra.load_state_dict(snap["extra"])
+    if snap["scaler"]:
+        scaler.load_state_dict(snap["scaler"])
+
+
 def train_epochs(
     model: nn.Module,
     data,
@@ -110,6 +160,10 @@ def train_epochs(
     gradient is the global batch's mean and lr and schedule mean what they mean in one process; held-out
     top-1 is sharded over the ranks; rank 0 alone writes the checkpoint, and a run of any world size
     resumes it (the state holds no per-rank parts).
+
+    A diverging loss (``DivergenceWatch``, on the global batch's loss) ends the stage with a UserError naming
+    ``field``.lr; with ``cfg.divergence_retries`` (QAT) it first restarts the epoch from its beginning at half
+    the learning rate, up to that many times in the run; the history records each restart and the scale.
     """
     world = world or SINGLE
     parallel = world.size > 1
@@ -174,52 +228,89 @@ def train_epochs(
             logits = m(x)
             return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), logits
 
+    def one_epoch(net: nn.Module, epoch: int, lr_scale: float) -> tuple[float, int, int]:
+        """One pass over the training split: the loss sum, correct and seen counts; raises Diverged."""
+        torch.manual_seed(seed * 7919 + epoch)  # the same on every rank: stochastic depth drops a block for all
+        net.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        watch = DivergenceWatch()
+        with bar(f"{label} epoch {epoch + 1}/{cfg.epochs}", steps) as b:
+            for i, (x, y) in enumerate(data.train_epoch(cfg.batch_size, epoch, augment, world.shard)):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                lr = lr_at(epoch * steps + i, total, warmup, cfg) * lr_scale
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                if len(y):
+                    with torch.autocast("cuda", autocast_dtype) if amp != "off" else contextlib.nullcontext():
+                        loss, logits = loss_fn(net, x, y)
+                    loss_value = loss.item()
+                else:  # this rank's empty part of a last, small batch: DDP still needs its (zero) gradients
+                    loss, logits, loss_value = net(x).sum() * 0.0, None, 0.0
+                # every rank decides on the global batch's loss, so all restart or stop together
+                part_sum, part_n = world.all_reduce_sum([loss_value * len(y), float(len(y))])
+                if watch.diverged(part_sum / max(part_n, 1.0)):
+                    raise Diverged(i + 1, lr, watch.ema if math.isfinite(part_sum) else part_sum, watch.floor)
+                optimizer.zero_grad(set_to_none=True)
+                if parallel:
+                    # DDP averages the ranks' gradients; weighting each part by its share of the global
+                    # batch makes that average the global batch's mean (parts differ in a last batch).
+                    global_batch = min(cfg.batch_size, data.num_train - i * cfg.batch_size)
+                    scaler.scale(loss * (len(y) * world.size / global_batch)).backward()
+                    if extra is not None:
+                        world.average_gradients(extra)
+                else:
+                    scaler.scale(loss).backward()
+                scaler.step(optimizer)  # without fp16 the scaler is disabled: a plain optimizer.step()
+                scaler.update()
+                seen += len(y)
+                loss_sum += loss_value * len(y)
+                if logits is not None:
+                    correct += int((logits.argmax(1) == y).sum())
+                b.advance(loss=loss_sum / max(seen, 1), acc=correct / max(seen, 1), lr=lr)
+        return loss_sum, correct, seen
+
+    retries = getattr(cfg, "divergence_retries", 0)  # QATConfig's field: else the first divergence ends the stage
+    lr_scale = state.get("lr_scale", 1.0) if state is not None else 1.0
+    restarts_used = state.get("restarts_used", 0) if state is not None else 0
     with sync_batchnorm(model, sync_bn):
         net = world.wrap(model, device)
         for epoch in range(start, cfg.epochs):
-            torch.manual_seed(seed * 7919 + epoch)  # the same on every rank: stochastic depth drops a block for all
-            net.train()
-            started = time.time()
-            seen = correct = 0
-            loss_sum = 0.0
-            with bar(f"{label} epoch {epoch + 1}/{cfg.epochs}", steps) as b:
-                for i, (x, y) in enumerate(data.train_epoch(cfg.batch_size, epoch, augment, world.shard)):
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    lr = lr_at(epoch * steps + i, total, warmup, cfg)
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr
-                    if len(y):
-                        with torch.autocast("cuda", autocast_dtype) if amp != "off" else contextlib.nullcontext():
-                            loss, logits = loss_fn(net, x, y)
-                        loss_value = loss.item()
-                    else:  # this rank's empty part of a last, small batch: DDP still needs its (zero) gradients
-                        loss, logits, loss_value = net(x).sum() * 0.0, None, 0.0
-                    if not math.isfinite(loss_value):
+            restarts: list[dict] = []
+            # an epoch that diverges starts again from here at half the learning rate (the same batches, the same
+            # random draws): a killed run re-run takes the same path and ends bit-identical
+            snapshot = _snapshot(model, optimizer, extra, scaler) if restarts_used < retries else None
+            while True:
+                started = time.time()
+                try:
+                    loss_sum, correct, seen = one_epoch(net, epoch, lr_scale)
+                    break
+                except Diverged as d:
+                    what = (
+                        f"the loss became {d.loss}" if not math.isfinite(d.loss)
+                        else f"the loss's moving average rose from {d.floor:.3g} to {d.loss:.3g}"
+                    )  # fmt: skip
+                    where = f"in epoch {epoch + 1}, step {d.step} (learning rate {d.lr:.3g})"
+                    if snapshot is None:
+                        tried = f" after {restarts_used} restart(s) at half the learning rate" if restarts_used else ""
                         raise UserError(
-                            f"{label} diverged: the loss became {loss_value} in epoch {epoch + 1}, step {i + 1} "
-                            f"(learning rate {lr:.3g})",
+                            f"{label} diverged: {what} {where}{tried}",
                             field=f"{field}.lr",
-                            fix="lower the learning rate or lengthen warmup_epochs, then run again",
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    if parallel:
-                        # DDP averages the ranks' gradients; weighting each part by its share of the global
-                        # batch makes that average the global batch's mean (parts differ in a last batch).
-                        global_batch = min(cfg.batch_size, data.num_train - i * cfg.batch_size)
-                        scaler.scale(loss * (len(y) * world.size / global_batch)).backward()
-                        if extra is not None:
-                            world.average_gradients(extra)
-                    else:
-                        scaler.scale(loss).backward()
-                    scaler.step(optimizer)  # without fp16 the scaler is disabled: a plain optimizer.step()
-                    scaler.update()
-                    seen += len(y)
-                    loss_sum += loss_value * len(y)
-                    if logits is not None:
-                        correct += int((logits.argmax(1) == y).sum())
-                    b.advance(loss=loss_sum / max(seen, 1), acc=correct / max(seen, 1), lr=lr)
+                            fix=f"lower the learning rate (below {cfg.lr * lr_scale:.3g}) or lengthen warmup_epochs, "
+                            "then run again",
+                        ) from None
+                    _restore(snapshot, model, optimizer, extra, scaler)
+                    restarts_used += 1
+                    lr_scale *= 0.5
+                    restarts.append({"step": d.step, "lr": d.lr, "lr_scale": lr_scale})
+                    log(
+                        f"[yellow]  {label} diverged: {what} {where}; epoch {epoch + 1} starts again at half the "
+                        f"learning rate (peak {cfg.lr * lr_scale:.3g}), restart {restarts_used} of {retries}[/]"
+                    )
+                    if restarts_used >= retries:
+                        snapshot = None
             if parallel:
                 loss_sum, correct, seen = world.all_reduce_sum([loss_sum, correct, seen])
                 # BN statistics: each rank updated its own in the last step; rank 0's are the model's.
@@ -231,6 +322,10 @@ def train_epochs(
                 "seconds": round(time.time() - started, 1),
                 "world_size": world.size,
             }
+            if lr_scale != 1.0:
+                record["lr_scale"] = lr_scale
+            if restarts:
+                record["restarts"] = restarts
             if amp != "off" or channels_last:
                 record.update(amp=amp, channels_last=channels_last)
             if cfg.eval_each_epoch or epoch + 1 == cfg.epochs:
@@ -242,6 +337,7 @@ def train_epochs(
                 + (f", val top-1 {record['val_top1']:.4f}" if "val_top1" in record else "")
                 + f" ({record['seconds']:.0f} s"
                 + (f", {world.size} processes" if parallel else "")
+                + (f", learning rate x{lr_scale:g}" if lr_scale != 1.0 else "")
                 + ")"
             )
             if world.is_main:
@@ -255,6 +351,8 @@ def train_epochs(
                         "scaler": scaler.state_dict(),
                         "history": history,
                         "world_size": world.size,
+                        "lr_scale": lr_scale,
+                        "restarts_used": restarts_used,
                     },
                 )
     model.to("cpu")  # pruning, export and saving work on CPU copies

@@ -116,6 +116,68 @@ def test_killed_qat_resumes_bit_identical(trained, tmp_path, monkeypatch):
     assert any(not torch.equal(ref_state[k], built.module.state_dict()[k]) for k in ref_state)
 
 
+# The tiny folded ResNet-20 fine-tuned with KD at a peak lr of 0.05 or more: its loss runs from 0.1 to over 2
+# within six steps and the model ends near chance; at 0.025 it does not run away (measured on this fixture).
+DIVERGING = {"lr": 0.05, "epochs": 1, **NO_AUG}
+
+
+def _states_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_diverging_qat_starts_the_epoch_again_at_half_the_learning_rate(trained, tmp_path):
+    model, data = trained
+    built = _ptq(model, data, tmp_path / "ptq.onnx", 99.99)
+    ptq = top1(torch_predictor(built.module), data)
+    once = copy.deepcopy(built.module)
+    history = qat_finetune(once, data, QATConfig(**DIVERGING), tmp_path / "once", 0, teacher=copy.deepcopy(model))
+    (record,) = history
+    assert record["lr_scale"] == 0.5
+    assert [r["lr_scale"] for r in record["restarts"]] == [0.5] and 1 < record["restarts"][0]["step"] < 16
+    assert record["val_top1"] > 0.5  # not the runaway: 20 % without the guard (measured on this fixture)
+    # Twice the lr: two restarts, the last attempt at a peak of 0.025 like the first run's second one. Each
+    # attempt starts from the exact state the epoch began with (weights, momentum), so the weights end equal.
+    twice = copy.deepcopy(built.module)
+    cfg = QATConfig(**{**DIVERGING, "lr": 0.1})
+    history = qat_finetune(twice, data, cfg, tmp_path / "twice", 0, teacher=copy.deepcopy(model))
+    assert [r["lr_scale"] for r in history[0]["restarts"]] == [0.5, 0.25]
+    assert _states_equal(once, twice)
+    assert ptq > 0.9
+
+
+def test_qat_divergence_without_retries_left_is_one_error_naming_the_lr(trained, tmp_path):
+    model, data = trained
+    built = _ptq(model, data, tmp_path / "ptq.onnx", 99.99)
+    for retries, lr, words in ((0, 0.05, "QAT diverged: the loss's moving average rose"), (1, 0.1, "after 1 restart")):
+        cfg = QATConfig(**{**DIVERGING, "lr": lr, "divergence_retries": retries})
+        with pytest.raises(UserError) as err:
+            qat_finetune(copy.deepcopy(built.module), data, cfg, tmp_path / f"r{retries}", 0, copy.deepcopy(model))
+        assert err.value.field == "stages.quantize.qat.lr"
+        assert words in str(err.value) and "epoch 1, step" in str(err.value)
+        assert f"below {lr / 2**retries:g}" in err.value.fix
+
+
+def test_killed_qat_resumes_after_a_restart_bit_identical(trained, tmp_path, monkeypatch):
+    """The first epoch diverges and restarts at a lower lr; a kill after it, and the re-run's second epoch
+    keeps that lr (the checkpoint holds it) and ends with the uninterrupted run's weights."""
+    model, data = trained
+    built = _ptq(model, data, tmp_path / "ptq.onnx", 99.99)
+    cfg = QATConfig(**{**DIVERGING, "epochs": 2})
+    reference = copy.deepcopy(built.module)
+    history = qat_finetune(reference, data, cfg, tmp_path / "reference", 0, teacher=copy.deepcopy(model))
+    assert [r["lr_scale"] for r in history[0]["restarts"]] == [0.5, 0.25]  # two epochs: a slower decay
+    assert "restarts" not in history[1] and history[1]["lr_scale"] == 0.25
+    with killed_after_epoch(monkeypatch, 1), pytest.raises(KeyboardInterrupt):
+        qat_finetune(copy.deepcopy(built.module), data, cfg, tmp_path / "killed", 0, teacher=copy.deepcopy(model))
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["lr_scale"] == 0.25
+    resumed = copy.deepcopy(built.module)
+    again = qat_finetune(resumed, data, cfg, tmp_path / "killed", 0, teacher=copy.deepcopy(model))
+    timeless = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert timeless(again) == timeless(history)
+    assert _states_equal(reference, resumed)
+
+
 def test_a_learned_scale_pushed_through_zero_computes_the_same_in_training_and_in_the_file():
     """LSQ can drive a weight channel's scale (or an activation scale) below zero; the step used in training is
     its absolute value, and the buffer kept for export is that same step (the flagship at 4 bits had 457 weight
@@ -248,3 +310,22 @@ def test_killed_qat_with_live_bn_resumes_bit_identical(trained, tmp_path, monkey
     ref_state, got = reference.state_dict(), resumed.state_dict()
     assert ref_state.keys() == got.keys() == built.module.state_dict().keys()
     assert all(torch.equal(ref_state[k], got[k]) for k in ref_state)
+
+
+@pytest.mark.parametrize(
+    "losses, trips_at",
+    [
+        ([0.0301, 0.1386, 2.87, 42.1, 74.6], 4),  # ResNet-56-SD, QAT+KD at lr 0.002 (measured): trips at step 4
+        ([0.24, 0.49, 0.74, 0.57, 0.37, 0.23, 0.28, 0.31], None),  # the same model, CE: a bump that recovers
+        ([2.30, 2.35, 2.9, 3.4, 2.2, 1.9] + [1.5] * 20, None),  # from scratch: a rise during warm-up
+        ([0.02] * 50 + [0.3, 0.4, 0.2], None),  # late spikes of a low loss that stay small
+        ([0.1, 0.1, float("nan")], 3),  # non-finite at once
+        ([0.1, 0.1, float("inf")], 3),
+    ],
+)
+def test_the_divergence_watch_trips_on_a_runaway_loss_only(losses, trips_at):
+    from deploycraft.stages.train import DivergenceWatch
+
+    watch = DivergenceWatch()
+    tripped = next((i + 1 for i, loss in enumerate(losses) if watch.diverged(loss)), None)
+    assert tripped == trips_at

@@ -178,6 +178,11 @@ def test_report_line_names_feature_kd():
     assert "BN folded and frozen" in weights  # runs before bn_fold was recorded: it did not exist
     live = _qat_line({**qat, "bn_fold": "after", "live_bn": 21})
     assert "BN trained with batch statistics in 21 conv(s) and folded at the end" in live and "frozen" not in live
+    assert "diverged" not in live
+    restarts = [{"step": 4, "lr": 0.00199, "lr_scale": 0.5}, {"step": 9, "lr": 0.000996, "lr_scale": 0.25}]
+    restarted = _qat_line({**qat, "history": [{"epoch": 1, "restarts": restarts}, {"epoch": 2, "lr_scale": 0.25}]})
+    assert "The loss diverged 2 time(s) (epoch 1, step 4 at lr 0.00199; epoch 1, step 9 at lr 0.000996)" in restarted
+    assert "the peak lr ended at 0.0005." in restarted and "In the control" not in restarted
 
 
 # --- bad input: one error before anything runs ------------------------------------------------------------
