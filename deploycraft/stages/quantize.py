@@ -119,9 +119,10 @@ class QATConfig(OptimConfig):
         2,
         ge=0,
         le=8,
-        description="When the loss diverges (its moving average rises to 10x its lowest in the epoch and 0.5 above "
-        "it, or is not finite), the epoch starts again from its beginning at half the learning rate, at most this "
-        "many times in the run (each restart is reported); 0 ends the stage at the first divergence.",
+        description="When the loss diverges (the median of the last 5 step losses rises to 5x its lowest so far in "
+        "the run and 0.5 above it, or the loss is not finite), the epoch starts again from its beginning at half the "
+        "learning rate, at most this many times in the run (each restart is reported); 0 ends the stage with an "
+        "error at the first divergence.",
     )
     distill: QATDistillConfig = Field(default_factory=QATDistillConfig, description="Distillation inside QAT.")
 
@@ -430,7 +431,7 @@ def _restart_words(qat: dict[str, Any], key: str = "history") -> str:
     where = "; ".join(f"epoch {e}, step {r['step']} at lr {r['lr']:.3g}" for e, r in restarts)
     return (
         f" The loss diverged {len(restarts)} time(s) ({where}); each time the epoch started again at half the "
-        f"learning rate, so the peak lr ended at {qat['lr'] * restarts[-1][1]['lr_scale']:.3g}."
+        f"learning rate: from epoch {restarts[-1][0]} on the peak lr was {qat['lr'] * restarts[-1][1]['lr_scale']:.3g}."
     )
 
 

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import io
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -96,43 +97,62 @@ class Diverged(Exception):
 
 
 class DivergenceWatch:
-    """Divergence seen from the loss, long before it is non-finite: the loss's moving average (weight 0.9 on
-    the past) rising to ``FACTOR`` times its lowest value in the epoch *and* ``RISE`` above it. A loss that
-    drifts, or spikes for a step or two, does not trip it: from a converged model (QAT) a loss of 0.03 must
-    pass 0.53; from scratch, 2.3 must pass 23."""
+    """Divergence seen from the loss, long before it is non-finite: the median of the last ``WINDOW`` step
+    losses rising to ``FACTOR`` times its lowest value so far in the run *and* ``RISE`` above it. One or two
+    bad batches (a spike, a small last batch) do not move a median of five; three in a row do. From a
+    converged model (QAT) a loss of 0.03 must pass 0.53; from scratch, 2.3 must pass 11.5. The lowest value
+    carries over epochs (``state``, kept in the checkpoint), so a runaway that starts at the end of an epoch
+    is still measured against the loss before it."""
 
-    FACTOR, RISE, BETA = 5.0, 0.5, 0.9
+    FACTOR, RISE, WINDOW = 5.0, 0.5, 5
 
-    def __init__(self) -> None:
-        self.ema: float | None = None
-        self.floor = math.inf
+    def __init__(self, state: dict | None = None) -> None:
+        self.window: list[float] = list((state or {}).get("window", []))
+        self.floor: float = (state or {}).get("floor", math.inf)
+        self.median = math.nan
+
+    def state(self) -> dict:
+        return {"window": list(self.window), "floor": self.floor}
 
     def diverged(self, loss: float) -> bool:
         if not math.isfinite(loss):
             return True
-        self.ema = loss if self.ema is None else self.BETA * self.ema + (1 - self.BETA) * loss
-        self.floor = min(self.floor, self.ema)
-        return self.ema > self.FACTOR * self.floor and self.ema > self.floor + self.RISE
+        self.window = (self.window + [loss])[-self.WINDOW :]
+        self.median = float(statistics.median(self.window))
+        self.floor = min(self.floor, self.median)
+        full = len(self.window) == self.WINDOW  # the first steps' medians set the floor, they never trip it
+        return full and self.median > self.FACTOR * self.floor and self.median > self.floor + self.RISE
 
 
-def _snapshot(model: nn.Module, optimizer, extra: nn.Module | None, scaler) -> dict:
-    """Copies of everything an epoch changes, to start it again."""
-    copy_ = lambda sd: copy.deepcopy(sd)  # noqa: E731
+def _snapshot(model: nn.Module, optimizer, extra: nn.Module | None, scaler, watch: DivergenceWatch) -> dict:
+    """Copies of everything an epoch changes, to start it again (on the CPU: the device keeps one model)."""
+
+    def to_cpu(sd: dict) -> dict:
+        return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in sd.items()}
+
+    opt = optimizer.state_dict()
     return {
-        "model": copy_(model.state_dict()),
-        "optimizer": copy_(optimizer.state_dict()),
-        "extra": copy_(extra.state_dict()) if extra is not None else None,
-        "scaler": copy_(scaler.state_dict()),
+        "model": to_cpu(model.state_dict()),
+        "optimizer": {
+            **opt,
+            "state": {k: to_cpu(v) for k, v in opt["state"].items()},
+            "param_groups": copy.deepcopy(opt["param_groups"]),
+        },
+        "extra": to_cpu(extra.state_dict()) if extra is not None else None,
+        "scaler": copy.deepcopy(scaler.state_dict()),
+        "watch": watch.state(),
     }
 
 
-def _restore(snap: dict, model: nn.Module, optimizer, extra: nn.Module | None, scaler) -> None:
+def _restore(snap: dict, model: nn.Module, optimizer, extra: nn.Module | None, scaler) -> DivergenceWatch:
+    """Back to the snapshot; returns the divergence watch as it was."""
     model.load_state_dict(snap["model"])
-    optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+    optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))  # moved to the parameters' device
     if extra is not None:
         extra.load_state_dict(snap["extra"])
     if snap["scaler"]:
         scaler.load_state_dict(snap["scaler"])
+    return DivergenceWatch(snap["watch"])
 
 
 def train_epochs(
@@ -161,9 +181,10 @@ def train_epochs(
     top-1 is sharded over the ranks; rank 0 alone writes the checkpoint, and a run of any world size
     resumes it (the state holds no per-rank parts).
 
-    A diverging loss (``DivergenceWatch``, on the global batch's loss) ends the stage with a UserError naming
-    ``field``.lr; with ``cfg.divergence_retries`` (QAT) it first restarts the epoch from its beginning at half
-    the learning rate, up to that many times in the run; the history records each restart and the scale.
+    A non-finite loss ends the stage with a UserError naming ``field``.lr. A loss that runs away
+    (``DivergenceWatch``, on the global batch's loss): with ``cfg.divergence_retries`` (QAT) the epoch starts
+    again from its beginning at half the learning rate, up to that many times in the run, then the UserError;
+    without it (train, distill, prune) a warning, recorded in the epoch's history, and training goes on.
     """
     world = world or SINGLE
     parallel = world.size > 1
@@ -228,13 +249,14 @@ def train_epochs(
             logits = m(x)
             return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), logits
 
-    def one_epoch(net: nn.Module, epoch: int, lr_scale: float) -> tuple[float, int, int]:
-        """One pass over the training split: the loss sum, correct and seen counts; raises Diverged."""
+    def one_epoch(net: nn.Module, epoch: int, lr_scale: float, watch: DivergenceWatch, stop: bool) -> tuple:
+        """One pass over the training split: the loss sum, correct and seen counts, and the step at which the
+        loss ran away (None if it did not). ``stop``: raise Diverged there instead (always on a non-finite loss)."""
         torch.manual_seed(seed * 7919 + epoch)  # the same on every rank: stochastic depth drops a block for all
         net.train()
         seen = correct = 0
         loss_sum = 0.0
-        watch = DivergenceWatch()
+        ran_away = None
         with bar(f"{label} epoch {epoch + 1}/{cfg.epochs}", steps) as b:
             for i, (x, y) in enumerate(data.train_epoch(cfg.batch_size, epoch, augment, world.shard)):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -251,8 +273,10 @@ def train_epochs(
                     loss, logits, loss_value = net(x).sum() * 0.0, None, 0.0
                 # every rank decides on the global batch's loss, so all restart or stop together
                 part_sum, part_n = world.all_reduce_sum([loss_value * len(y), float(len(y))])
-                if watch.diverged(part_sum / max(part_n, 1.0)):
-                    raise Diverged(i + 1, lr, watch.ema if math.isfinite(part_sum) else part_sum, watch.floor)
+                if watch.diverged(part_sum / max(part_n, 1.0)) and ran_away is None:
+                    if stop or not math.isfinite(part_sum):
+                        raise Diverged(i + 1, lr, watch.median if math.isfinite(part_sum) else part_sum, watch.floor)
+                    ran_away = {"step": i + 1, "lr": lr, "loss": watch.median, "lowest": watch.floor}
                 optimizer.zero_grad(set_to_none=True)
                 if parallel:
                     # DDP averages the ranks' gradients; weighting each part by its share of the global
@@ -270,38 +294,46 @@ def train_epochs(
                 if logits is not None:
                     correct += int((logits.argmax(1) == y).sum())
                 b.advance(loss=loss_sum / max(seen, 1), acc=correct / max(seen, 1), lr=lr)
-        return loss_sum, correct, seen
+        return loss_sum, correct, seen, ran_away
 
-    retries = getattr(cfg, "divergence_retries", 0)  # QATConfig's field: else the first divergence ends the stage
+    # QAT (divergence_retries) restarts a runaway epoch; train, distill and prune fine-tuning warn and go on
+    retries = getattr(cfg, "divergence_retries", None)
     lr_scale = state.get("lr_scale", 1.0) if state is not None else 1.0
     restarts_used = state.get("restarts_used", 0) if state is not None else 0
+    watch = DivergenceWatch(state.get("watch") if state is not None else None)
     with sync_batchnorm(model, sync_bn):
         net = world.wrap(model, device)
         for epoch in range(start, cfg.epochs):
             restarts: list[dict] = []
+            started = time.time()  # all attempts of the epoch
             # an epoch that diverges starts again from here at half the learning rate (the same batches, the same
             # random draws): a killed run re-run takes the same path and ends bit-identical
-            snapshot = _snapshot(model, optimizer, extra, scaler) if restarts_used < retries else None
+            can_restart = retries is not None and restarts_used < retries
+            snapshot = _snapshot(model, optimizer, extra, scaler, watch) if can_restart else None
             while True:
-                started = time.time()
                 try:
-                    loss_sum, correct, seen = one_epoch(net, epoch, lr_scale)
+                    loss_sum, correct, seen, ran_away = one_epoch(net, epoch, lr_scale, watch, retries is not None)
                     break
                 except Diverged as d:
-                    what = (
-                        f"the loss became {d.loss}" if not math.isfinite(d.loss)
-                        else f"the loss's moving average rose from {d.floor:.3g} to {d.loss:.3g}"
-                    )  # fmt: skip
+                    what = f"the loss became {d.loss}"
+                    if math.isfinite(d.loss):
+                        what = (
+                            f"the median of the last {watch.WINDOW} step losses rose from {d.floor:.3g} to {d.loss:.3g}"
+                        )
                     where = f"in epoch {epoch + 1}, step {d.step} (learning rate {d.lr:.3g})"
                     if snapshot is None:
-                        tried = f" after {restarts_used} restart(s) at half the learning rate" if restarts_used else ""
+                        tried = (
+                            f" (after {restarts_used} restart(s) at half the learning rate in this run)"
+                            if restarts_used
+                            else ""
+                        )
                         raise UserError(
                             f"{label} diverged: {what} {where}{tried}",
                             field=f"{field}.lr",
                             fix=f"lower the learning rate (below {cfg.lr * lr_scale:.3g}) or lengthen warmup_epochs, "
                             "then run again",
                         ) from None
-                    _restore(snapshot, model, optimizer, extra, scaler)
+                    watch = _restore(snapshot, model, optimizer, extra, scaler)
                     restarts_used += 1
                     lr_scale *= 0.5
                     restarts.append({"step": d.step, "lr": d.lr, "lr_scale": lr_scale})
@@ -311,6 +343,12 @@ def train_epochs(
                     )
                     if restarts_used >= retries:
                         snapshot = None
+            if ran_away is not None:
+                log(
+                    f"[yellow]  {label}: the loss ran away in epoch {epoch + 1} at step {ran_away['step']} (median "
+                    f"{ran_away['loss']:.3g}, lowest {ran_away['lowest']:.3g}, learning rate {ran_away['lr']:.3g}); "
+                    f"training went on — if the result is poor, lower {field}.lr[/]"
+                )
             if parallel:
                 loss_sum, correct, seen = world.all_reduce_sum([loss_sum, correct, seen])
                 # BN statistics: each rank updated its own in the last step; rank 0's are the model's.
@@ -326,6 +364,8 @@ def train_epochs(
                 record["lr_scale"] = lr_scale
             if restarts:
                 record["restarts"] = restarts
+            if ran_away is not None:
+                record["loss_ran_away"] = ran_away
             if amp != "off" or channels_last:
                 record.update(amp=amp, channels_last=channels_last)
             if cfg.eval_each_epoch or epoch + 1 == cfg.epochs:
@@ -353,6 +393,7 @@ def train_epochs(
                         "world_size": world.size,
                         "lr_scale": lr_scale,
                         "restarts_used": restarts_used,
+                        "watch": watch.state(),
                     },
                 )
     model.to("cpu")  # pruning, export and saving work on CPU copies

@@ -133,15 +133,16 @@ def test_diverging_qat_starts_the_epoch_again_at_half_the_learning_rate(trained,
     once = copy.deepcopy(built.module)
     history = qat_finetune(once, data, QATConfig(**DIVERGING), tmp_path / "once", 0, teacher=copy.deepcopy(model))
     (record,) = history
-    assert record["lr_scale"] == 0.5
-    assert [r["lr_scale"] for r in record["restarts"]] == [0.5] and 1 < record["restarts"][0]["step"] < 16
-    assert record["val_top1"] > 0.5  # not the runaway: 20 % without the guard (measured on this fixture)
-    # Twice the lr: two restarts, the last attempt at a peak of 0.025 like the first run's second one. Each
+    assert record["lr_scale"] == 0.25  # peak 0.05, then 0.025 (which still runs away), then 0.0125
+    assert [r["lr_scale"] for r in record["restarts"]] == [0.5, 0.25]
+    assert all(1 < r["step"] < 16 for r in record["restarts"])
+    assert record["val_top1"] > ptq - 0.05  # not the runaway: 20 % at 0.05 without the guard (measured)
+    # Twice the lr, three restarts: the last attempt at a peak of 0.0125 like the first run's third one. Each
     # attempt starts from the exact state the epoch began with (weights, momentum), so the weights end equal.
     twice = copy.deepcopy(built.module)
-    cfg = QATConfig(**{**DIVERGING, "lr": 0.1})
+    cfg = QATConfig(**{**DIVERGING, "lr": 0.1, "divergence_retries": 3})
     history = qat_finetune(twice, data, cfg, tmp_path / "twice", 0, teacher=copy.deepcopy(model))
-    assert [r["lr_scale"] for r in history[0]["restarts"]] == [0.5, 0.25]
+    assert [r["lr_scale"] for r in history[0]["restarts"]] == [0.5, 0.25, 0.125]
     assert _states_equal(once, twice)
     assert ptq > 0.9
 
@@ -149,7 +150,10 @@ def test_diverging_qat_starts_the_epoch_again_at_half_the_learning_rate(trained,
 def test_qat_divergence_without_retries_left_is_one_error_naming_the_lr(trained, tmp_path):
     model, data = trained
     built = _ptq(model, data, tmp_path / "ptq.onnx", 99.99)
-    for retries, lr, words in ((0, 0.05, "QAT diverged: the loss's moving average rose"), (1, 0.1, "after 1 restart")):
+    for retries, lr, words in (
+        (0, 0.05, "QAT diverged: the median of the last 5 step losses rose"),
+        (1, 0.1, "after 1 restart"),
+    ):
         cfg = QATConfig(**{**DIVERGING, "lr": lr, "divergence_retries": retries})
         with pytest.raises(UserError) as err:
             qat_finetune(copy.deepcopy(built.module), data, cfg, tmp_path / f"r{retries}", 0, copy.deepcopy(model))
@@ -315,10 +319,15 @@ def test_killed_qat_with_live_bn_resumes_bit_identical(trained, tmp_path, monkey
 @pytest.mark.parametrize(
     "losses, trips_at",
     [
-        ([0.0301, 0.1386, 2.87, 42.1, 74.6], 4),  # ResNet-56-SD, QAT+KD at lr 0.002 (measured): trips at step 4
+        ([0.0301, 0.1386, 2.87, 42.1, 74.6], 5),  # ResNet-56-SD, QAT+KD at lr 0.002 (measured): trips at step 5
         ([0.24, 0.49, 0.74, 0.57, 0.37, 0.23, 0.28, 0.31], None),  # the same model, CE: a bump that recovers
         ([2.30, 2.35, 2.9, 3.4, 2.2, 1.9] + [1.5] * 20, None),  # from scratch: a rise during warm-up
+        ([2.3] * 5 + [12.0, 13.0, 13.0], 8),  # ... and a real runaway from there (5x 2.3 = 11.5)
         ([0.02] * 50 + [0.3, 0.4, 0.2], None),  # late spikes of a low loss that stay small
+        ([0.03] * 20 + [50.0] + [0.03] * 10, None),  # one bad batch (or a last batch of one image)
+        ([0.03] * 20 + [50.0, 50.0] + [0.03] * 10, None),  # two
+        ([0.03, 50.0, 0.03, 0.03, 0.03, 0.03], None),  # one in the first steps, before the window is full
+        ([0.03] * 20 + [0.6, 0.6, 0.6], 23),  # three in a row: the median moves
         ([0.1, 0.1, float("nan")], 3),  # non-finite at once
         ([0.1, 0.1, float("inf")], 3),
     ],
@@ -329,3 +338,96 @@ def test_the_divergence_watch_trips_on_a_runaway_loss_only(losses, trips_at):
     watch = DivergenceWatch()
     tripped = next((i + 1 for i, loss in enumerate(losses) if watch.diverged(loss)), None)
     assert tripped == trips_at
+
+
+def test_the_divergence_watch_remembers_the_loss_before_the_epoch():
+    """A runaway that starts in the last steps of an epoch is measured against the loss before it: the lowest
+    value carries over (through the checkpoint), it is not the next epoch's first, already high, loss."""
+    from deploycraft.stages.train import DivergenceWatch
+
+    first = DivergenceWatch()
+    assert not any(first.diverged(x) for x in [0.03] * 20 + [0.14, 0.5])
+    second = DivergenceWatch(first.state())
+    assert [second.diverged(x) for x in (2.9, 16.0, 13.0)] == [False, False, True]
+    fresh = DivergenceWatch()  # what a per-epoch watch would see: never trips
+    assert not any(fresh.diverged(x) for x in [2.9, 16.0] + [13.0] * 300)
+
+
+def _offset_calls(calls: range):
+    """Cross-entropy plus a constant 100 on the given calls (1-based): the loss seen runs away, the gradients do
+    not change."""
+    count = [0]
+
+    def loss_fn(m, x, y):
+        count[0] += 1
+        logits = m(x)
+        return torch.nn.functional.cross_entropy(logits, y) + (100.0 if count[0] in calls else 0.0), logits
+
+    return loss_fn
+
+
+def test_a_restarted_epoch_is_the_epoch_run_at_half_the_lr(trained, tmp_path):
+    """QAT's restart on a model that draws random numbers in training (stochastic depth): the first attempt
+    runs away (a planted loss offset), the second runs at half the lr from the epoch's first state with the
+    epoch's random draws, and ends bit-identical to a run started at half the lr."""
+    _, data = trained
+
+    def run(lr: float, loss_fn, name: str):
+        torch.manual_seed(0)
+        model = create_model("resnet20", num_classes=10, in_chans=3, final_survival_prob=0.5)
+        cfg = QATConfig(epochs=1, lr=lr, divergence_retries=1, **NO_AUG)
+        return model, train_epochs(model, data, cfg, tmp_path / name, 0, loss_fn)
+
+    restarted, history = run(0.05, _offset_calls(range(3, 6)), "restarted")
+    assert [r["lr_scale"] for r in history[0]["restarts"]] == [0.5] and history[0]["lr_scale"] == 0.5
+    halved, plain = run(0.025, _offset_calls(range(0)), "halved")
+    assert "restarts" not in plain[0] and "lr_scale" not in plain[0]
+    assert _states_equal(restarted, halved)
+    assert history[0]["train_loss"] == plain[0]["train_loss"]
+
+
+def test_training_warns_of_a_runaway_loss_and_goes_on(trained, tmp_path):
+    """Train, distill and prune fine-tuning have no restarts: a runaway is logged and recorded, the training
+    itself is unchanged (the planted offset does not change the gradients)."""
+    _, data = trained
+
+    def run(loss_fn, name: str):
+        torch.manual_seed(0)
+        model = create_model("resnet20", num_classes=10, in_chans=3)
+        cfg = TrainConfig(epochs=1, lr=0.05, **NO_AUG)
+        return model, train_epochs(model, data, cfg, tmp_path / name, 0, loss_fn)
+
+    warned, history = run(_offset_calls(range(3, 6)), "warned")
+    assert history[0]["loss_ran_away"]["step"] == 5 and history[0]["loss_ran_away"]["loss"] > 50
+    quiet, plain = run(_offset_calls(range(0)), "quiet")
+    assert "loss_ran_away" not in plain[0] and _states_equal(warned, quiet)
+
+
+def test_resumed_qat_counts_the_restarts_before_the_kill(trained, tmp_path, monkeypatch):
+    """The checkpoint keeps the restarts used and the watch: after a kill, an epoch that runs away (a loss
+    offset planted in epoch 2) with no retries left ends in the error at once, not in a third restart."""
+    import deploycraft.distill as distill_module
+
+    model, data = trained
+    built = _ptq(model, data, tmp_path / "ptq.onnx", 99.99)
+    cfg = QATConfig(**{**DIVERGING, "epochs": 2})
+    with killed_after_epoch(monkeypatch, 1), pytest.raises(KeyboardInterrupt):
+        qat_finetune(copy.deepcopy(built.module), data, cfg, tmp_path / "q", 0, teacher=copy.deepcopy(model))
+    saved = torch.load(tmp_path / "q" / "checkpoint.pt", weights_only=True)
+    assert saved["restarts_used"] == 2 and 0 < saved["watch"]["floor"] < 0.2
+    epoch_batches, kd_loss = data.train_epoch, distill_module.kd_loss
+    epoch_now = [0]
+
+    def batches(batch_size, epoch, augment, shard=None):
+        epoch_now[0] = epoch
+        yield from epoch_batches(batch_size, epoch, augment, shard)
+
+    def planted(*args, **kwargs):
+        return kd_loss(*args, **kwargs) + (100.0 if epoch_now[0] == 1 else 0.0)
+
+    monkeypatch.setattr(data, "train_epoch", batches)
+    monkeypatch.setattr(distill_module, "kd_loss", planted)
+    # at the lr the checkpoint kept (x0.25, the epoch's third step), not at x0.0625 after two more restarts
+    with pytest.raises(UserError, match=r"epoch 2, step 3 \(learning rate 0\.00503\) \(after 2 restart\(s\)") as err:
+        qat_finetune(copy.deepcopy(built.module), data, cfg, tmp_path / "q", 0, teacher=copy.deepcopy(model))
+    assert err.value.field == "stages.quantize.qat.lr" and "below 0.0125" in err.value.fix

@@ -182,7 +182,7 @@ def test_report_line_names_feature_kd():
     restarts = [{"step": 4, "lr": 0.00199, "lr_scale": 0.5}, {"step": 9, "lr": 0.000996, "lr_scale": 0.25}]
     restarted = _qat_line({**qat, "history": [{"epoch": 1, "restarts": restarts}, {"epoch": 2, "lr_scale": 0.25}]})
     assert "The loss diverged 2 time(s) (epoch 1, step 4 at lr 0.00199; epoch 1, step 9 at lr 0.000996)" in restarted
-    assert "the peak lr ended at 0.0005." in restarted and "In the control" not in restarted
+    assert "from epoch 1 on the peak lr was 0.0005." in restarted and "In the control" not in restarted
 
 
 # --- bad input: one error before anything runs ------------------------------------------------------------
