@@ -219,6 +219,7 @@ class DistillStage(Stage):
     def report_section(report: dict[str, Any]) -> list[str]:
         """Distillation without pruning (after pruning it is part of the pruning section)."""
         from deploycraft.formatting import fmt_pct
+        from deploycraft.stages.train import ran_away_words
 
         lines: list[str] = []
         p = report["stages"].get("prune")
@@ -229,6 +230,6 @@ class DistillStage(Stage):
                 "## Distillation",
                 "",
                 f"Teacher {d['teacher']} (top-1 {fmt_pct(d['top1_teacher'])}): student "
-                f"{fmt_pct(d['top1_student_before'])} → {fmt_pct(d['top1_kd'])}.",
+                f"{fmt_pct(d['top1_student_before'])} → {fmt_pct(d['top1_kd'])}." + ran_away_words(d.get("history")),
             ]
         return lines

@@ -124,6 +124,18 @@ class DivergenceWatch:
         return full and self.median > self.FACTOR * self.floor and self.median > self.floor + self.RISE
 
 
+def ran_away_words(history: list[dict] | None) -> str:
+    """The epochs whose loss ran away without stopping the training (``DivergenceWatch``), for a report."""
+    runs = [(h["epoch"], h["loss_ran_away"]) for h in history or [] if "loss_ran_away" in h]
+    if not runs:
+        return ""
+    where = "; ".join(f"epoch {e}, step {r['step']} at lr {r['lr']:.3g}" for e, r in runs)
+    return (
+        f" The loss ran away ({where}: the median of 5 step losses at 5x its lowest and 0.5 above it) and "
+        "training went on: check the result, or lower the learning rate."
+    )
+
+
 def _snapshot(model: nn.Module, optimizer, extra: nn.Module | None, scaler, watch: DivergenceWatch) -> dict:
     """Copies of everything an epoch changes, to start it again (on the CPU: the device keeps one model)."""
 
@@ -470,7 +482,8 @@ class TrainStage(Stage):
                 f"{train['arch']} on {report['dataset']}: {train['epochs']} epoch(s) over {train['train_images']} "
                 f"images at {train['image_size']} px ({train['channels']} channels), batch {train['batch_size']}"
                 + _processes(train)
-                + f", {train['schedule']}; {train['seconds']:.0f} s. Final train loss {train['final_train_loss']:.4f}.",
+                + f", {train['schedule']}; {train['seconds']:.0f} s. Final train loss {train['final_train_loss']:.4f}."
+                + ran_away_words(train.get("history")),
                 "",
             ]
         init = report["stages"].get("init", {})

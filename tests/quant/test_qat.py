@@ -431,3 +431,19 @@ def test_resumed_qat_counts_the_restarts_before_the_kill(trained, tmp_path, monk
     with pytest.raises(UserError, match=r"epoch 2, step 3 \(learning rate 0\.00503\) \(after 2 restart\(s\)") as err:
         qat_finetune(copy.deepcopy(built.module), data, cfg, tmp_path / "q", 0, teacher=copy.deepcopy(model))
     assert err.value.field == "stages.quantize.qat.lr" and "below 0.0125" in err.value.fix
+
+
+def test_the_train_and_distill_reports_say_when_the_loss_ran_away():
+    from deploycraft.stages.distill import DistillStage
+    from deploycraft.stages.train import TrainStage
+
+    history = [{"epoch": 1}, {"epoch": 2, "loss_ran_away": {"step": 40, "lr": 0.1, "loss": 3.0, "lowest": 0.4}}]
+    train = {"arch": "resnet20", "epochs": 2, "train_images": 64, "image_size": 16, "channels": 3, "batch_size": 8,
+             "schedule": "cosine", "seconds": 1.0, "final_train_loss": 0.5, "history": history}  # fmt: skip
+    report = {"dataset": "synthetic", "stages": {"train": train}}
+    (line,) = [x for x in TrainStage.report_section(report) if x.startswith("resnet20")]
+    assert "The loss ran away (epoch 2, step 40 at lr 0.1:" in line and "training went on" in line
+    report["stages"]["train"]["history"] = history[:1]
+    assert not any("ran away" in x for x in TrainStage.report_section(report))
+    distill = {"teacher": "t", "top1_teacher": 0.9, "top1_student_before": 0.5, "top1_kd": 0.8, "history": history}
+    assert any("epoch 2, step 40" in x for x in DistillStage.report_section({"stages": {"distill": distill}}))
