@@ -88,8 +88,8 @@ def load_epoch_checkpoint(path: Path, label: str) -> dict | None:
 
 
 class Diverged(Exception):
-    """The loss of one epoch ran away (see ``DivergenceWatch``); caught by ``train_epochs``. ``loss``: the moving
-    average that tripped the watch, or the non-finite loss."""
+    """The loss of one epoch ran away (see ``DivergenceWatch``); caught by ``train_epochs``. ``loss``: the median
+    that tripped the watch, or the non-finite loss."""
 
     def __init__(self, step: int, lr: float, loss: float, floor: float):
         super().__init__(f"step {step} (lr {lr:.3g}): loss {loss:.4g}, lowest {floor:.4g}")
@@ -285,10 +285,13 @@ def train_epochs(
                     loss, logits, loss_value = net(x).sum() * 0.0, None, 0.0
                 # every rank decides on the global batch's loss, so all restart or stop together
                 part_sum, part_n = world.all_reduce_sum([loss_value * len(y), float(len(y))])
-                if watch.diverged(part_sum / max(part_n, 1.0)) and ran_away is None:
-                    if stop or not math.isfinite(part_sum):
-                        raise Diverged(i + 1, lr, watch.median if math.isfinite(part_sum) else part_sum, watch.floor)
-                    ran_away = {"step": i + 1, "lr": lr, "loss": watch.median, "lowest": watch.floor}
+                if watch.diverged(part_sum / max(part_n, 1.0)):
+                    if not math.isfinite(part_sum):
+                        raise Diverged(i + 1, lr, part_sum, watch.floor)
+                    if stop:
+                        raise Diverged(i + 1, lr, watch.median, watch.floor)
+                    if ran_away is None:
+                        ran_away = {"step": i + 1, "lr": lr, "loss": watch.median, "lowest": watch.floor}
                 optimizer.zero_grad(set_to_none=True)
                 if parallel:
                     # DDP averages the ranks' gradients; weighting each part by its share of the global

@@ -353,15 +353,16 @@ def test_the_divergence_watch_remembers_the_loss_before_the_epoch():
     assert not any(fresh.diverged(x) for x in [2.9, 16.0] + [13.0] * 300)
 
 
-def _offset_calls(calls: range):
+def _offset_calls(calls: range, nan_at: int | None = None):
     """Cross-entropy plus a constant 100 on the given calls (1-based): the loss seen runs away, the gradients do
-    not change."""
+    not change; NaN on call ``nan_at``."""
     count = [0]
 
     def loss_fn(m, x, y):
         count[0] += 1
         logits = m(x)
-        return torch.nn.functional.cross_entropy(logits, y) + (100.0 if count[0] in calls else 0.0), logits
+        offset = 100.0 if count[0] in calls else float("nan") if count[0] == nan_at else 0.0
+        return torch.nn.functional.cross_entropy(logits, y) + offset, logits
 
     return loss_fn
 
@@ -401,6 +402,9 @@ def test_training_warns_of_a_runaway_loss_and_goes_on(trained, tmp_path):
     assert history[0]["loss_ran_away"]["step"] == 5 and history[0]["loss_ran_away"]["loss"] > 50
     quiet, plain = run(_offset_calls(range(0)), "quiet")
     assert "loss_ran_away" not in plain[0] and _states_equal(warned, quiet)
+    with pytest.raises(UserError, match=r"the loss became nan in epoch 1, step 9") as err:  # after the warning
+        run(_offset_calls(range(3, 6), nan_at=9), "nan")
+    assert err.value.field == "stages.train.lr"
 
 
 def test_resumed_qat_counts_the_restarts_before_the_kill(trained, tmp_path, monkeypatch):
