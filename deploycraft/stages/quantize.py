@@ -51,7 +51,7 @@ from deploycraft.quant.modules import QuantConv2d, fold_live_bn
 from deploycraft.quant.placement import act_quantizers
 from deploycraft.runtime import onnx_runner
 from deploycraft.stages.base import Stage, StageOutput, register_stage
-from deploycraft.stages.train import train_epochs
+from deploycraft.stages.train import train_epochs, where_words
 
 
 class QATDistillConfig(Strict):
@@ -428,7 +428,7 @@ def _restart_words(qat: dict[str, Any], key: str = "history") -> str:
     restarts = [(h["epoch"], r) for h in qat.get(key) or [] for r in h.get("restarts", [])]
     if not restarts:
         return ""
-    where = "; ".join(f"epoch {e}, step {r['step']} at lr {r['lr']:.3g}" for e, r in restarts)
+    where = where_words(restarts)
     return (
         f" The loss diverged {len(restarts)} time(s) ({where}); each time the epoch started again at half the "
         f"learning rate: from epoch {restarts[-1][0]} on the peak lr was {qat['lr'] * restarts[-1][1]['lr_scale']:.3g}."

@@ -124,12 +124,17 @@ class DivergenceWatch:
         return full and self.median > self.FACTOR * self.floor and self.median > self.floor + self.RISE
 
 
+def where_words(events: list[tuple[int, dict]]) -> str:
+    """(epoch, {"step", "lr"}) pairs of the divergence guard's history records, as report words."""
+    return "; ".join(f"epoch {e}, step {r['step']} at lr {r['lr']:.3g}" for e, r in events)
+
+
 def ran_away_words(history: list[dict] | None) -> str:
     """The epochs whose loss ran away without stopping the training (``DivergenceWatch``), for a report."""
     runs = [(h["epoch"], h["loss_ran_away"]) for h in history or [] if "loss_ran_away" in h]
     if not runs:
         return ""
-    where = "; ".join(f"epoch {e}, step {r['step']} at lr {r['lr']:.3g}" for e, r in runs)
+    where = where_words(runs)
     return (
         f" The loss ran away ({where}: the median of 5 step losses at 5x its lowest and 0.5 above it) and "
         "training went on: check the result, or lower the learning rate."
