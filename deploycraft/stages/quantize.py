@@ -423,14 +423,14 @@ def _bn_words(qat: dict[str, Any]) -> str:
     return "BN folded and frozen"
 
 
-def _restart_words(qat: dict[str, Any], key: str = "history") -> str:
+def _restart_words(qat: dict[str, Any], key: str = "history", subject: str = "The loss") -> str:
     """The divergence guard's restarts (train_epochs), if any: where the loss ran away and the lr it went on at."""
     restarts = [(h["epoch"], r) for h in qat.get(key) or [] for r in h.get("restarts", [])]
     if not restarts:
         return ""
     where = where_words(restarts)
     return (
-        f" The loss diverged {len(restarts)} time(s) ({where}); each time the epoch started again at half the "
+        f" {subject} diverged {len(restarts)} time(s) ({where}); each time the epoch started again at half the "
         f"learning rate: from epoch {restarts[-1][0]} on the peak lr was {qat['lr'] * restarts[-1][1]['lr_scale']:.3g}."
     )
 
@@ -455,11 +455,7 @@ def _qat_line(qat: dict[str, Any]) -> str:
     if "top1_qat_control" in qat:
         line += f", plain QAT (control) {fmt_pct(qat['top1_qat_control'])}"
     line += f" (simulated). The PTQ file ({qat['ptq_file']}) is kept; the shipped file has its graph."
-    return (
-        line
-        + _restart_words(qat)
-        + _restart_words(qat, "control_history").replace(" The loss", " In the control, the loss")
-    )
+    return line + _restart_words(qat) + _restart_words(qat, "control_history", "In the control, the loss")
 
 
 ALL_KEPT = "(all kept)"  # the fallback's cost table: every kept quantizer at once (the PTQ file with the fallback)

@@ -131,12 +131,14 @@ def where_words(events: list[tuple[int, dict]]) -> str:
 
 def ran_away_words(history: list[dict] | None) -> str:
     """The epochs whose loss ran away without stopping the training (``DivergenceWatch``), for a report."""
+    W = DivergenceWatch  # noqa: N806
     runs = [(h["epoch"], h["loss_ran_away"]) for h in history or [] if "loss_ran_away" in h]
     if not runs:
         return ""
     where = where_words(runs)
     return (
-        f" The loss ran away ({where}: the median of 5 step losses at 5x its lowest and 0.5 above it) and "
+        f" The loss ran away ({where}: the median of {W.WINDOW} step losses at {W.FACTOR:g}x its lowest and "
+        f"{W.RISE:g} above it) and "
         "training went on: check the result, or lower the learning rate."
     )
 

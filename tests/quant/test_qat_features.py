@@ -183,6 +183,8 @@ def test_report_line_names_feature_kd():
     restarted = _qat_line({**qat, "history": [{"epoch": 1, "restarts": restarts}, {"epoch": 2, "lr_scale": 0.25}]})
     assert "The loss diverged 2 time(s) (epoch 1, step 4 at lr 0.00199; epoch 1, step 9 at lr 0.000996)" in restarted
     assert "from epoch 1 on the peak lr was 0.0005." in restarted and "In the control" not in restarted
+    control = _qat_line({**qat, "control_history": [{"epoch": 2, "restarts": restarts[:1]}]})
+    assert " In the control, the loss diverged 1 time(s) (epoch 2, step 4 at lr 0.00199)" in control
 
 
 # --- bad input: one error before anything runs ------------------------------------------------------------
