@@ -16,7 +16,11 @@ model's p50 over the other's in the same round, which holds when the machine's s
 rounds. It prints the table, whether the shipped deployable is at least as fast as NNCF-on-OpenVINO at
 both batch sizes (within 3 %) with at least its top-1, and whether it is the fastest of the candidates
 `target: auto` chooses from (the FP32 file and deploycraft's INT8 files on every runtime, inside the
-recipe's accuracy budget), scored as verify scores them, within 3 %. The shipped deployable is also timed
+recipe's accuracy budget), scored as verify scores them, within 3 %. Top-1 against NNCF is also compared
+image by image: how many held-out images only one of the two gets right, and the exact two-sided McNemar
+p-value of that split (a difference of a few images is the calibration's luck, not a better method);
+``--train-images N`` repeats the comparison on N further images of the training split (a class-balanced
+seeded sample, with the calibration images in it at most as 512 of 60,000). The shipped deployable is also timed
 against the same file on the same runtime in a session of its own (A/A): how far that paired ratio is
 from 1 is how much this machine's noise the comparisons carry.
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import tempfile
 from pathlib import Path
@@ -45,6 +50,21 @@ from deploycraft.runtime import available, onnx_runner
 from deploycraft.runtime.bench import measure, physical_cores
 
 TOLERANCE = 0.03  # "as fast as": within 3 % of p50
+
+
+def mcnemar(right_a: np.ndarray, right_b: np.ndarray) -> dict:
+    """Paired top-1 of two models on the same images: the images only one gets right, and the exact
+    two-sided McNemar p-value (binomial, half and half under the hypothesis that neither is better)."""
+    only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"images": int(len(right_a)), "only_first_right": only_a, "only_second_right": only_b, "p_value": round(p, 4)}
+
+
+def right_on(runner, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """Per image, whether ``runner`` classifies it correctly (images already prepared)."""
+    out = [runner(runner.prepare(images[i : i + batch])).argmax(1) for i in range(0, len(images), batch)]
+    return np.concatenate(out) == labels.numpy()
 
 
 class _Reader:
@@ -166,6 +186,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=None, help="held-out images (default: the recipe's)")
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--train-images", type=int, default=0, help="also compare top-1 with NNCF on this many training images")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     run = args.run_dir
@@ -203,7 +224,22 @@ def main() -> int:
                 "onnxruntime", others[label], threads
             )
         sizes = {n: Path(r.path).stat().st_size for n, r in runners.items()}
-        acc = {n: top1(lambda x, r=r: r(r.prepare(x)), data, 256, n) for n, r in runners.items()}
+        preds: dict[str, list] = {n: [] for n in runners}
+        acc = {n: top1(lambda x, r=r: r(r.prepare(x)), data, 256, n, predictions=preds[n]) for n, r in runners.items()}
+        labels = torch.cat([y for _, y in data.val_batches(256)]).numpy()
+        right = {n: torch.cat(p).numpy() == labels for n, p in preds.items()}
+        nncf_ov = "NNCF default PTQ on openvino"
+        paired_top1 = {}
+        if nncf_ov in runners:
+            paired_top1["held_out"] = mcnemar(right[main], right[nncf_ov])
+            if args.train_images:
+                from deploycraft.quant.sensitivity import training_sample
+
+                images, ys, what = training_sample(data, args.train_images, "--train-images")
+                paired_top1["training_split"] = {
+                    **mcnemar(right_on(runners[main], images, ys), right_on(runners[nncf_ov], images, ys)),
+                    "source": what,
+                }
         x = torch.from_numpy(np.concatenate(batches))
         x = x.repeat(-(-max(args.batch) // len(x)), 1, 1, 1)
         times = timed_rounds(runners, lambda bs: x[:bs], args.batch, args.repeats)
@@ -222,12 +258,12 @@ def main() -> int:
     if twin in runners:  # the same file on the same runtime in its own session: the benchmark's own noise
         out["a_a"] = {str(b): round(paired(times, twin, main, b), 3) for b in args.batch}
         print(f"A/A, the shipped deployable against {twin} (the same file, another session): {out['a_a']}")
-    nncf_ov = "NNCF default PTQ on openvino"
     if nncf_ov in runners:
         ratio = {b: paired(times, nncf_ov, main, b) for b in args.batch}  # > 1: the shipped one is faster
         verdict = {
             "as_fast_as_nncf_openvino": all(r >= 1 / (1 + TOLERANCE) for r in ratio.values()),
             "top1_at_least_nncf": acc[main] >= acc[nncf_ov],
+            "paired_top1_vs_nncf": paired_top1,
             "p50_ratio_vs_nncf": {str(b): round(r, 3) for b, r in ratio.items()},
             "ratio_of_medians_vs_nncf": {str(b): round(p50[nncf_ov][b] / p50[main][b], 3) for b in args.batch},
         }

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,6 +47,20 @@ def test_peers_twin_is_the_shipped_file_on_its_runtime():
     fp32 = {"file": "deploy/model_fp32.onnx", "runtime": "openvino", "openvino_precision_hint": "bf16"}
     assert twin(fp32) == "FP32 on openvino, bf16"
     assert twin({**fp32, "openvino_precision_hint": "f32"}) == "FP32 on openvino"
+
+
+def test_peers_paired_top1_counts_the_images_only_one_model_gets_right():
+    import numpy as np
+
+    peers = _load("quantizer_peers")
+    a = np.array([True] * 61 + [False] * 78 + [True] * 500)
+    b = np.array([False] * 61 + [True] * 78 + [True] * 500)
+    r = peers.mcnemar(a, b)
+    assert (r["images"], r["only_first_right"], r["only_second_right"]) == (639, 61, 78)
+    assert r["p_value"] == pytest.approx(0.175, abs=0.001)  # exact binomial: 2 P(X <= 61), X ~ B(139, 1/2)
+    assert peers.mcnemar(b, a)["p_value"] == r["p_value"]
+    assert peers.mcnemar(a, a)["p_value"] == 1.0
+    assert peers.mcnemar(np.array([True] * 10), np.array([False] * 10))["p_value"] == pytest.approx(2 / 2**10, abs=1e-4)
 
 
 def test_qat_vs_ptq_rows_hold_within_a_tenth_of_a_point(tmp_path):

@@ -1,8 +1,11 @@
-"""Activation range calibration from a running histogram: max, percentile, MSE and entropy (KL).
+"""Activation range calibration from a running histogram: max, mean of batch extremes, percentile, MSE and
+entropy (KL).
 
 One signed histogram per tensor over [-R, R]; when a batch exceeds R, R doubles and pairs of bins
 merge, so memory stays fixed however many batches are seen. The exact minimum and maximum are
-tracked alongside for the max calibrator.
+tracked alongside for the max calibrator, and the sums of each batch's minimum and maximum for the
+mean_max calibrator (NNCF's default for per-tensor activations: the mean over calibration batches of
+each batch's extremes, which an outlier in one batch moves by 1/batches of its excess only).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ class HistogramCalibrator:
         self.min = math.inf
         self.max = -math.inf
         self.count = 0
+        self.batches = 0
+        self.sum_min = 0.0  # over batches: each batch's minimum and maximum (mean_max)
+        self.sum_max = 0.0
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float().flatten()
@@ -32,6 +38,9 @@ class HistogramCalibrator:
         lo, hi = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.count += x.numel()
+        self.batches += 1
+        self.sum_min += lo
+        self.sum_max += hi
         need = max(abs(lo), abs(hi), 1e-12)
         if self.hist is None:
             self.radius = need
@@ -68,6 +77,8 @@ class HistogramCalibrator:
             raise RuntimeError("calibrator saw no data")
         if method == "max":
             lo, hi = min(self.min, 0.0), max(self.max, 0.0)
+        elif method == "mean_max":
+            lo, hi = min(self.sum_min / self.batches, 0.0), max(self.sum_max / self.batches, 0.0)
         elif method == "percentile":
             if symmetric:
                 folded, _ = self._abs_hist()

@@ -138,10 +138,12 @@ class QuantizeConfig(StageConfig):
         description="ptq: post-training quantization from calibration data; qat: PTQ, then quantization-aware "
         "fine-tuning of the same simulation (settings under `qat`).",
     )
-    calibrator: Literal["max", "percentile", "mse", "entropy"] = Field(
+    calibrator: Literal["max", "mean_max", "percentile", "mse", "entropy"] = Field(
         "percentile",
-        description="Activation range: observed max, a percentile of |x|, the MSE-optimal clip, or entropy: the "
-        "clip minimizing the KL divergence between the float and quantized histograms (TensorRT's default).",
+        description="Activation range: observed max; mean_max: the mean over calibration batches (`batch_size` "
+        "images each) of each batch's min and max (NNCF's default for activations); a percentile of |x|; the "
+        "MSE-optimal clip; or entropy: the clip minimizing the KL divergence between the float and quantized "
+        "histograms (TensorRT's default).",
     )
     percentile: float = Field(99.99, gt=50, le=100, description="percentile calibrator: the percentile kept.")
     num_calibration: int = Field(512, ge=1, description="Calibration images used.")

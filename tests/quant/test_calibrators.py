@@ -41,6 +41,20 @@ def test_percentile_matches_quantile_within_a_bin():
     assert c.range("max", symmetric=True)[1] == pytest.approx(1000.0)
 
 
+def test_mean_max_averages_each_batchs_extremes():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(1_000, generator=g) * s for s in (1.0, 2.0, 3.0)]
+    batches[1][7] = 100.0  # one outlier in one batch moves the range by a third of its excess only
+    c = _calib(*batches)
+    lo, hi = c.range("mean_max", symmetric=False)
+    assert hi == pytest.approx(sum(float(b.max()) for b in batches) / 3)
+    assert lo == pytest.approx(sum(float(b.min()) for b in batches) / 3)
+    assert c.range("max", symmetric=False)[1] == pytest.approx(100.0)
+    assert c.range("mean_max", symmetric=True) == (-max(-lo, hi), max(-lo, hi))
+    relu = _calib(*(torch.relu(b) for b in batches)).range("mean_max", symmetric=False)
+    assert relu[0] == 0.0 and relu[1] == pytest.approx(hi)
+
+
 def test_unsigned_percentile_after_relu_starts_at_zero():
     x = torch.relu(torch.randn(100_000, generator=torch.Generator().manual_seed(1)))
     lo, hi = _calib(x).range("percentile", symmetric=False, percentile=99.99)
