@@ -6,8 +6,10 @@ DequantizeLinear pair in the exported file whose scale initializer is named afte
 graph output, run on the deployed runtime, and compared call for call with the simulation's quantizer
 outputs on the same images (a module called twice, e.g. before and after a pooling, is two taps).
 
-Both sides sit on the same quantization grid, so the natural difference is rounding: most elements
-agree exactly and a few differ by one step, growing slowly with depth. A wrong number in the file
+Both sides sit on the same quantization grid, so the natural difference is rounding: the simulation runs
+in float64 here (``modules.exact_simulation``: a conv's sum of integer products is exact, as in the
+runtime's int32 accumulator), so most elements agree exactly and a few differ by one step where the
+runtime's float32 requantization breaks a tie the other way, growing slowly with depth. A wrong number in the file
 (a scale, a zero point, a weight) shows as a jump at the first quantizer after it. Each tap is also
 attributed to the layer that produced it: the nearest conv or linear upstream, named by its module
 path (from its weight's scale initializer, ``layer1.0.conv1.weight_scale``).
@@ -23,7 +25,7 @@ import numpy as np
 import onnx
 import torch
 
-from deploycraft.quant.modules import rounding_everywhere
+from deploycraft.quant.modules import exact_simulation, rounding_everywhere
 from deploycraft.quant.placement import act_quantizers
 
 # A tap diverges when its relative error exceeds that of the taps feeding it by more than this.
@@ -155,6 +157,9 @@ def _run_all(runtime: str, path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     raise ValueError(f"unknown runtime {runtime!r}")
 
 
+EXACT = {"sim_precision": "float64"}  # recorded with the result: reports of earlier runs compared in float32
+
+
 def _sim_taps(qmodel: torch.nn.Module, x: torch.Tensor) -> dict[str, list[np.ndarray]]:
     outputs: dict[str, list[np.ndarray]] = {}
     handles = []
@@ -162,14 +167,15 @@ def _sim_taps(qmodel: torch.nn.Module, x: torch.Tensor) -> dict[str, list[np.nda
     def keep(name: str):
         return lambda module, args, out: outputs.setdefault(name, []).append(out.detach().numpy().copy())
 
-    quantizers = act_quantizers(qmodel)
+    exact = exact_simulation(qmodel)  # float64 sums, as the runtimes' integer accumulators
+    quantizers = act_quantizers(exact)
     for name, q in quantizers:
         handles.append(q.register_forward_hook(keep(name)))
     try:
         # The tapped file exposes every quantizer's output, so no runtime fuses across one (OpenVINO then
         # rounds where it would clip in the untapped file): the simulation rounds everywhere too.
         with torch.no_grad(), rounding_everywhere([q for _, q in quantizers]):
-            qmodel.eval()(x)
+            exact(x.double())
     finally:
         for h in handles:
             h.remove()
@@ -190,7 +196,7 @@ def compare(
     """
     taps = activation_taps(proto)
     if not taps:
-        return {"taps": [], "first_over": None, "tolerance": tolerance, "images": int(x.shape[0])}
+        return {"taps": [], "first_over": None, "tolerance": tolerance, "images": int(x.shape[0]), **EXACT}
     sim = _sim_taps(qmodel, x)
     scales = {name: float(q.scale) for name, q in act_quantizers(qmodel)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,7 +227,7 @@ def compare(
         rows.append(row)
         if first is None and row["excess"] > tolerance:
             first = row
-    return {"taps": rows, "first_over": first, "tolerance": tolerance, "images": int(x.shape[0])}
+    return {"taps": rows, "first_over": first, "tolerance": tolerance, "images": int(x.shape[0]), **EXACT}
 
 
 def summary_line(f: dict[str, Any], runtime: str) -> str:
@@ -232,7 +238,8 @@ def summary_line(f: dict[str, Any], runtime: str) -> str:
     worst = max(rows, key=lambda r: r["rel_error"])
     jump = max(rows, key=lambda r: r["excess"])
     head = (
-        f"Layer fidelity, simulation vs {runtime} on {f['images']} images, {len(rows)} quantizer outputs: "
+        f"Layer fidelity, simulation{' (in ' + f['sim_precision'] + ')' if f.get('sim_precision') else ''} vs "
+        f"{runtime} on {f['images']} images, {len(rows)} quantizer outputs: "
         f"largest relative error {worst['rel_error']:.3f} ({worst['quantizer']}, "
         f"after {worst['layer'] or 'the input'}; "
         f"{worst['off'] * 100:.1f} % of its elements more than one step apart), largest jump over its inputs "

@@ -47,7 +47,7 @@ from deploycraft.onnx_io import quant_dtypes, relative_error
 from deploycraft.progress import log
 from deploycraft.quant import fidelity, sensitivity
 from deploycraft.quant.graph import ChannelAffine, attach_live_bn, capture, fold_bn, folded_conv_paths, stage_outputs
-from deploycraft.quant.modules import QuantConv2d, fold_live_bn
+from deploycraft.quant.modules import QuantConv2d, exact_simulation, fold_live_bn
 from deploycraft.quant.placement import act_quantizers
 from deploycraft.runtime import onnx_runner
 from deploycraft.stages.base import Stage, StageOutput, register_stage
@@ -265,12 +265,13 @@ def load_quantized(float_model: torch.nn.Module, target: str, cfg: QuantizeConfi
 
 
 def held_out_agreement(model: torch.nn.Module, qmodel: torch.nn.Module, deployed, data) -> dict[str, Any]:
-    """Top-1 of the FP32 model, the simulation and the deployed file on the whole held-out split, and how
-    often each pair predicts the same class (agreement shows what top-1 alone hides: errors that cancel)."""
+    """Top-1 of the FP32 model, the simulation (evaluated in float64, see ``exact_simulation``) and the deployed
+    file on the whole held-out split, and how often each pair predicts the same class (agreement shows what
+    top-1 alone hides: errors that cancel)."""
     from deploycraft.progress import bar
 
     model.eval()
-    qmodel.eval()
+    exact = exact_simulation(qmodel)  # float64: the runtimes' exact integer sums (modules.exact_simulation)
     n = 0
     right = {"fp32": 0, "sim": 0, "deployed": 0}
     same = {"fp32_vs_sim": 0, "sim_vs_deployed": 0, "fp32_vs_deployed": 0}
@@ -278,7 +279,7 @@ def held_out_agreement(model: torch.nn.Module, qmodel: torch.nn.Module, deployed
         for x, y in data.val_batches(256):
             pred = {
                 "fp32": model(x).argmax(1),
-                "sim": qmodel(x).argmax(1),
+                "sim": exact(x.double()).argmax(1),
                 "deployed": torch.from_numpy(deployed(x.numpy())).argmax(1),
             }
             for k, p in pred.items():
@@ -288,7 +289,12 @@ def held_out_agreement(model: torch.nn.Module, qmodel: torch.nn.Module, deployed
                 same[pair] += int((pred[a] == pred[c]).sum())
             n += len(y)
             b.advance()
-    return {"images": n, **{f"top1_{k}": v / n for k, v in right.items()}, **{k: v / n for k, v in same.items()}}
+    return {
+        "images": n,
+        "sim_precision": "float64",
+        **{f"top1_{k}": v / n for k, v in right.items()},
+        **{k: v / n for k, v in same.items()},
+    }
 
 
 def _learn_scales(qmodel: torch.nn.Module, learn: bool) -> None:
@@ -1037,7 +1043,9 @@ class QuantizeStage(Stage):
             h = t.get("held_out")
             if h:
                 lines.append(
-                    f"Held-out split ({h['images']} images), top-1: FP32 {h['top1_fp32'] * 100:.2f} %, simulated "
+                    f"Held-out split ({h['images']} images), top-1: FP32 {h['top1_fp32'] * 100:.2f} %, simulated"
+                    + (f" (in {h['sim_precision']})" if h.get("sim_precision") else "")
+                    + " "
                     f"{h['top1_sim'] * 100:.2f} %, deployed {h['top1_deployed'] * 100:.2f} %; top-1 agreement "
                     f"FP32–simulated {h['fp32_vs_sim'] * 100:.2f} %, simulated–deployed "
                     f"{h['sim_vs_deployed'] * 100:.2f} %, FP32–deployed {h['fp32_vs_deployed'] * 100:.2f} %."
