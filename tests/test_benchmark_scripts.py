@@ -83,3 +83,19 @@ def test_qat_vs_ptq_rows_hold_within_a_tenth_of_a_point(tmp_path):
         assert "no finished QAT" in str(exc)
     else:
         raise AssertionError("a PTQ run has no QAT row")
+
+
+def test_agreement_finds_the_quantize_stage_and_the_model_it_quantized(tmp_path):
+    agreement = _load("agreement")
+    for name, model in (("00-init-a", True), ("01-train-b", True), ("02-prune-c", True), ("03-distill-d", False)):
+        (tmp_path / "stages" / name / ("model" if model else "other")).mkdir(parents=True)
+        if model:
+            (tmp_path / "stages" / name / "model" / "spec.json").write_text("{}")
+    (tmp_path / "stages" / "04-quantize-e").mkdir()
+    (tmp_path / "stages" / "05-export-f" / "model").mkdir(parents=True)
+    (tmp_path / "stages" / "05-export-f" / "model" / "spec.json").write_text("{}")
+    qdir, model = agreement.quantized_input(tmp_path)
+    assert qdir.name == "04-quantize-e" and model == tmp_path / "stages" / "02-prune-c" / "model"
+    (tmp_path / "stages" / "04-quantize-e").rename(tmp_path / "stages" / "04-verify-e")
+    with pytest.raises(LookupError, match="no quantize stage"):
+        agreement.quantized_input(tmp_path)

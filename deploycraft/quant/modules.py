@@ -195,11 +195,10 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
     and then, and such differences grow along the depth (the flagship ResNet-50's float32 simulation agreed
     with its deployed files on 99.72-99.76 % of the held-out split). In float64 the sums of products of
     8-bit integers and float32 scales are exact for every conv here, so what is left are ties and the
-    runtime's own float32 requantization. The weights' integers are computed as the exported file's are
-    (the float32 weight over its scale, divided in float64; torch's float32 fake-quant multiplies by the
-    reciprocal and puts a few weights in 10^6 on the neighbouring integer), a live BN folded first, and
-    biases go on their int32 grid where the simulation puts them there; activation quantizers round in
-    float64."""
+    runtime's own float32 requantization. The weights are the simulation's integers (``integer_weight``,
+    the file's) times their step, a live BN folded first; biases go on their int32 grid where the
+    simulation puts them there (the grid's step and the division in float64); activation quantizers round
+    in float64."""
     import copy
 
     exact = copy.deepcopy(qmodel).eval()
@@ -210,13 +209,9 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
             if not isinstance(m, _WeightQuant):
                 continue
             w = m.weight.double()
-            if m.quantize_weight:  # integers x scale: exact in float64
-                shape = (-1,) + (1,) * (w.dim() - 1) if m.per_channel else ()
-                scale = quant_step(m.weight_scale).double()
-                scale = scale.reshape(shape) if shape else scale
-                zp = m.weight_zero_point.double().reshape(shape) if shape else m.weight_zero_point.double()
-                lo, hi = m.weight_qrange
-                w = (torch.clamp(torch.round(w / scale) + zp, lo, hi) - zp) * scale
+            if m.quantize_weight:  # integers x step: exact in float64
+                _, q, step = m.integer_weight()
+                w = q * step
             b = None if m.bias is None else m.bias.double()
             if isinstance(m, QuantConv2d) and b is not None and m._integer_bias():
                 step = m.bias_grid[0].scale.double() * m.weight_scale.double()
@@ -317,10 +312,30 @@ class _WeightQuant:
                 self.weight.copy_((torch.clamp(torch.round(w / scale), lo, hi) * scale).float())
             self.export_weights = True
 
+    def integer_weight(self, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weight's integers (zero point removed), unclamped and clamped, and the step, all float64.
+
+        The float32 weight is divided by its scale in float64, as the exporter computes the file's
+        integers (onnx_io.fold_weight_quantizers, ONNX QuantizeLinear's division); torch's float32
+        fake-quant multiplies by the reciprocal instead and puts a few weights in 10^6 (37 of the flagship
+        ResNet-50's 23.5 M) on the neighbouring integer."""
+        w = (self.weight if w is None else w).detach().double()
+        shape = (-1,) + (1,) * (w.dim() - 1) if self.per_channel else (1,) * w.dim()
+        step = quant_step(self.weight_scale.detach()).double().reshape(shape)
+        zp = self.weight_zero_point.double().reshape(shape)
+        lo, hi = self.weight_qrange
+        raw = torch.round(w / step) + zp
+        return raw - zp, torch.clamp(raw, lo, hi) - zp, step
+
     def _fake(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-        if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax)
-        return torch.fake_quantize_per_tensor_affine(w, scale, zp, qmin, qmax)
+        if torch.onnx.is_in_onnx_export():  # exported as QuantizeLinear / DequantizeLinear
+            if self.per_channel:
+                return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax)
+            return torch.fake_quantize_per_tensor_affine(w, scale, zp, qmin, qmax)
+        raw, q, step = self.integer_weight(w)
+        fq = (q * step).to(w.dtype)  # integer x step, rounded once to float32 as torch's op rounds it
+        inside = (raw == q).to(w.dtype)  # straight-through inside the range, zero where clamped (as torch's op)
+        return fq + (w - w.detach()) * inside
 
 
 class QuantConv2d(nn.Conv2d, _WeightQuant):

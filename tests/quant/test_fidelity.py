@@ -149,10 +149,10 @@ def test_the_float64_simulation_follows_the_file_but_for_ties(built, data):
         assert sum(e < 1e-6 for e in errors) >= 12 and np.median(errors) < 1e-3, errors
 
 
-def test_the_float64_simulation_takes_the_files_weight_integers_and_leaves_the_model_alone():
+def test_the_simulation_takes_the_files_weight_integers_and_the_float64_copy_leaves_it_alone():
     """Weights at near-ties: torch's float32 fake-quant multiplies by the reciprocal of the scale and puts
-    some of them on the neighbouring integer; the file divides (ONNX QuantizeLinear), and so does the
-    float64 simulation."""
+    some of them on the neighbouring integer; the file divides (ONNX QuantizeLinear), and so do the
+    simulation and its float64 copy."""
     import torch
 
     from deploycraft.onnx_io import fold_weight_quantizers
@@ -164,10 +164,9 @@ def test_the_float64_simulation_takes_the_files_weight_integers_and_leaves_the_m
     k = torch.randint(-120, 120, conv.weight.shape).float()
     with torch.no_grad():
         conv.weight.copy_(((k + 0.5) * scale.double()).float())  # the float32 nearest to a tie
+    torch_op = torch.fake_quantize_per_channel_affine(conv.weight.detach(), scale.flatten(), conv.weight_zero_point, 0, -128, 127)
     fq = conv.qweight().detach()
-    torch_integers = torch.round(fq / scale)
     exact = exact_simulation(conv)
-    exact_integers = torch.round(exact.weight.detach() / scale.double())
     # the file's integers, as the exporter computes them
     w = numpy_helper.from_array(conv.weight.detach().numpy(), "w")
     s = numpy_helper.from_array(quant_step(conv.weight_scale).numpy(), "s")
@@ -177,8 +176,28 @@ def test_the_float64_simulation_takes_the_files_weight_integers_and_leaves_the_m
     proto = onnx.helper.make_model(onnx.helper.make_graph([node], "g", [], [out], [w, s, z]))
     assert fold_weight_quantizers(proto) == 1
     file_integers = numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "q"))
-    assert (torch_integers.numpy() != file_integers).sum() > 0  # the case this guards against is present
-    assert (exact_integers.numpy() == file_integers).all()
+    assert (torch.round(torch_op / scale).numpy() != file_integers).sum() > 0  # the case guarded against
+    assert (torch.round(fq / scale).numpy() == file_integers).all()
+    assert (torch.round(exact.weight.detach() / scale.double()).numpy() == file_integers).all()
     assert exact.weight.dtype == torch.float64 and not exact.quantize_weight
     assert conv.weight.dtype == torch.float32 and conv.quantize_weight  # the simulation itself is untouched
     assert torch.equal(conv.qweight().detach(), fq)
+
+
+def test_the_weight_quantizer_passes_gradients_where_torchs_op_does():
+    """Straight-through inside the range, zero where a weight is clamped (QAT without learned scales)."""
+    import torch
+
+    from deploycraft.quant.modules import QuantConv2d
+
+    torch.manual_seed(0)
+    conv = QuantConv2d.from_float(torch.nn.Conv2d(2, 4, 3))
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = 200 * conv.weight_scale[0]  # past the calibrated range (127 steps): clamped
+        conv.weight[1, 1, 1, 1] = 0.2 * conv.weight_scale[1]
+    conv.qweight().sum().backward()
+    ours = conv.weight.grad.clone()
+    conv.weight.grad = None
+    ref = torch.fake_quantize_per_channel_affine(conv.weight, conv.weight_scale, conv.weight_zero_point, 0, -128, 127)
+    ref.sum().backward()
+    assert torch.equal(ours, conv.weight.grad) and ours[0, 0, 0, 0] == 0 and ours.sum() == ours.numel() - 1

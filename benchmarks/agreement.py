@@ -1,0 +1,120 @@
+"""Simulation against deployed file, re-measured on finished runs (issue 10, acceptance 5: top-1 agreement
+of at least 99.8 % on the whole held-out split for every INT8 deployable).
+
+For each run folder and each INT8 target its quantize stage built, this rebuilds the saved simulation (the
+stage's config, the model it quantized, ``quant_state*.pt``), runs the stage's INT8 file on the target's
+runtime, and counts on the held-out split how often the two predict the same class: once with the
+simulation in float32 (as runs before float64 evaluation reported it) and once in float64
+(``modules.exact_simulation``, what the quantize stage reports now). Nothing in the run folder is changed.
+
+    .venv/bin/python benchmarks/agreement.py RUN_DIR [RUN_DIR ...] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from deploycraft.data import build_data
+from deploycraft.deployables import TARGET_RUNTIME
+from deploycraft.models.io import load_model
+from deploycraft.names import ARTIFACT_FILE, INT8_NAME
+from deploycraft.progress import bar
+from deploycraft.quant.modules import exact_simulation
+from deploycraft.recipe import build_recipe
+from deploycraft.runtime import onnx_runner
+from deploycraft.stages.quantize import STATE_SUFFIX, QuantizeConfig, load_quantized
+
+TARGET = 0.998
+
+
+def stage_dirs(run: Path) -> list[Path]:
+    return sorted(p for p in (run / "stages").iterdir() if p.is_dir())
+
+
+def quantized_input(run: Path) -> tuple[Path, Path]:
+    """The quantize stage's folder and the folder of the model it quantized (the last stage before it that
+    wrote one)."""
+    dirs = stage_dirs(run)
+    q = next((i for i, d in enumerate(dirs) if d.name.split("-")[1] == "quantize"), None)
+    if q is None:
+        raise LookupError(f"{run}: no quantize stage")
+    model = next((d / "model" for d in reversed(dirs[:q]) if (d / "model" / "spec.json").is_file()), None)
+    if model is None:
+        raise LookupError(f"{run}: no model before the quantize stage")
+    return dirs[q], model
+
+
+def measure(run: Path) -> list[dict]:
+    raw = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe = build_recipe(raw)
+    data = build_data(recipe.data, recipe.seed)
+    qdir, model_dir = quantized_input(run)
+    cfg = QuantizeConfig(**json.loads((qdir / "stage.json").read_text())["config"])
+    report = json.loads((run / "report.json").read_text())["stages"]["quantize"]
+    rows = []
+    for target in report.get("targets", {report["target"]: None}):
+        path = qdir / ARTIFACT_FILE[INT8_NAME[target]]
+        runtime = TARGET_RUNTIME[target]
+        model = load_model(model_dir).eval()
+        qmodel = load_quantized(model, target, cfg, qdir / f"quant_state{STATE_SUFFIX[target]}.pt")
+        exact = exact_simulation(qmodel)
+        deployed = onnx_runner(runtime, path, threads=None)
+        same32 = same64 = n = 0
+        start = time.time()
+        with torch.inference_mode(), bar(f"{run.name} {target}", data.num_val_batches(256)) as b:
+            for x, _ in data.val_batches(256):
+                d = np.asarray(deployed(deployed.prepare(x))).argmax(1)
+                same32 += int((qmodel(x).argmax(1).numpy() == d).sum())
+                same64 += int((exact(x.double()).argmax(1).numpy() == d).sum())
+                n += len(x)
+                b.advance()
+        rows.append(
+            {
+                "run": f"{recipe.name}/{run.name}",
+                "method": cfg.method,
+                "weight_bits": cfg.weight_bits,
+                "target": target,
+                "runtime": runtime,
+                "images": n,
+                "agreement_float32": same32 / n,
+                "agreement_float64": same64 / n,
+                "holds": same64 / n >= TARGET,
+                "seconds": round(time.time() - start, 1),
+            }
+        )
+        r = rows[-1]
+        print(
+            f"{r['run']:<44} {target:<16} {r['method']:<4} float32 {r['agreement_float32'] * 100:6.2f} %  "
+            f"float64 {r['agreement_float64'] * 100:6.2f} %  {'holds' if r['holds'] else 'BELOW 99.8 %'}",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rows, failed = [], []
+    for run in args.runs:
+        try:
+            rows += measure(run)
+        except (LookupError, OSError, KeyError, RuntimeError) as exc:
+            failed.append({"run": run.name, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"{run}: skipped ({failed[-1]['error']})", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps({"target": TARGET, "rows": rows, "skipped": failed}, indent=2) + "\n")
+    return 0 if rows and not failed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
