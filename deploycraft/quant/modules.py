@@ -49,6 +49,7 @@ def lsq_fake_quant(
     return (torch.clamp(q, qmin, qmax) - zp) * s
 
 
+TIE_WINDOW = 1e-4  # weight quotients this close to a tie are divided again in float64 (integer_weight)
 SCALE_FLOOR = 1e-12  # the smallest quantization step kept (an all-zero weight channel has this scale)
 
 
@@ -211,7 +212,7 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
             w = m.weight.double()
             if m.quantize_weight:  # integers x step: exact in float64
                 _, q, step = m.integer_weight()
-                w = q * step
+                w = q.double() * step.double()
             b = None if m.bias is None else m.bias.double()
             if isinstance(m, QuantConv2d) and b is not None and m._integer_bias():
                 step = m.bias_grid[0].scale.double() * m.weight_scale.double()
@@ -313,29 +314,34 @@ class _WeightQuant:
             self.export_weights = True
 
     def integer_weight(self, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The weight's integers (zero point removed), unclamped and clamped, and the step, all float64.
+        """The weight's integers (zero point removed), unclamped and clamped, and the step (float32).
 
-        The float32 weight is divided by its scale in float64, as the exporter computes the file's
-        integers (onnx_io.fold_weight_quantizers, ONNX QuantizeLinear's division); torch's float32
-        fake-quant multiplies by the reciprocal instead and puts a few weights in 10^6 (37 of the flagship
-        ResNet-50's 23.5 M) on the neighbouring integer."""
-        w = (self.weight if w is None else w).detach().double()
+        The integers are round(w / step) of the float32 weight divided exactly, as the exporter computes the
+        file's (onnx_io.fold_weight_quantizers divides in float64, ONNX QuantizeLinear's division); torch's
+        float32 fake-quant multiplies by the reciprocal instead and puts a few weights in 10^6 (37 of the
+        flagship ResNet-50's 23.5 M) on the neighbouring integer. Divided in float32 (at most 128 x 2^-24
+        from the exact quotient) and, where that lies within TIE_WINDOW of a tie, again in float64."""
+        w = (self.weight if w is None else w).detach()
         shape = (-1,) + (1,) * (w.dim() - 1) if self.per_channel else (1,) * w.dim()
-        step = quant_step(self.weight_scale.detach()).double().reshape(shape)
-        zp = self.weight_zero_point.double().reshape(shape)
+        step = quant_step(self.weight_scale.detach()).reshape(shape)
+        v = w / step
+        raw = torch.round(v)
+        near = ((v - raw).abs_().sub_(0.5).abs_()) < TIE_WINDOW
+        if bool(near.any()):
+            raw[near] = torch.round(w[near].double() / step.expand_as(w)[near].double()).to(raw.dtype)
+        zp = self.weight_zero_point.reshape(shape).to(w.dtype)
         lo, hi = self.weight_qrange
-        raw = torch.round(w / step) + zp
-        return raw - zp, torch.clamp(raw, lo, hi) - zp, step
+        return raw, torch.clamp(raw + zp, lo, hi) - zp, step
 
     def _fake(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():  # exported as QuantizeLinear / DequantizeLinear
+        # Training (QAT's forward, torch's fused op and its straight-through gradient) and export (as
+        # QuantizeLinear / DequantizeLinear) use torch's op; evaluation takes the file's integers exactly.
+        if self.training or torch.onnx.is_in_onnx_export() or torch.is_grad_enabled() and w.requires_grad:
             if self.per_channel:
                 return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax)
             return torch.fake_quantize_per_tensor_affine(w, scale, zp, qmin, qmax)
-        raw, q, step = self.integer_weight(w)
-        fq = (q * step).to(w.dtype)  # integer x step, rounded once to float32 as torch's op rounds it
-        inside = (raw == q).to(w.dtype)  # straight-through inside the range, zero where clamped (as torch's op)
-        return fq + (w - w.detach()) * inside
+        _, q, step = self.integer_weight(w)
+        return q * step  # integer x step, rounded once to float32 as torch's op rounds it
 
 
 class QuantConv2d(nn.Conv2d, _WeightQuant):

@@ -165,7 +165,9 @@ def test_the_simulation_takes_the_files_weight_integers_and_the_float64_copy_lea
     with torch.no_grad():
         conv.weight.copy_(((k + 0.5) * scale.double()).float())  # the float32 nearest to a tie
     torch_op = torch.fake_quantize_per_channel_affine(conv.weight.detach(), scale.flatten(), conv.weight_zero_point, 0, -128, 127)
-    fq = conv.qweight().detach()
+    conv.eval()
+    with torch.no_grad():
+        fq = conv.qweight()
     exact = exact_simulation(conv)
     # the file's integers, as the exporter computes them
     w = numpy_helper.from_array(conv.weight.detach().numpy(), "w")
@@ -181,23 +183,32 @@ def test_the_simulation_takes_the_files_weight_integers_and_the_float64_copy_lea
     assert (torch.round(exact.weight.detach() / scale.double()).numpy() == file_integers).all()
     assert exact.weight.dtype == torch.float64 and not exact.quantize_weight
     assert conv.weight.dtype == torch.float32 and conv.quantize_weight  # the simulation itself is untouched
-    assert torch.equal(conv.qweight().detach(), fq)
+    with torch.no_grad():
+        assert torch.equal(conv.qweight(), fq)
 
 
-def test_the_weight_quantizer_passes_gradients_where_torchs_op_does():
-    """Straight-through inside the range, zero where a weight is clamped (QAT without learned scales)."""
+def test_training_quantizes_weights_with_torchs_op_and_evaluation_with_the_files_integers():
+    """QAT's forward keeps torch's fused op and its straight-through gradient (zero where a weight is
+    clamped); evaluation, where no gradient is asked for, takes the exact integers."""
     import torch
 
-    from deploycraft.quant.modules import QuantConv2d
+    from deploycraft.quant.modules import QuantConv2d, quant_step
 
     torch.manual_seed(0)
     conv = QuantConv2d.from_float(torch.nn.Conv2d(2, 4, 3))
+    scale = quant_step(conv.weight_scale).view(-1, 1, 1, 1)
+    k = torch.randint(-120, 120, conv.weight.shape).float()
     with torch.no_grad():
+        conv.weight.copy_(((k + 0.5) * scale.double()).float())
         conv.weight[0, 0, 0, 0] = 200 * conv.weight_scale[0]  # past the calibrated range (127 steps): clamped
-        conv.weight[1, 1, 1, 1] = 0.2 * conv.weight_scale[1]
-    conv.qweight().sum().backward()
-    ours = conv.weight.grad.clone()
-    conv.weight.grad = None
-    ref = torch.fake_quantize_per_channel_affine(conv.weight, conv.weight_scale, conv.weight_zero_point, 0, -128, 127)
-    ref.sum().backward()
-    assert torch.equal(ours, conv.weight.grad) and ours[0, 0, 0, 0] == 0 and ours.sum() == ours.numel() - 1
+    op = torch.fake_quantize_per_channel_affine(conv.weight, conv.weight_scale, conv.weight_zero_point, 0, -128, 127)
+    trained = conv.qweight()
+    assert torch.equal(trained, op)
+    trained.sum().backward()
+    assert conv.weight.grad[0, 0, 0, 0] == 0 and conv.weight.grad.sum() == conv.weight.numel() - 1
+    conv.eval()
+    with torch.no_grad():
+        evaluated = conv.qweight()
+    exact = torch.round(conv.weight.detach().double() / scale.double()).clamp(-128, 127)
+    assert not torch.equal(evaluated, op.detach())  # near-ties: the reciprocal put some on another integer
+    assert torch.equal(torch.round(evaluated.double() / scale.double()), exact)
