@@ -4,8 +4,10 @@ of at least 99.8 % on the whole held-out split for every INT8 deployable).
 For each run folder and each INT8 target its quantize stage built, this rebuilds the saved simulation (the
 stage's config, the model it quantized, ``quant_state*.pt``), runs the stage's INT8 file on the target's
 runtime, and counts on the held-out split how often the two predict the same class: once with the
-simulation in float32 (as runs before float64 evaluation reported it) and once in float64
-(``modules.exact_simulation``, what the quantize stage reports now). Nothing in the run folder is changed.
+simulation in float32 (as the stage trains and evaluates it; before stop 24 the stage also compared it with
+the file so, and its weights then came from torch's fake-quant op, a few in 10^6 on another integer than
+the file's) and once in float64 (``modules.exact_simulation``, what the quantize stage reports now).
+Nothing in the run folder is changed.
 
     .venv/bin/python benchmarks/agreement.py RUN_DIR [RUN_DIR ...] [--json out.json]
 """
