@@ -200,10 +200,7 @@ def export_deployable(
 
 def weight_integers(m: nn.Module):
     """A quantized layer's weight integers as numpy int8, as the exporter's INT8 quantizer computes them."""
-    w, s = m.weight.detach().double(), m.weight_scale.detach().double()
-    if m.per_channel:
-        s = s.view(-1, *([1] * (w.dim() - 1)))
-    return torch.clamp(torch.round(w / s), -128, 127).to(torch.int8).numpy()
+    return m.integer_weight()[1].to(torch.int8).numpy()
 
 
 def int8_execution(path: Path, target: Target, workdir: Path) -> dict[str, Any] | None:

@@ -197,10 +197,9 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
     with its deployed files on 99.72-99.76 % of the held-out split). In float64 each product of an 8-bit
     integer times its float32 scale is exact and a conv's sum is within about 1e-13 of its value relative
     to its terms, far inside one step, so what is left are ties and the runtime's own float32
-    requantization. The weights are the simulation's integers (``integer_weight``,
-    the file's) times their step, a live BN folded first; biases go on their int32 grid where the
-    simulation puts them there (the grid's step and the division in float64); activation quantizers round
-    in float64."""
+    requantization. The weights are the simulation's integers (``integer_weight``, the file's) times their
+    step, a live BN folded first; biases go on their int32 grid where the simulation puts them there
+    (``qbias``, dividing in float64); activation quantizers round in float64."""
     import copy
 
     exact = copy.deepcopy(qmodel).eval()
@@ -215,9 +214,8 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
                 _, q, step = m.integer_weight()
                 w = q.double() * step.double()
             b = None if m.bias is None else m.bias.double()
-            if isinstance(m, QuantConv2d) and b is not None and m._integer_bias():
-                step = m.bias_grid[0].scale.double() * m.weight_scale.double()
-                b = torch.round(b / step.clamp(min=1e-30)) * step
+            if isinstance(m, QuantConv2d) and b is not None:
+                b = m.qbias(b)  # on the int32 grid where the simulation puts it, divided in float64
             baked[m] = (w, b)
     exact.double()
     for m, (w, b) in baked.items():
@@ -306,12 +304,9 @@ class _WeightQuant:
     def narrow_for_export(self) -> None:
         """Replace a below-8-bit weight by its fake-quantized value and export it with the INT8 range."""
         if self.bits < 8 and not self.export_weights:
-            lo, hi = self.weight_qrange
-            w, scale = self.weight.detach().double(), self.weight_scale.detach().double()
-            if self.per_channel:
-                scale = scale.view(-1, *([1] * (w.dim() - 1)))
-            with torch.no_grad():  # in float64: exact integers even for the tiny scales of all-zero channels
-                self.weight.copy_((torch.clamp(torch.round(w / scale), lo, hi) * scale).float())
+            _, q, step = self.integer_weight()
+            with torch.no_grad():  # integer x step, rounded once: the INT8 quantizer gets the integers back
+                self.weight.copy_((q.double() * step.double()).float())
             self.export_weights = True
 
     def integer_weight(self, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
