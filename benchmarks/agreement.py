@@ -110,7 +110,7 @@ def main() -> int:
     for run in args.runs:
         try:
             rows += measure(run)
-        except (LookupError, OSError, KeyError, RuntimeError) as exc:
+        except (LookupError, OSError, RuntimeError, ValueError, ImportError) as exc:  # one run's problem
             failed.append({"run": run.name, "error": f"{type(exc).__name__}: {exc}"})
             print(f"{run}: skipped ({failed[-1]['error']})", file=sys.stderr)
     if args.json:

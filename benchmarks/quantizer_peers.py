@@ -58,7 +58,7 @@ def mcnemar(right_a: np.ndarray, right_b: np.ndarray) -> dict:
     only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
     n, k = only_a + only_b, min(only_a, only_b)
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
-    return {"images": int(len(right_a)), "only_first_right": only_a, "only_second_right": only_b, "p_value": round(p, 4)}
+    return {"images": int(len(right_a)), "only_first_right": only_a, "only_second_right": only_b, "p_value": p}
 
 
 def right_on(runner, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> np.ndarray:

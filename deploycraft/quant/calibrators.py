@@ -5,7 +5,9 @@ One signed histogram per tensor over [-R, R]; when a batch exceeds R, R doubles 
 merge, so memory stays fixed however many batches are seen. The exact minimum and maximum are
 tracked alongside for the max calibrator, and the sums of each batch's minimum and maximum for the
 mean_max calibrator (NNCF's default for per-tensor activations: the mean over calibration batches of
-each batch's extremes, which an outlier in one batch moves by 1/batches of its excess only).
+each batch's extremes, or of its largest |x| for a symmetric range, which an outlier in one batch moves
+by 1/batches of its excess only; every batch counts alike, a short last one too, as NNCF counts the
+items of its dataset).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ class HistogramCalibrator:
         self.max = -math.inf
         self.count = 0
         self.batches = 0
-        self.sum_min = 0.0  # over batches: each batch's minimum and maximum (mean_max)
+        self.sum_min = 0.0  # over batches: each batch's minimum, maximum and largest |x| (mean_max)
         self.sum_max = 0.0
+        self.sum_absmax = 0.0
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float().flatten()
@@ -41,6 +44,7 @@ class HistogramCalibrator:
         self.batches += 1
         self.sum_min += lo
         self.sum_max += hi
+        self.sum_absmax += max(abs(lo), abs(hi))
         need = max(abs(lo), abs(hi), 1e-12)
         if self.hist is None:
             self.radius = need
@@ -77,8 +81,11 @@ class HistogramCalibrator:
             raise RuntimeError("calibrator saw no data")
         if method == "max":
             lo, hi = min(self.min, 0.0), max(self.max, 0.0)
-        elif method == "mean_max":
-            lo, hi = min(self.sum_min / self.batches, 0.0), max(self.sum_max / self.batches, 0.0)
+        elif method == "mean_max":  # symmetric: the mean of each batch's largest |x|, as NNCF averages it
+            if symmetric:
+                lo, hi = -self.sum_absmax / self.batches, self.sum_absmax / self.batches
+            else:
+                lo, hi = min(self.sum_min / self.batches, 0.0), max(self.sum_max / self.batches, 0.0)
         elif method == "percentile":
             if symmetric:
                 folded, _ = self._abs_hist()

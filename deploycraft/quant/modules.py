@@ -198,8 +198,9 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
     integer times its float32 scale is exact and a conv's sum is within about 1e-13 of its value relative
     to its terms, far inside one step, so what is left are ties and the runtime's own float32
     requantization. The weights are the simulation's integers (``integer_weight``, the file's) times their
-    step, a live BN folded first; biases go on their int32 grid where the simulation puts them there
-    (``qbias``, dividing in float64); activation quantizers round in float64."""
+    step, a live BN folded first; biases, where the simulation puts them on their int32 grid, are the
+    integers ONNX Runtime computes in float32 (``bias_step``) times the step; activation quantizers round in
+    float64."""
     import copy
 
     exact = copy.deepcopy(qmodel).eval()
@@ -214,8 +215,9 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
                 _, q, step = m.integer_weight()
                 w = q.double() * step.double()
             b = None if m.bias is None else m.bias.double()
-            if isinstance(m, QuantConv2d) and b is not None:
-                b = m.qbias(b)  # on the int32 grid where the simulation puts it, divided in float64
+            if isinstance(m, QuantConv2d) and b is not None and m._integer_bias():
+                step = m.bias_step()  # the integers as ONNX Runtime computes them (float32), times the step
+                b = torch.round(m.bias.float() / step).double() * step.double()
             baked[m] = (w, b)
     exact.double()
     for m, (w, b) in baked.items():
@@ -365,9 +367,13 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
         b = self.bias if b is None else b
         if torch.onnx.is_in_onnx_export() or not self._integer_bias():
             return b
-        step = (self.bias_grid[0].scale.detach() * self.weight_scale.detach()).to(b.dtype)
-        step = step.clamp(min=1e-30)
+        step = self.bias_step().to(b.dtype)
         return b + (torch.round(b / step) * step - b).detach()
+
+    def bias_step(self) -> torch.Tensor:
+        """The int32 grid of the bias: input scale x weight scale, in float32 as ONNX Runtime's
+        BiasQuantization computes it (Mul of the scales, Div, Round, in float32)."""
+        return (self.bias_grid[0].scale.detach().float() * self.weight_scale.detach().float()).clamp(min=1e-30)
 
     # --- QAT with the BatchNorm trained, folded at the end (qat.bn_fold: after) -------------------------------
     # The conv holds the unfolded weight and bias and its BN as the submodule ``live_bn``. In training it

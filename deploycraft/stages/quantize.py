@@ -768,6 +768,7 @@ class QuantizeStage(Stage):
             "bytes": path.stat().st_size,
             "sim_vs_onnx_rel_error": relative_error(out, sim),
             "sim_vs_onnx_top1_agreement": float((out.argmax(1) == sim.argmax(1)).mean()),
+            "sim_vs_onnx_precision": "float64",
         }
         by_bits: dict[int, list[str]] = {}
         for mod_name, m in qmodel.named_modules():
@@ -1029,7 +1030,10 @@ class QuantizeStage(Stage):
                         f"; it fuses {len(clip['runtime'])} conv -> residual add pairs and clips there without "
                         f"rounding, {same}"
                     )
-            line += f"; simulation vs deployed file: top-1 agreement {t['sim_vs_onnx_top1_agreement'] * 100:.1f} %."
+            line += (
+                f"; simulation{' (in ' + t['sim_vs_onnx_precision'] + ')' if t.get('sim_vs_onnx_precision') else ''} "
+                f"vs deployed file: top-1 agreement {t['sim_vs_onnx_top1_agreement'] * 100:.1f} %."
+            )
             lines.append(line)
             bits = t.get("weight_bits") or {}
             if set(bits) - {"8"}:

@@ -50,7 +50,12 @@ def test_mean_max_averages_each_batchs_extremes():
     assert hi == pytest.approx(sum(float(b.max()) for b in batches) / 3)
     assert lo == pytest.approx(sum(float(b.min()) for b in batches) / 3)
     assert c.range("max", symmetric=False)[1] == pytest.approx(100.0)
-    assert c.range("mean_max", symmetric=True) == (-max(-lo, hi), max(-lo, hi))
+    absmax = sum(float(b.abs().max()) for b in batches) / 3
+    assert c.range("mean_max", symmetric=True) == (pytest.approx(-absmax), pytest.approx(absmax))
+    # symmetric: each batch's largest |x| is averaged (NNCF's abs-max), not the signed extremes
+    two = _calib(torch.tensor([-10.0, 1.0]), torch.tensor([-1.0, 10.0]))
+    assert two.range("mean_max", symmetric=True) == (-10.0, 10.0)
+    assert two.range("mean_max", symmetric=False) == (-5.5, 5.5)
     relu = _calib(*(torch.relu(b) for b in batches)).range("mean_max", symmetric=False)
     assert relu[0] == 0.0 and relu[1] == pytest.approx(hi)
 

@@ -212,3 +212,28 @@ def test_training_quantizes_weights_with_torchs_op_and_evaluation_with_the_files
     exact = torch.round(conv.weight.detach().double() / scale.double()).clamp(-128, 127)
     assert not torch.equal(evaluated, op.detach())  # near-ties: the reciprocal put some on another integer
     assert torch.equal(torch.round(evaluated.double() / scale.double()), exact)
+
+
+def test_the_float64_copy_takes_onnx_runtimes_bias_integers():
+    """ONNX Runtime puts a QLinearConv's bias on its int32 grid in float32 (Mul of the scales, Div, Round):
+    the float64 copy takes those integers, not ones divided in float64 (a wide conv with biases of all
+    sizes: some differ by one unit between the two divisions)."""
+    import torch
+
+    from deploycraft.quant.modules import ActQuantizer, QuantConv2d, exact_simulation
+
+    torch.manual_seed(0)
+    conv = QuantConv2d.from_float(torch.nn.Conv2d(256, 2048, 1))
+    with torch.no_grad():
+        conv.bias.copy_(torch.randn(2048) * 0.5)
+    grid_in, grid_out = ActQuantizer("u8"), ActQuantizer("u8")
+    for q in (grid_in, grid_out):
+        q.set_range(0.0, 5.0)
+        q.mode = "quantize"
+    conv.set_bias_grid(grid_in, grid_out)
+    step32 = grid_in.scale * conv.weight_scale
+    ort = torch.round(conv.bias.detach() / step32)  # float32, as BiasQuantization computes it
+    divided64 = torch.round(conv.bias.detach().double() / step32.double())
+    assert (ort.double() != divided64).any()  # the case guarded against is present
+    exact = exact_simulation(conv)
+    assert torch.equal(torch.round(exact.bias.detach() / step32.double()), ort.double())
