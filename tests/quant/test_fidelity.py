@@ -237,3 +237,26 @@ def test_the_float64_copy_takes_onnx_runtimes_bias_integers():
     assert (ort.double() != divided64).any()  # the case guarded against is present
     exact = exact_simulation(conv)
     assert torch.equal(torch.round(exact.bias.detach() / step32.double()), ort.double())
+
+
+def test_held_out_agreement_in_float64_or_float32(built, data, tmp_path):
+    """The recipe chooses the simulation's arithmetic for the held-out comparison; the result says which,
+    and the float64 copy agrees with the file at least as often as the float32 simulation on this split."""
+    import torch
+
+    from deploycraft.models import create_model
+    from deploycraft.runtime import onnx_runner
+    from deploycraft.stages.quantize import held_out_agreement
+
+    target, qmodel, proto = built
+    path = tmp_path / "int8.onnx"
+    onnx.save(proto, str(path))
+    torch.manual_seed(0)
+    fp32 = create_model("resnet20", num_classes=10, in_chans=3).eval()
+    deployed = onnx_runner(RUNTIMES[target], path, threads=None)
+    exact = held_out_agreement(fp32, qmodel, deployed, data)
+    plain = held_out_agreement(fp32, qmodel, deployed, data, "float32")
+    assert (exact["sim_precision"], plain["sim_precision"]) == ("float64", "float32")
+    assert exact["images"] == plain["images"] == data.num_val
+    assert exact["sim_vs_deployed"] >= plain["sim_vs_deployed"] and exact["sim_vs_deployed"] > 0.95
+    assert next(qmodel.parameters()).dtype == torch.float32  # the simulation itself stays float32
