@@ -200,7 +200,7 @@ def export_deployable(
 
 def weight_integers(m: nn.Module):
     """A quantized layer's weight integers as numpy int8, as the exporter's INT8 quantizer computes them."""
-    return m.integer_weight()[1].to(torch.int8).numpy()
+    return m.integer_weight()[0].to(torch.int8).numpy()
 
 
 def int8_execution(path: Path, target: Target, workdir: Path) -> dict[str, Any] | None:

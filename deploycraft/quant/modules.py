@@ -203,6 +203,8 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
     float64."""
     import copy
 
+    if getattr(qmodel, "is_exact_simulation", False):
+        return qmodel  # already the float64 copy: the stage builds it once per target and passes it on
     exact = copy.deepcopy(qmodel).eval()
     fold_live_bn(exact)
     baked: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -212,7 +214,7 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
                 continue
             w = m.weight.double()
             if m.quantize_weight:  # integers x step: exact in float64
-                _, q, step = m.integer_weight()
+                q, step = m.integer_weight()
                 w = q.double() * step.double()
             b = None if m.bias is None else m.bias.double()
             if isinstance(m, QuantConv2d) and b is not None and m._integer_bias():
@@ -227,6 +229,7 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
         m.quantize_weight = False
         if isinstance(m, QuantConv2d):
             object.__setattr__(m, "bias_grid", None)
+    exact.is_exact_simulation = True
     return exact
 
 
@@ -306,13 +309,13 @@ class _WeightQuant:
     def narrow_for_export(self) -> None:
         """Replace a below-8-bit weight by its fake-quantized value and export it with the INT8 range."""
         if self.bits < 8 and not self.export_weights:
-            _, q, step = self.integer_weight()
+            q, step = self.integer_weight()
             with torch.no_grad():  # integer x step, rounded once: the INT8 quantizer gets the integers back
                 self.weight.copy_((q.double() * step.double()).float())
             self.export_weights = True
 
-    def integer_weight(self, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The weight's integers (zero point removed), unclamped and clamped, and the step (float32).
+    def integer_weight(self, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight's integers (clamped, zero point removed) and the step, both float32.
 
         The integers are round(w / step) of the float32 weight divided exactly, as the exporter computes the
         file's (onnx_io.fold_weight_quantizers divides in float64, ONNX QuantizeLinear's division); torch's
@@ -329,7 +332,7 @@ class _WeightQuant:
             raw[near] = torch.round(w[near].double() / step.expand_as(w)[near].double()).to(raw.dtype)
         zp = self.weight_zero_point.reshape(shape).to(w.dtype)
         lo, hi = self.weight_qrange
-        return raw, torch.clamp(raw + zp, lo, hi) - zp, step
+        return torch.clamp(raw + zp, lo, hi) - zp, step
 
     def _fake(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
         # Training (QAT's forward, torch's fused op and its straight-through gradient) and export (as
@@ -338,7 +341,7 @@ class _WeightQuant:
             if self.per_channel:
                 return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax)
             return torch.fake_quantize_per_tensor_affine(w, scale, zp, qmin, qmax)
-        _, q, step = self.integer_weight(w)
+        q, step = self.integer_weight(w)
         return q * step  # integer x step, rounded once to float32 as torch's op rounds it
 
 

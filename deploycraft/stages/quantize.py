@@ -766,8 +766,9 @@ class QuantizeStage(Stage):
         torch.save(qmodel.state_dict(), workdir / f"quant_state{STATE_SUFFIX[target]}.pt")
         # The deployed file computes what the simulation computes (up to rounding of requantization): compared
         # in float64, as on the held-out split below.
+        exact = exact_simulation(qmodel)  # one float64 copy for the check, the held-out split and the fidelity
         with torch.no_grad():
-            sim = exact_simulation(qmodel)(check.double()).numpy()
+            sim = exact(check.double()).numpy()
         runtime = TARGET_RUNTIME[target]
         out = onnx_runner(runtime, path, threads=None)(check.numpy())
         metrics = {
@@ -793,7 +794,11 @@ class QuantizeStage(Stage):
         if sens is not None:
             metrics["sensitivity"] = sens
         metrics["held_out"] = held_out_agreement(
-            model, qmodel, onnx_runner(runtime, path, threads=None), data, cfg.agreement_precision
+            model,
+            exact if cfg.agreement_precision == "float64" else qmodel,
+            onnx_runner(runtime, path, threads=None),
+            data,
+            cfg.agreement_precision,
         )
         h = metrics["held_out"]
         log(
@@ -801,7 +806,7 @@ class QuantizeStage(Stage):
             f"{h['sim_vs_deployed']:.4f}, FP32-{runtime} {h['fp32_vs_deployed']:.4f} ({h['images']} images)"
         )
         metrics["fidelity"] = fidelity.compare(
-            qmodel, onnx.load(str(path)), runtime, check[:16], cfg.fidelity_tolerance
+            exact, onnx.load(str(path)), runtime, check[:16], cfg.fidelity_tolerance
         )  # 16 images: every quantizer output of both sides is held in memory
         first = metrics["fidelity"]["first_over"]
         if first is not None:
