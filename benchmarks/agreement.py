@@ -5,11 +5,12 @@ For each run folder and each INT8 target its quantize stage built, this rebuilds
 stage's config, the model it quantized, ``quant_state*.pt``), runs the stage's INT8 file on the target's
 runtime, and counts on the held-out split how often the two predict the same class: once with the
 simulation in float32 (as the stage trains and evaluates it; before stop 24 the stage also compared it with
-the file so, and its weights then came from torch's fake-quant op, a few in 10^6 on another integer than
-the file's) and once in float64 (``modules.exact_simulation``, what the quantize stage reports now).
-Nothing in the run folder is changed.
+the file's) and once in float64 computing as the target's runtime does (``modules.exact_simulation`` with
+the runtime: ONNX Runtime's requantization, quant/mlas.py; what the quantize stage reports since stop 26).
+``--plain-float64`` adds the float64 simulation without the runtime's requantization (what the stage
+reported in stops 23-25). Nothing in the run folder is changed.
 
-    .venv/bin/python benchmarks/agreement.py RUN_DIR [RUN_DIR ...] [--json out.json]
+    .venv/bin/python benchmarks/agreement.py RUN_DIR [RUN_DIR ...] [--plain-float64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def quantized_input(run: Path) -> tuple[Path, Path]:
     return dirs[q], model
 
 
-def measure(run: Path) -> list[dict]:
+def measure(run: Path, plain64: bool = False) -> list[dict]:
     raw = yaml.safe_load((run / "recipe.yaml").read_text())
     recipe = build_recipe(raw)
     data = build_data(recipe.data, recipe.seed)
@@ -67,15 +68,18 @@ def measure(run: Path) -> list[dict]:
         runtime = TARGET_RUNTIME[target]
         model = load_model(model_dir).eval()
         qmodel = load_quantized(model, target, cfg, qdir / f"quant_state{STATE_SUFFIX[target]}.pt")
-        exact = exact_simulation(qmodel)
+        exact = exact_simulation(qmodel, runtime)
+        plain = exact_simulation(qmodel) if plain64 else None
         deployed = onnx_runner(runtime, path, threads=None)
-        same32 = same64 = n = 0
+        same32 = same64 = same_plain = n = 0
         start = time.time()
         with torch.inference_mode(), bar(f"{run.name} {target}", data.num_val_batches(256)) as b:
             for x, _ in data.val_batches(256):
                 d = np.asarray(deployed(deployed.prepare(x))).argmax(1)
                 same32 += int((qmodel(x).argmax(1).numpy() == d).sum())
                 same64 += int((exact(x.double()).argmax(1).numpy() == d).sum())
+                if plain is not None:
+                    same_plain += int((plain(x.double()).argmax(1).numpy() == d).sum())
                 n += len(x)
                 b.advance()
         rows.append(
@@ -88,6 +92,8 @@ def measure(run: Path) -> list[dict]:
                 "images": n,
                 "agreement_float32": same32 / n,
                 "agreement_float64": same64 / n,
+                "float64_arithmetic": exact.simulation_arithmetic,
+                **({"agreement_plain_float64": same_plain / n} if plain is not None else {}),
                 "holds": same64 / n >= TARGET,
                 "seconds": round(time.time() - start, 1),
             }
@@ -95,7 +101,9 @@ def measure(run: Path) -> list[dict]:
         r = rows[-1]
         print(
             f"{r['run']:<44} {target:<16} {r['method']:<4} float32 {r['agreement_float32'] * 100:6.2f} %  "
-            f"float64 {r['agreement_float64'] * 100:6.2f} %  {'holds' if r['holds'] else 'BELOW 99.8 %'}",
+            f"float64 {r['agreement_float64'] * 100:6.2f} %  "
+            + (f"plain float64 {r['agreement_plain_float64'] * 100:6.2f} %  " if plain is not None else "")
+            + ("holds" if r["holds"] else "BELOW 99.8 %"),
             flush=True,
         )
     return rows
@@ -105,11 +113,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--plain-float64", action="store_true", help="also the float64 simulation without the runtime's requantization"
+    )
     args = ap.parse_args()
     rows, failed = [], []
     for run in args.runs:
         try:
-            rows += measure(run)
+            rows += measure(run, args.plain_float64)
         except (LookupError, OSError, RuntimeError, ValueError, ImportError) as exc:  # one run's problem
             failed.append({"run": run.name, "error": f"{type(exc).__name__}: {exc}"})
             print(f"{run}: skipped ({failed[-1]['error']})", file=sys.stderr)

@@ -82,6 +82,9 @@ class ActQuantizer(nn.Module):
     # (placement.py: _set_clip_only). ``clip_only_while`` is that output quantizer; the exported file keeps
     # the Q/DQ pair either way.
     clip_only_while: ActQuantizer | None = None
+    # The float64 simulation of a file that ONNX Runtime runs divides in float32, as its QuantizeLinear does
+    # (quant/mlas.py sets it on the simulation's copy).
+    float32_division: bool = False
 
     def __init__(self, scheme: str = "u8"):
         super().__init__()
@@ -154,7 +157,11 @@ class ActQuantizer(nn.Module):
                 return lsq_fake_quant(x, self.scale, self.zero_point, qmin, qmax)
             if x.dtype == torch.float64:  # exact_simulation: torch's op takes float32 only
                 zp = self.zero_point.to(x.dtype)
-                return (torch.clamp(torch.round(x / self.scale.to(x.dtype)) + zp, qmin, qmax) - zp) * self.scale
+                if self.float32_division:  # as ONNX Runtime's QuantizeLinear (quant/mlas.py)
+                    v = (x.float() / self.scale.float()).double()
+                else:
+                    v = x / self.scale.to(x.dtype)
+                return (torch.clamp(torch.round(v) + zp, qmin, qmax) - zp) * self.scale
             return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, qmin, qmax)
         return x
 
@@ -188,7 +195,10 @@ def rounding_everywhere(quantizers: list[ActQuantizer]):
             object.__setattr__(q, "clip_only_while", partner)
 
 
-def exact_simulation(qmodel: nn.Module) -> nn.Module:
+SIMULATION_ARITHMETIC = {None: "float64", "onnxruntime": "float64 with ONNX Runtime's requantization"}
+
+
+def exact_simulation(qmodel: nn.Module, runtime: str | None = None) -> nn.Module:
     """A float64 copy of the simulation, for evaluating it against the deployed file (call it on float64 input).
 
     The runtimes sum a convolution's integer products exactly (int32 accumulators); the float32 simulation
@@ -200,14 +210,23 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
     requantization. The weights are the simulation's integers (``integer_weight``, the file's) times their
     step, a live BN folded first; biases, where the simulation puts them on their int32 grid, are the
     integers ONNX Runtime computes in float32 (``bias_step``) times the step; activation quantizers round in
-    float64."""
+    float64.
+
+    ``runtime="onnxruntime"``: the copy also computes the float32 steps of ONNX Runtime's fused kernels
+    (QLinearConv's and QLinearAdd's requantization, QuantizeLinear's division; quant/mlas.py), so that it
+    agrees with a file ONNX Runtime runs element for element. ``exact.simulation_arithmetic`` says which."""
     import copy
 
+    if runtime not in SIMULATION_ARITHMETIC:
+        runtime = None  # other runtimes: the plain float64 simulation
     if getattr(qmodel, "is_exact_simulation", False):
+        if qmodel.simulates != runtime:
+            raise ValueError(f"this float64 simulation imitates {qmodel.simulates or 'no runtime'}, not {runtime}")
         return qmodel  # already the float64 copy: the stage builds it once per target and passes it on
     exact = copy.deepcopy(qmodel).eval()
     fold_live_bn(exact)
     baked: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    int8_convs: set[nn.Module] = set()  # convs whose integers the runtime multiplies (INT4 ones run in float)
     with torch.no_grad():
         for m in exact.modules():
             if not isinstance(m, _WeightQuant):
@@ -216,6 +235,8 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
             if m.quantize_weight:  # integers x step: exact in float64
                 q, step = m.integer_weight()
                 w = q.double() * step.double()
+                if isinstance(m, QuantConv2d) and m.bits > 4:
+                    int8_convs.add(m)
             b = None if m.bias is None else m.bias.double()
             if isinstance(m, QuantConv2d) and b is not None and m._integer_bias():
                 step = m.bias_step()  # the integers as ONNX Runtime computes them (float32), times the step
@@ -229,7 +250,13 @@ def exact_simulation(qmodel: nn.Module) -> nn.Module:
         m.quantize_weight = False
         if isinstance(m, QuantConv2d):
             object.__setattr__(m, "bias_grid", None)
+    if runtime == "onnxruntime":
+        from deploycraft.quant.mlas import imitate_onnxruntime
+
+        imitate_onnxruntime(exact, int8_convs)
     exact.is_exact_simulation = True
+    exact.simulates = runtime
+    exact.simulation_arithmetic = SIMULATION_ARITHMETIC[runtime]
     return exact
 
 
