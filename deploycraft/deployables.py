@@ -29,6 +29,7 @@ from deploycraft.onnx_io import export_onnx, op_counts, quant_dtypes
 from deploycraft.progress import bar
 from deploycraft.quant.bias_correction import correct_biases
 from deploycraft.quant.graph import fold_bn
+from deploycraft.quant.modules import QuantConv2d
 from deploycraft.quant.placement import Target, act_quantizers, expected_int8_convs, insert_quantizers
 
 # The runtime each target's files are built for (TensorRT's files run on ONNX Runtime here, for accuracy).
@@ -174,6 +175,11 @@ def export_deployable(
     Weights below 8 bits export as their integers; those of 4 bits or fewer are stored as ONNX INT4
     (opset 21), wider ones as INT8 holding the narrower integers."""
     int4: list = []
+    if precision == "int8":
+        # biases on QLinearConv's int32 grid must fit it (near-dead channels); the simulation changes with the file
+        for m in module.modules():
+            if isinstance(m, QuantConv2d):
+                m.fit_bias_to_int32()
     exported = module
     if any(getattr(m, "bits", 8) < 8 for m in module.modules()):
         exported = copy.deepcopy(module)  # the caller keeps the simulation itself (QAT trains it further)

@@ -405,6 +405,32 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
         BiasQuantization computes it (Mul of the scales, Div, Round, in float32)."""
         return (self.bias_grid[0].scale.detach().float() * self.weight_scale.detach().float()).clamp(min=1e-30)
 
+    # |bias / bias_step| is kept at or below this: an int32, with room left for the accumulator added to it.
+    BIAS_INT_LIMIT = 2.0**30
+
+    def fit_bias_to_int32(self) -> int:
+        """Raise the weight scale of each output channel whose bias would not fit QLinearConv's int32 bias, and
+        return how many channels that was.
+
+        A channel whose weights are all but zero (a BN whose gamma decayed to nothing, folded in: weight
+        scale 1e-10, bias 0.01) has a bias of billions of input x weight steps; ONNX Runtime's float-to-int32
+        cast then saturates or wraps and that channel of the deployed file computes garbage (measured: a
+        ResNet-20 after one epoch, one channel of ``layer3.0.conv2`` up to 61 steps off). With the scale raised
+        to ``|bias| / (input scale x 2^30)`` the channel's weights quantize to zero, which they nearly are, and
+        the bias stays exact (ONNX Runtime's own quantizer adjusts weight scales for int32 biases the same
+        way). Only where the bias is on the int32 grid (``bias_grid``: ONNX Runtime fuses the conv)."""
+        if not self._integer_bias():
+            return 0
+        with torch.no_grad():
+            need = self.bias.detach().abs().float() / (self.bias_grid[0].scale.detach().float() * self.BIAS_INT_LIMIT)
+            if self.weight_scale.numel() == 1:
+                need = need.max().reshape(1)
+            step = quant_step(self.weight_scale.detach())
+            low = step < need
+            if bool(low.any()):
+                self.weight_scale.data.copy_(torch.where(low, need, step).to(self.weight_scale.dtype))
+        return int(low.sum())
+
     # --- QAT with the BatchNorm trained, folded at the end (qat.bn_fold: after) -------------------------------
     # The conv holds the unfolded weight and bias and its BN as the submodule ``live_bn``. In training it
     # computes as torch's quantized ConvBn does (Jacob et al. 2018, Krishnamoorthi 2018): the weight is folded

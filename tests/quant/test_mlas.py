@@ -153,3 +153,38 @@ def test_qlinearconv_requantizes_as_onnx_runtime(per_channel, ties, tmp_path):
         assert (ours == ort).all(), int((ours != ort).sum())
     if ties:
         assert (plain != ort).sum() > 100, int((plain != ort).sum())
+
+
+def test_a_dead_channels_bias_fits_int32_and_the_file_computes_what_the_simulation_does(tmp_path):
+    """A BN whose gamma is (all but) zero, folded into its conv, leaves a channel with weights of 1e-9 and a
+    bias: on the int32 grid x_scale x w_scale its bias would be billions of steps, and ONNX Runtime's cast
+    would wrap it. The exporter raises that channel's weight scale so the bias fits (and its weights quantize
+    to zero); the deployed file then agrees with the simulation at every tap."""
+    from deploycraft.config import DataConfig
+    from deploycraft.data import build_data
+    from deploycraft.deployables import QuantSettings, build_deployable
+    from deploycraft.models import create_model
+    from deploycraft.quant import fidelity
+    from tests.conftest import randomize_bn
+
+    data = build_data(DataConfig(dataset="synthetic", image_size=16, channels=3, train_subset=64, val_subset=64))
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=3)
+    randomize_bn(model)
+    bn = model.layer3[0].bn2
+    with torch.no_grad():
+        bn.weight[5] = 1e-9  # the folded weights of channel 5: 1e-9 x w / sqrt(var)
+        bn.bias[5] = 0.5
+    images, _ = data.calibration_images(64)
+    built = build_deployable(
+        model, "int8", tmp_path / "int8.onnx", data.sample_input(2), target="onnxruntime-cpu",
+        settings=QuantSettings(), calibration=(images, data.spec), show=False,
+    )  # fmt: skip
+    conv = built.module.get_submodule("layer3.0.conv2")
+    bias_int = conv.bias.detach() / conv.bias_step()
+    assert bias_int.abs().max() <= QuantConv2d.BIAS_INT_LIMIT * (1 + 1e-6)
+    assert (conv.integer_weight()[0][5] == 0).all() and float(conv.weight.detach()[5].abs().max()) < 1e-8
+    f = fidelity.compare(built.module, built.proto, "onnxruntime", data.sample_input(16))
+    assert f["first_over"] is None and max(r["off"] for r in f["taps"]) == 0.0
+    if EXACT:
+        assert max(r["rel_error"] for r in f["taps"]) < 1e-6
