@@ -87,6 +87,8 @@ class Built:
     module: nn.Module  # BN-folded float model, or the calibrated Q/DQ simulation
     ops: dict[str, int]
     ranges: dict[str, list[float]] = field(default_factory=dict)  # calibrated activation ranges (int8)
+    # conv output channels whose weight scale was raised so that their bias fits int32 ("layer3.0.conv2[5]")
+    bias_fitted: list[str] = field(default_factory=list)
 
 
 def onnx_metadata(arch: str, precision: str, target: str | None, spec: InputSpec, classes: list[str]) -> dict[str, Any]:
@@ -175,11 +177,12 @@ def export_deployable(
     Weights below 8 bits export as their integers; those of 4 bits or fewer are stored as ONNX INT4
     (opset 21), wider ones as INT8 holding the narrower integers."""
     int4: list = []
+    fitted: list[str] = []
     if precision == "int8":
         # biases on QLinearConv's int32 grid must fit it (near-dead channels); the simulation changes with the file
-        for m in module.modules():
+        for name, m in module.named_modules():
             if isinstance(m, QuantConv2d):
-                m.fit_bias_to_int32()
+                fitted += [f"{name}[{c}]" if c >= 0 else name for c in m.fit_bias_to_int32()]
     exported = module
     if any(getattr(m, "bits", 8) < 8 for m in module.modules()):
         exported = copy.deepcopy(module)  # the caller keeps the simulation itself (QAT trains it further)
@@ -201,7 +204,7 @@ def export_deployable(
             raise DeployableCheckError(
                 f"{path.name}: activation zero points are {dtypes}, the {target} target takes {sorted(allowed)}"
             )
-    return Built(path, proto, module, ops, ranges or {})
+    return Built(path, proto, module, ops, ranges or {}, fitted)
 
 
 def weight_integers(m: nn.Module):

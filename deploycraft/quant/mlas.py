@@ -4,10 +4,10 @@ The float64 simulation (``modules.exact_simulation``) sums a conv's integer prod
 int32 accumulator does, and then divides by the next quantizer's scale in float64. ONNX Runtime does not
 divide there: it fuses each quantized op into an integer kernel whose last step is float32, so an element
 whose exact quotient lies within about 1e-5 of a tie (x.5) can land on the other integer, and such one-step
-differences spread along the depth (PyramidNet-110 on Fashion-MNIST: 4 % of its last stage's elements a step
-or more apart, 21 of 10,000 test images predicted differently). Here the simulation computes those steps as
-the kernels do, so that it and the deployed file agree element for element and any difference left is a
-real one (a wrong number in the file):
+differences spread along the depth (PyramidNet-110 on Fashion-MNIST, 64 images: 1.6 million of its 38
+million quantized elements off by a step or more; 21 of 10,000 test images predicted differently). Here the
+simulation computes those steps as the kernels do, so that it and the deployed file agree element for element
+and any difference left is a real one (a wrong number in the file):
 
 * **QLinearConv** (DQ -> Conv -> [ReLU] -> Q): the int32 sum of (x - x_zero) x w, plus the bias on its int32
   grid, converted to float32 and multiplied by ``x_scale * w_scale / y_scale`` (float32, left to right, as
@@ -21,15 +21,23 @@ real one (a wrong number in the file):
   even, clamped: ONNX Runtime's SSE2 kernel (``qladd.cpp``) as its x86-64 build computes it, with its
   multiply-adds fused. Determined by measurement: of fourteen orderings of that kernel's arithmetic (and its
   AVX2 assembly variant, which divides by the output scale instead), this is the only one that matched
-  every output element of all 69 QLinearAdds of six trained models (PyramidNet-110, pre-activation and
-  SE-ResNet-20, WRN-16-2, ResNet-56 with stochastic depth, a random ResNet-20; 128-256 images each).
+  every output element of all 69 QLinearAdds of six models (trained PyramidNet-110, pre-activation and
+  SE-ResNet-20, WRN-16-2 and ResNet-56 with stochastic depth, 128-256 images each; a random ResNet-20) and
+  of 3 x 65,536 planted ties (tests/quant/test_mlas.py).
+* **QLinearGlobalAveragePool** (DQ -> GlobalAveragePool -> Q): the int32 sum of (x - x_zero) over the image,
+  converted to float32 and multiplied by ``x_scale / (y_scale * H*W)`` (float32), rounded, clamped.
+* **QLinearAveragePool** (DQ -> AveragePool -> Q, no padding): the dequantized inputs summed in float32 in
+  row-major order over the window, divided by its size, by ``y_scale``, plus ``y_zero``, then rounded half to
+  even (the zero point added before rounding) and clamped.
 * **QuantizeLinear** everywhere else (and the lookup table of QLinearConcat, which dequantizes and quantizes
   in float32): ``x / scale`` in float32, rounded half to even.
 
-Measured on the ONNX Runtime 1.32 CPU build (AMD EPYC Zen 4, AVX-512 VNNI): on PyramidNet-110 (64 images, 38
-million quantized elements) the float64 simulation differs from the file at 1.6 million elements, this one
-at 1. Other CPUs' kernels (ARM's NEON QLinearAdd works in fixed point) round elsewhere; there the
-simulation is as close as the plain float64 one.
+ONNX Runtime on x86-64 fuses these only for uint8 activations (the targets with signed activations,
+TensorRT's, leave them unfused there: only their QuantizeLinear is imitated). Measured on the ONNX Runtime
+1.32 CPU build (AMD EPYC Zen 4, AVX-512 VNNI): on PyramidNet-110 (64 images) the plain float64 simulation
+differs from the file at 1.6 million elements, this one at none. Other CPUs' kernels round elsewhere (ARM's
+NEON QLinearAdd works in fixed point; x86 without VNNI saturates pairs of conv products to int16): there
+the simulation is about as close as the plain float64 one (``kernels_imitated``).
 """
 
 from __future__ import annotations
@@ -46,8 +54,10 @@ from deploycraft.quant.modules import ActQuantizer, QuantConv2d, quant_step
 
 
 def kernels_imitated() -> bool:
-    """Whether this CPU runs the kernels imitated here: x86-64 with AVX2 and FMA (Linux: read from
-    /proc/cpuinfo). Elsewhere ONNX Runtime picks other kernels and the imitation is only close."""
+    """Whether this CPU runs the kernels imitated here: x86-64 with AVX2, FMA and VNNI (Linux: read from
+    /proc/cpuinfo). Without VNNI ONNX Runtime's u8 x s8 conv kernels multiply with VPMADDUBSW, which
+    saturates pairs of products to int16, so their sums are not the exact ones; on other CPUs (ARM) it picks
+    other kernels. There the imitation is only close."""
     import platform
     from pathlib import Path
 
@@ -64,7 +74,7 @@ def kernels_imitated() -> bool:
         )
     except OSError:
         return False
-    return "avx2" in flags and "fma" in flags
+    return "avx2" in flags and "fma" in flags and ("avx512_vnni" in flags or "avx_vnni" in flags)
 
 
 def _relu(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -112,8 +122,9 @@ class QLinearConv(nn.Module):
 
 def _fma(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """float32 x * y + z rounded once (a fused multiply-add): the product of two float32 values is exact in
-    float64, and so is its sum with z for these magnitudes (integers up to 255 times ratios near 1, constants
-    up to 255), so one rounding to float32 remains."""
+    float64, and its sum with z is too unless their exponents lie more than about 29 bits apart (a ratio far
+    from 1); then it is rounded twice, which differs from one rounding only if the float64 sum lands exactly
+    halfway between two float32 values (about 2^-29 of such elements)."""
     return (x.double() * y.double() + z.double()).float()
 
 
@@ -140,12 +151,65 @@ class QLinearAdd(nn.Module):
         return (torch.clamp(torch.round(v), lo, hi) - zy).double() * out.scale.double()
 
 
+class QLinearGlobalAveragePool(nn.Module):
+    """A global average pool between two uint8 quantizers as ONNX Runtime's QLinearGlobalAveragePool."""
+
+    def __init__(self, inp: ActQuantizer, out: ActQuantizer):
+        super().__init__()
+        object.__setattr__(self, "inp", inp)
+        object.__setattr__(self, "out", out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = torch.round(x / self.inp.scale.double()).sum((2, 3), keepdim=True)  # exact int32 sum of q - zero
+        size = torch.tensor(float(x.shape[2] * x.shape[3]), dtype=torch.float32)
+        multiplier = self.inp.scale.float() / (self.out.scale.float() * size)
+        return _requantize(acc.float() * multiplier, self.out)
+
+
+class QLinearAveragePool(nn.Module):
+    """An average pool (no padding) between two uint8 quantizers as ONNX Runtime's QLinearAveragePool."""
+
+    def __init__(self, pool: nn.AvgPool2d, inp: ActQuantizer, out: ActQuantizer):
+        super().__init__()
+        object.__setattr__(self, "pool", pool)
+        object.__setattr__(self, "inp", inp)
+        object.__setattr__(self, "out", out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kh, kw = _pair(self.pool.kernel_size)
+        sh, sw = _pair(self.pool.stride if self.pool.stride is not None else self.pool.kernel_size)
+        oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+        inp, out = self.inp, self.out
+        values = torch.round(x / inp.scale.double()).float() * inp.scale.float()  # DequantizeLinear, float32
+        total = torch.zeros(x.shape[0], x.shape[1], oh, ow, dtype=torch.float32)
+        for i in range(kh):  # float32 sums in the kernel's order
+            for j in range(kw):
+                total = total + values[:, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+        zy = out.zero_point.float()
+        v = (total / float(kh * kw)) / out.scale.float() + zy
+        lo, hi = out.qrange
+        return (torch.clamp(torch.round(v), lo, hi) - zy).double() * out.scale.double()
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _global_pool(m: nn.Module | None) -> bool:
+    return isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1)
+
+
+def _plain_avg_pool(m: nn.Module | None) -> bool:
+    return isinstance(m, nn.AvgPool2d) and _pair(m.padding) == (0, 0) and not m.ceil_mode and m.divisor_override is None
+
+
 def imitate_onnxruntime(gm: nn.Module, int8_convs: set[nn.Module]) -> int:
-    """Rewrite the float64 simulation ``gm`` in place to compute as ONNX Runtime: every conv and residual add
-    that ONNX Runtime fuses into QLinearConv / QLinearAdd becomes one of the modules above (feeding the same
-    output quantizer, so hooks on quantizers see the same calls), and every activation quantizer divides in
-    float32. ``int8_convs``: the convs whose weights the file holds as 8-bit integers (INT4 convs run in float).
-    A model that is not a graph (a lone layer) only gets the division. Returns how many ops were rewritten."""
+    """Rewrite the float64 simulation ``gm`` in place to compute as ONNX Runtime: every conv, residual add and
+    average pool that ONNX Runtime fuses into QLinearConv / QLinearAdd / QLinear(Global)AveragePool becomes one
+    of the modules above (feeding the same output quantizer, so hooks on quantizers see the same calls), and
+    every activation quantizer divides in float32. ``int8_convs``: the convs whose weights the file holds as
+    8-bit integers (INT4 convs run in float). A model that is not a graph (a lone layer) only gets the
+    division. Returns how many ops were rewritten."""
     for m in gm.modules():
         if isinstance(m, ActQuantizer):
             m.float32_division = True
@@ -157,8 +221,10 @@ def imitate_onnxruntime(gm: nn.Module, int8_convs: set[nn.Module]) -> int:
         return gm.get_submodule(n.target) if isinstance(n, fx.Node) and n.op == "call_module" else None
 
     def quantized(n) -> ActQuantizer | None:
+        """The node's uint8 quantizer, if it is one that quantizes (ONNX Runtime fuses only uint8 on x86-64)."""
         m = module(n)
-        return m if isinstance(m, ActQuantizer) and m.mode == "quantize" and m.rounds else None
+        ok = isinstance(m, ActQuantizer) and m.mode == "quantize" and m.rounds and bool(m.unsigned)
+        return m if ok else None
 
     count = 0
     for n in list(graph.nodes):
@@ -181,6 +247,10 @@ def imitate_onnxruntime(gm: nn.Module, int8_convs: set[nn.Module]) -> int:
         ):
             relu = relu or (type(m) is ResidualAdd and m.act is not None)
             new, args = QLinearAdd(quantized(src.args[0]), quantized(src.args[1]), out), tuple(src.args)
+        elif not relu and _global_pool(m) and quantized(src.args[0]):
+            new, args = QLinearGlobalAveragePool(quantized(src.args[0]), out), (src.args[0],)
+        elif not relu and _plain_avg_pool(m) and quantized(src.args[0]):
+            new, args = QLinearAveragePool(m, quantized(src.args[0]), out), (src.args[0],)
         else:
             continue
         if relu and int(out.zero_point) != out.qrange[0]:

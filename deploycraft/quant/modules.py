@@ -217,11 +217,15 @@ def exact_simulation(qmodel: nn.Module, runtime: str | None = None) -> nn.Module
     agrees with a file ONNX Runtime runs element for element. ``exact.simulation_arithmetic`` says which."""
     import copy
 
+    asked = runtime
     if runtime not in SIMULATION_ARITHMETIC:
         runtime = None  # other runtimes: the plain float64 simulation
     if getattr(qmodel, "is_exact_simulation", False):
         if qmodel.simulates != runtime:
-            raise ValueError(f"this float64 simulation imitates {qmodel.simulates or 'no runtime'}, not {runtime}")
+            raise ValueError(
+                f"this float64 simulation imitates {qmodel.simulates or 'no runtime'}; {asked or 'no runtime'} "
+                "needs its own copy (exact_simulation of the simulation itself)"
+            )
         return qmodel  # already the float64 copy: the stage builds it once per target and passes it on
     exact = copy.deepcopy(qmodel).eval()
     fold_live_bn(exact)
@@ -408,9 +412,9 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
     # |bias / bias_step| is kept at or below this: an int32, with room left for the accumulator added to it.
     BIAS_INT_LIMIT = 2.0**30
 
-    def fit_bias_to_int32(self) -> int:
+    def fit_bias_to_int32(self) -> list[int]:
         """Raise the weight scale of each output channel whose bias would not fit QLinearConv's int32 bias, and
-        return how many channels that was.
+        return those channels.
 
         A channel whose weights are all but zero (a BN whose gamma decayed to nothing, folded in: weight
         scale 1e-10, bias 0.01) has a bias of billions of input x weight steps; ONNX Runtime's float-to-int32
@@ -420,7 +424,7 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
         the bias stays exact (ONNX Runtime's own quantizer adjusts weight scales for int32 biases the same
         way). Only where the bias is on the int32 grid (``bias_grid``: ONNX Runtime fuses the conv)."""
         if not self._integer_bias():
-            return 0
+            return []
         with torch.no_grad():
             need = self.bias.detach().abs().float() / (self.bias_grid[0].scale.detach().float() * self.BIAS_INT_LIMIT)
             if self.weight_scale.numel() == 1:
@@ -429,7 +433,9 @@ class QuantConv2d(nn.Conv2d, _WeightQuant):
             low = step < need
             if bool(low.any()):
                 self.weight_scale.data.copy_(torch.where(low, need, step).to(self.weight_scale.dtype))
-        return int(low.sum())
+        if low.numel() == 1:  # one scale for the whole layer: -1 stands for all its channels
+            return [-1] if bool(low.any()) else []
+        return low.nonzero().flatten().tolist()
 
     # --- QAT with the BatchNorm trained, folded at the end (qat.bn_fold: after) -------------------------------
     # The conv holds the unfolded weight and bias and its BN as the submodule ``live_bn``. In training it

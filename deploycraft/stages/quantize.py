@@ -785,11 +785,18 @@ class QuantizeStage(Stage):
             "activation_quantizers": sum(1 for _, q in act_quantizers(qmodel) if q.mode == "quantize"),
             "weight_quantizers": sum(1 for m in qmodel.modules() if hasattr(m, "weight_scale")),
             "onnx_ops": built.ops,
+            "bias_fitted_channels": built.bias_fitted,
             "bytes": path.stat().st_size,
             "sim_vs_onnx_rel_error": relative_error(out, sim),
             "sim_vs_onnx_top1_agreement": float((out.argmax(1) == sim.argmax(1)).mean()),
             "sim_vs_onnx_precision": exact.simulation_arithmetic,
         }
+        if built.bias_fitted:
+            log(
+                f"  [yellow]{target}: {len(built.bias_fitted)} conv channel(s) with all but zero weights had a bias "
+                f"too large for ONNX Runtime's int32 bias; their weight scale was raised and their weights quantize "
+                f"to zero ({', '.join(built.bias_fitted[:4])}{', ...' if len(built.bias_fitted) > 4 else ''})[/]"
+            )
         by_bits: dict[int, list[str]] = {}
         for mod_name, m in qmodel.named_modules():
             if hasattr(m, "weight_scale"):
@@ -1062,6 +1069,13 @@ class QuantizeStage(Stage):
                 f"vs deployed file: top-1 agreement {t['sim_vs_onnx_top1_agreement'] * 100:.1f} %."
             )
             lines.append(line)
+            if t.get("bias_fitted_channels"):
+                fitted = t["bias_fitted_channels"]
+                lines.append(
+                    f"{len(fitted)} conv channel(s) with all but zero weights had a bias beyond QLinearConv's int32 "
+                    f"range: their weight scale was raised (their weights quantize to zero, the bias stays): "
+                    f"{', '.join(fitted[:8])}{' ...' if len(fitted) > 8 else ''}."
+                )
             bits = t.get("weight_bits") or {}
             if set(bits) - {"8"}:
                 parts = [
