@@ -794,8 +794,8 @@ class QuantizeStage(Stage):
         if built.bias_fitted:
             log(
                 f"  [yellow]{target}: {len(built.bias_fitted)} conv channel(s) with all but zero weights had a bias "
-                f"too large for ONNX Runtime's int32 bias; their weight scale was raised and their weights quantize "
-                f"to zero ({', '.join(built.bias_fitted[:4])}{', ...' if len(built.bias_fitted) > 4 else ''})[/]"
+                f"too large for ONNX Runtime's int32 bias; their weight scale was raised so that it fits "
+                f"({', '.join(built.bias_fitted[:4])}{', ...' if len(built.bias_fitted) > 4 else ''})[/]"
             )
         by_bits: dict[int, list[str]] = {}
         for mod_name, m in qmodel.named_modules():
@@ -1073,7 +1073,7 @@ class QuantizeStage(Stage):
                 fitted = t["bias_fitted_channels"]
                 lines.append(
                     f"{len(fitted)} conv channel(s) with all but zero weights had a bias beyond QLinearConv's int32 "
-                    f"range: their weight scale was raised (their weights quantize to zero, the bias stays): "
+                    f"range: their weight scale was raised so that it fits (coarser weights, the bias exact): "
                     f"{', '.join(fitted[:8])}{' ...' if len(fitted) > 8 else ''}."
                 )
             bits = t.get("weight_bits") or {}
