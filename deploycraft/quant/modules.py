@@ -213,8 +213,9 @@ def exact_simulation(qmodel: nn.Module, runtime: str | None = None) -> nn.Module
     float64.
 
     ``runtime="onnxruntime"``: the copy also computes the float32 steps of ONNX Runtime's fused kernels
-    (QLinearConv's and QLinearAdd's requantization, QuantizeLinear's division; quant/mlas.py), so that it
-    agrees with a file ONNX Runtime runs element for element. ``exact.simulation_arithmetic`` says which."""
+    (QLinearConv's, QLinearAdd's and its average pools' requantization, QuantizeLinear's division;
+    quant/mlas.py), so that it agrees with a file ONNX Runtime runs element for element.
+    ``exact.simulation_arithmetic`` says which."""
     import copy
 
     asked = runtime

@@ -770,8 +770,8 @@ class QuantizeStage(Stage):
             qat_metrics["ptq_bytes"] = ptq_bytes
         qmodel = built.module
         torch.save(qmodel.state_dict(), workdir / f"quant_state{STATE_SUFFIX[target]}.pt")
-        # The deployed file computes what the simulation computes (up to rounding of requantization): compared
-        # in float64, as on the held-out split below.
+        # The deployed file computes what the simulation computes: compared in float64 (with ONNX Runtime's own
+        # requantization where it runs the file), as on the held-out split below.
         runtime = TARGET_RUNTIME[target]
         # one float64 copy for the check, the held-out split and the fidelity, computing as ``runtime`` does
         exact = exact_simulation(qmodel, runtime)
