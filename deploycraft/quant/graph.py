@@ -88,12 +88,18 @@ def stage_outputs(gm: fx.GraphModule, names: list[str], after_quantizer: bool = 
 class ChannelAffine(nn.Module):
     """y = x * scale + shift per channel: an eval-mode BatchNorm that no conv can absorb."""
 
+    # The float64 simulation of a file that ONNX Runtime runs computes it in float32, as ONNX Runtime's Mul and
+    # Add do (quant/mlas.py sets it on the simulation's copy): DenseNet's BN-ReLU in front of every layer.
+    float32: bool = False
+
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
         super().__init__()
         self.register_buffer("scale", scale.view(1, -1, 1, 1).clone())
         self.register_buffer("shift", shift.view(1, -1, 1, 1).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.float32 and x.dtype == torch.float64:
+            return (x.float() * self.scale.float() + self.shift.float()).double()
         return x * self.scale + self.shift
 
 
