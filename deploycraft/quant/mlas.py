@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from deploycraft.models.layers import ResidualAdd
 from deploycraft.quant.graph import ChannelAffine
 from deploycraft.quant.modules import ActQuantizer, QuantConv2d, quant_step
+from deploycraft.quant.placement import _is_relu
 
 
 def kernels_imitated() -> bool:
@@ -80,14 +81,6 @@ def kernels_imitated() -> bool:
     except OSError:
         return False
     return "avx2" in flags and "fma" in flags and ("avx512_vnni" in flags or "avx_vnni" in flags)
-
-
-def _relu(gm: fx.GraphModule, n: fx.Node) -> bool:
-    if n.op == "call_module":
-        return isinstance(gm.get_submodule(n.target), nn.ReLU)
-    if n.op == "call_function":
-        return n.target in (torch.relu, F.relu)
-    return n.op == "call_method" and n.target == "relu"
 
 
 def _requantize(v: torch.Tensor, out: ActQuantizer) -> torch.Tensor:
@@ -239,7 +232,7 @@ def imitate_onnxruntime(gm: nn.Module, int8_convs: set[nn.Module]) -> int:
         if out is None or not isinstance(n.args[0], fx.Node):
             continue
         src, relu = n.args[0], False
-        if _relu(gm, src) and len(src.users) == 1:
+        if _is_relu(gm, src) and len(src.users) == 1:
             src, relu = src.args[0], True
         m = module(src)
         if len(src.users) != 1:
