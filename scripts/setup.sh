@@ -19,5 +19,24 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
+
+# torch first. PyPI's Linux x86-64 torch is the CUDA build (several GB with its NVIDIA libraries); a
+# machine without an NVIDIA driver takes the CPU build from PyTorch's own index when that index answers.
+# TORCH_INDEX_URL names another index (a CUDA one, say); an empty TORCH_INDEX_URL keeps the default.
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  if [ -n "${TORCH_INDEX_URL+set}" ]; then
+    index=$TORCH_INDEX_URL
+  elif ! command -v nvidia-smi >/dev/null 2>&1; then
+    index=https://download.pytorch.org/whl/cpu
+  else
+    index=
+  fi
+  if [ -n "$index" ] && "$VENV/bin/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/torch/', timeout=5)" "$index" >/dev/null 2>&1; then
+    echo "setup: torch from $index"
+    "$VENV/bin/python" -m pip install -q -c constraints.txt --extra-index-url "$index" torch
+  elif [ -n "$index" ]; then
+    echo "setup: $index does not answer; torch from the configured package index"
+  fi
+fi
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]"
 echo "setup: ready ($("$VENV/bin/python" -c 'import torch, onnxruntime; print("torch", torch.__version__, "onnxruntime", onnxruntime.__version__)'))"
