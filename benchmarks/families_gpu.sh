@@ -4,18 +4,20 @@
 # parallel runs is not comparable and not reported; accuracy is.
 set -uo pipefail
 source benchmarks/gpu_env.sh
+RUNS=${RUNS:-${TMPDIR:-/tmp}/families}   # run folders and logs of the recipes
+mkdir -p "$RUNS"
 RECIPES=(${RECIPES:-densenet_bc_fmnist shakeshake_fmnist resnext29_fmnist highway_fmnist wrn_16_2_fmnist \
   resnet56_sd_fmnist preact_resnet20_fmnist se_resnet20_fmnist pyramidnet_fmnist})
 run() {
   local r=$1 start=$SECONDS
   python3 -m deploycraft run "recipes/$r.yaml" --set device=cuda --set threads=4 --set stages.verify.threads=4 \
-    --set stages.verify.repeats=10 ${EXTRA_SETS:-} -o "/tmp/families/$r" > "/tmp/families-$r.log" 2>&1
+    --set stages.verify.repeats=10 ${EXTRA_SETS:-} -o "$RUNS/$r" > "$RUNS-$r.log" 2>&1
   local rc=$?
-  python3 - "$r" "$rc" "$((SECONDS - start))" >> "$OUT/families.jsonl" <<'PY'
+  python3 - "$r" "$rc" "$((SECONDS - start))" "$RUNS" >> "$OUT/families.jsonl" <<'PY'
 import json, sys
 from pathlib import Path
-r, rc, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-path = Path(f"/tmp/families/{r}/report.json")
+r, rc, secs, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+path = Path(f"{runs}/{r}/report.json")
 row = {"recipe": r, "rc": rc, "wall_s": secs}
 if path.is_file():
     rep = json.loads(path.read_text())
@@ -25,7 +27,7 @@ if path.is_file():
                int8_conv_fraction=rep["stages"]["quantize"].get("int8_conv_fraction"), status=rep["status"],
                gpu=rep["hardware"].get("gpus"))
 else:
-    row["log_tail"] = Path(f"/tmp/families-{r}.log").read_text()[-1500:]
+    row["log_tail"] = Path(f"{runs}-{r}.log").read_text()[-1500:]
 print(json.dumps(row))
 PY
   echo "$r rc=$rc $((SECONDS - start)) s"

@@ -186,7 +186,9 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=None, help="held-out images (default: the recipe's)")
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--train-images", type=int, default=0, help="also compare top-1 with NNCF on this many training images")
+    ap.add_argument(
+        "--train-images", type=int, default=0, help="also compare top-1 with NNCF on this many training images"
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     run = args.run_dir

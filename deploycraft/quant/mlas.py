@@ -4,10 +4,10 @@ The float64 simulation (``modules.exact_simulation``) sums a conv's integer prod
 int32 accumulator does, and then divides by the next quantizer's scale in float64. ONNX Runtime does not
 divide there: it fuses each quantized op into an integer kernel whose last step is float32, so an element
 whose exact quotient lies within about 1e-5 of a tie (x.5) can land on the other integer, and such one-step
-differences spread along the depth (PyramidNet-110 on Fashion-MNIST, 64 images: 1.6 million of its 32
-million quantized elements off by a step or more; 21 of 10,000 test images predicted differently). Here the
-simulation computes those steps as the kernels do, so that it and the deployed file agree element for element
-and any difference left is a real one (a wrong number in the file):
+differences spread along the depth (the shipped recipe's PyramidNet-20 on Fashion-MNIST, 64 images: 1.6
+million of its 32 million quantized elements off by a step or more; 21 of 10,000 test images predicted
+differently). Here the simulation computes those steps as the kernels do, so that it and the deployed file
+agree element for element and any difference left is a real one (a wrong number in the file):
 
 * **QLinearConv** (DQ -> Conv -> [ReLU] -> Q): the int32 sum of (x - x_zero) x w, plus the bias on its int32
   grid, converted to float32 and multiplied by ``x_scale * w_scale / y_scale`` (float32, left to right, as
@@ -21,7 +21,7 @@ and any difference left is a real one (a wrong number in the file):
   even, clamped: ONNX Runtime's SSE2 kernel (``qladd.cpp``) as its x86-64 build computes it, with its
   multiply-adds fused. Determined by measurement: of fourteen orderings of that kernel's arithmetic (and its
   AVX2 assembly variant, which divides by the output scale instead), this is the only one that matched
-  every output element of all 69 QLinearAdds of six models (trained PyramidNet-110, pre-activation and
+  every output element of all 69 QLinearAdds of six models (trained PyramidNet-20, pre-activation and
   SE-ResNet-20, WRN-16-2 and ResNet-56 with stochastic depth, 128-256 images each; a random ResNet-20) and
   of 3 x 65,536 planted ties (tests/quant/test_mlas.py).
 * **QLinearGlobalAveragePool** (DQ -> GlobalAveragePool -> Q): the int32 sum of (x - x_zero) over the image,
@@ -38,9 +38,9 @@ and any difference left is a real one (a wrong number in the file):
 
 ONNX Runtime on x86-64 fuses these only for uint8 activations (the targets with signed activations,
 TensorRT's, leave them unfused there: only their QuantizeLinear is imitated). Measured on the ONNX Runtime
-1.32 CPU build (AMD EPYC Zen 4, AVX-512 VNNI): on PyramidNet-110 (64 images) the plain float64 simulation
-differs from the file at 1.6 million of 32 million elements, this one at none (and at none of a trained
-DenseNet-BC's 91 million on 16 images). Other CPUs' kernels round elsewhere (ARM's
+1.32 CPU build (AMD EPYC Zen 4, AVX-512 VNNI): on the shipped recipe's PyramidNet-20 (alpha 48; 64 images)
+the plain float64 simulation differs from the file at 1.6 million of 32 million elements, this one at none
+(and at none of a trained DenseNet-BC's 91 million on 16 images). Other CPUs' kernels round elsewhere (ARM's
 NEON QLinearAdd works in fixed point; x86 without VNNI saturates pairs of conv products to int16): there
 the simulation is about as close as the plain float64 one (``kernels_imitated``).
 """
