@@ -33,7 +33,8 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   fi
   if [ -n "$index" ] && "$VENV/bin/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/torch/', timeout=5)" "$index" >/dev/null 2>&1; then
     echo "setup: torch from $index"
-    "$VENV/bin/python" -m pip install -q -c constraints.txt --extra-index-url "$index" torch
+    "$VENV/bin/python" -m pip install -q -c constraints.txt --extra-index-url "$index" torch ||
+      echo "setup: installing torch from $index failed; torch from the configured package index"
   elif [ -n "$index" ]; then
     echo "setup: $index does not answer; torch from the configured package index"
   fi
