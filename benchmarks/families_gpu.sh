@@ -11,7 +11,7 @@ RECIPES=(${RECIPES:-densenet_bc_fmnist shakeshake_fmnist resnext29_fmnist highwa
 run() {
   local r=$1 start=$SECONDS
   python3 -m deploycraft run "recipes/$r.yaml" --set device=cuda --set threads=4 --set stages.verify.threads=4 \
-    --set stages.verify.repeats=10 ${EXTRA_SETS:-} -o "$RUNS/$r" > "$RUNS-$r.log" 2>&1
+    --set stages.verify.repeats=10 ${EXTRA_SETS:-} -o "$RUNS/$r" > "$RUNS/$r.log" 2>&1
   local rc=$?
   python3 - "$r" "$rc" "$((SECONDS - start))" "$RUNS" >> "$OUT/families.jsonl" <<'PY'
 import json, sys
@@ -27,7 +27,7 @@ if path.is_file():
                int8_conv_fraction=rep["stages"]["quantize"].get("int8_conv_fraction"), status=rep["status"],
                gpu=rep["hardware"].get("gpus"))
 else:
-    row["log_tail"] = Path(f"{runs}-{r}.log").read_text()[-1500:]
+    row["log_tail"] = Path(f"{runs}/{r}.log").read_text()[-1500:]
 print(json.dumps(row))
 PY
   echo "$r rc=$rc $((SECONDS - start)) s"
