@@ -149,6 +149,7 @@ def build_report(ctx) -> dict[str, Any]:
         "fastest_fp32": (verify or {}).get("fastest_fp32", {}),
         "headline": [],
         "candidates": (verify or {}).get("candidates", []),
+        "faster_alternative": (verify or {}).get("faster_alternative"),
         "unsupported": (verify or {}).get("unsupported", {}),
         "ceiling": (verify or {}).get("ceiling", {}),
         "target": recipe.target,

@@ -153,6 +153,54 @@ def test_auto_picks_the_fastest_inside_the_budget():
     assert nothing is None
 
 
+def test_a_fixed_target_names_a_faster_deployable_inside_the_budget():
+    from deploycraft.stages.verify import VerifyStage, faster_alternative
+
+    models = {
+        "fp32_onnx": {**_stub(0.90, {"1": 3.0, "64": 60.0}), "precision": "fp32"},
+        "fp32_onnx@openvino-bf16": {**_stub(0.899, {"1": 1.5, "64": 20.0}), "precision": "bf16"},
+        "int8_onnx": _stub(0.899, {"1": 2.0, "64": 50.0}),
+        "int8_onnx@openvino": _stub(0.80, {"1": 0.5, "64": 5.0}),  # fastest, outside the budget
+        "unpruned_fp32_onnx": {**_stub(0.90, {"1": 0.1, "64": 1.0}), "precision": "fp32"},  # not a deployable
+    }
+    faster = faster_alternative(models, "int8_onnx", 0.90, 0.01, [1, 64])
+    assert faster["name"] == "fp32_onnx@openvino-bf16"
+    assert faster["speedup_over_shipped"] == {"1": pytest.approx(2.0 / 1.5, rel=1e-3), "64": 2.5}
+    assert faster["speedup_over_shipped_overall"] == pytest.approx((2.0 / 1.5 * 2.5) ** 0.5, rel=1e-3)
+    # the shipped one is the fastest inside the budget, or the other is faster only within the margin: no note
+    assert faster_alternative(models, "fp32_onnx@openvino-bf16", 0.90, 0.01, [1, 64]) is None
+    near = {**models, "fp32_onnx@openvino-bf16": {**_stub(0.899, {"1": 1.96, "64": 49.0}), "precision": "bf16"}}
+    assert faster_alternative(near, "int8_onnx", 0.90, 0.01, [1, 64]) is None
+    # a GPU deployable (not an ONNX file timed here) is never compared
+    assert (
+        faster_alternative(
+            {**models, "engine": {**_stub(0.9, {"1": 9.0, "64": 99.0}), "format": "tensorrt"}},
+            "engine",
+            0.90,
+            0.01,
+            [1, 64],
+        )
+        is None
+    )
+    text = "\n".join(
+        VerifyStage.report_section(
+            {
+                "models": {},
+                "headline": [],
+                "gates": [],
+                "main": "int8_onnx",
+                "target": "onnxruntime-cpu",
+                "faster_alternative": faster,
+            }
+        )
+    )
+    assert (
+        "**Faster here: FP32 ONNX on OpenVINO, bf16** (89.90 %, inside the accuracy budget) runs 1.33× at "
+        "batch 1 and 2.50× at batch 64 as fast as the shipped INT8 ONNX" in text
+    )
+    assert "`target: auto` would ship the former" in text
+
+
 def test_fastest_fp32_ignores_int8_and_unpruned_rows():
     models = {
         "fp32_onnx": {**_stub(0.9, {"1": 3.0}), "precision": "fp32"},
