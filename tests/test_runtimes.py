@@ -154,51 +154,50 @@ def test_auto_picks_the_fastest_inside_the_budget():
 
 
 def test_a_fixed_target_names_a_faster_deployable_inside_the_budget():
-    from deploycraft.stages.verify import VerifyStage, faster_alternative
+    from types import SimpleNamespace
+
+    from deploycraft.report import faster_alternative, faster_here, faster_words
+    from deploycraft.stages.verify import VerifyStage
 
     models = {
+        "fp32_torch": {**_stub(0.90, {"1": 9.0, "64": 90.0}), "format": "torch", "precision": "fp32"},
         "fp32_onnx": {**_stub(0.90, {"1": 3.0, "64": 60.0}), "precision": "fp32"},
-        "fp32_onnx@openvino-bf16": {**_stub(0.899, {"1": 1.5, "64": 20.0}), "precision": "bf16"},
+        "fp32_onnx@openvino-bf16": {**_stub(0.899, {"1": 2.5, "64": 20.0}), "precision": "bf16"},
         "int8_onnx": _stub(0.899, {"1": 2.0, "64": 50.0}),
         "int8_onnx@openvino": _stub(0.80, {"1": 0.5, "64": 5.0}),  # fastest, outside the budget
         "unpruned_fp32_onnx": {**_stub(0.90, {"1": 0.1, "64": 1.0}), "precision": "fp32"},  # not a deployable
     }
     faster = faster_alternative(models, "int8_onnx", 0.90, 0.01, [1, 64])
     assert faster["name"] == "fp32_onnx@openvino-bf16"
-    assert faster["speedup_over_shipped"] == {"1": pytest.approx(2.0 / 1.5, rel=1e-3), "64": 2.5}
-    assert faster["speedup_over_shipped_overall"] == pytest.approx((2.0 / 1.5 * 2.5) ** 0.5, rel=1e-3)
+    assert faster["speedup_over_shipped"] == {"1": 0.8, "64": 2.5}  # slower at batch 1, faster overall
+    assert faster["speedup_over_shipped_overall"] == pytest.approx((0.8 * 2.5) ** 0.5, rel=1e-3)
     # the shipped one is the fastest inside the budget, or the other is faster only within the margin: no note
     assert faster_alternative(models, "fp32_onnx@openvino-bf16", 0.90, 0.01, [1, 64]) is None
-    near = {**models, "fp32_onnx@openvino-bf16": {**_stub(0.899, {"1": 1.96, "64": 49.0}), "precision": "bf16"}}
+    near = {**models, "fp32_onnx@openvino-bf16": {**_stub(0.899, {"1": 1.9, "64": 47.0}), "precision": "bf16"}}
     assert faster_alternative(near, "int8_onnx", 0.90, 0.01, [1, 64]) is None
-    # a GPU deployable (not an ONNX file timed here) is never compared
-    assert (
-        faster_alternative(
-            {**models, "engine": {**_stub(0.9, {"1": 9.0, "64": 99.0}), "format": "tensorrt"}},
-            "engine",
-            0.90,
-            0.01,
-            [1, 64],
+    # without a budget everything is inside it, and the sentence says no budget was set
+    unbounded = faster_alternative(models, "int8_onnx", 0.90, None, [1, 64])
+    assert unbounded["name"] == "int8_onnx@openvino"
+
+    verify = {"models": models, "main": "int8_onnx", "reference": "fp32_torch", "batch_sizes": [1, 64]}
+
+    def recipe(target, budget=0.01):
+        return SimpleNamespace(
+            target=target, stages=[SimpleNamespace(type="verify", enabled=True, max_accuracy_drop=budget)]
         )
-        is None
-    )
-    text = "\n".join(
-        VerifyStage.report_section(
-            {
-                "models": {},
-                "headline": [],
-                "gates": [],
-                "main": "int8_onnx",
-                "target": "onnxruntime-cpu",
-                "faster_alternative": faster,
-            }
-        )
-    )
+
+    assert faster_here(recipe("onnxruntime-cpu"), verify) == faster
+    assert faster_here(recipe("auto"), verify) is None  # auto already ships the fastest
+    assert faster_here(recipe("tensorrt"), verify) is None  # its files run on a GPU, not where they were timed
+    report = {"main": "int8_onnx", "target": "onnxruntime-cpu", "faster_alternative": faster}
+    text = "\n".join(VerifyStage.report_section({"models": {}, "headline": [], "gates": [], **report}))
     assert (
-        "**Faster here: FP32 ONNX on OpenVINO, bf16** (89.90 %, inside the accuracy budget) runs 1.33× at "
-        "batch 1 and 2.50× at batch 64 as fast as the shipped INT8 ONNX" in text
+        "**Faster here: FP32 ONNX on OpenVINO, bf16** (89.90 %, drop +0.10 pt, inside the 1.00-point budget) runs "
+        "1.25× slower at batch 1 and 2.50× faster at batch 64 than the shipped INT8 ONNX (1.41× over the batch "
+        "sizes, geometric mean). The recipe's fixed `target: onnxruntime-cpu` ships the latter" in text
     )
-    assert "`target: auto` would ship the former" in text
+    words = faster_words({**report, "faster_alternative": faster_here(recipe("onnxruntime-cpu", None), verify)})
+    assert "(80.00 %, drop +10.00 pt, no accuracy budget set) runs 4.00× faster at batch 1 and 10.00× faster" in words
 
 
 def test_fastest_fp32_ignores_int8_and_unpruned_rows():

@@ -201,47 +201,6 @@ def select_fastest(
     return chosen, table
 
 
-# A fixed target's shipped deployable is called out when another deployable of the run, inside the accuracy
-# budget, is faster by more than this (geometric mean of the p50 ratios over the batch sizes): the run's own
-# noise between two sessions of one file is a few percent (benchmarks/quantizer_peers.py's A/A rows).
-FASTER_MARGIN = 0.03
-
-
-def faster_alternative(
-    info: dict[str, dict[str, Any]],
-    main: str,
-    reference_top1: float | None,
-    budget: float | None,
-    batch_sizes: list[int],
-) -> dict[str, Any] | None:
-    """Under a fixed target: the deployable ``target: auto`` would ship instead of ``main``, when it is faster
-    than ``main`` by more than FASTER_MARGIN, with its speed-up over ``main`` per batch size; else None."""
-    pool = {
-        n: m
-        for n, m in info.items()
-        if m.get("format") == "onnx" and not n.startswith("unpruned") and "top1" in m and "latency" in m
-    }
-    if main not in pool:
-        return None
-    best, table = select_fastest(pool, reference_top1, budget, batch_sizes)
-    if best is None or best == main:
-        return None
-    ratio = {
-        str(bs): pool[main]["latency"][str(bs)]["p50"] / pool[best]["latency"][str(bs)]["p50"] for bs in batch_sizes
-    }
-    overall = math.exp(sum(math.log(r) for r in ratio.values()) / len(ratio))
-    if overall <= 1 + FASTER_MARGIN:
-        return None
-    row = next(r for r in table if r["name"] == best)
-    return {
-        "name": best,
-        "top1": row["top1"],
-        "drop": row["drop"],
-        "speedup_over_shipped": {bs: round(r, 3) for bs, r in ratio.items()},
-        "speedup_over_shipped_overall": round(overall, 3),
-    }
-
-
 def _aoti_runner(path: Path):
     from deploycraft.runtime.aoti import AotiRunner
 
@@ -336,12 +295,6 @@ def _than(ratio: float | None, x) -> str:
     if ratio is None or ratio >= 1 or ratio <= 0:
         return f"{x(ratio)} faster than"
     return f"{x(1 / ratio)} slower than"
-
-
-def _speedups(faster: dict[str, Any]) -> str:
-    """'1.92× at batch 1 and 2.50× at batch 64': the alternative's speed over the shipped deployable's."""
-    parts = [f"{r:.2f}× at batch {bs}" for bs, r in faster["speedup_over_shipped"].items()]
-    return " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts)
 
 
 @register_stage
@@ -523,15 +476,6 @@ class VerifyStage(Stage):
         reference = next((n for n in (ModelName.FP32_TORCH.value, ModelName.FP32_ONNX.value) if n in info), None)
         fastest = fastest_fp32(info, cfg.batch_sizes)
         main, candidates, gated = self._main(ctx, cfg, info, reference)
-        faster = None
-        if ctx.recipe.target != "auto":
-            ref_top1 = info[reference].get("top1") if reference else None
-            faster = faster_alternative(info, main, ref_top1, cfg.max_accuracy_drop, cfg.batch_sizes)
-            if faster:
-                log(
-                    f"  [yellow]note: {faster['name']}, inside the accuracy budget, runs "
-                    f"{_speedups(faster)} as fast as the shipped {main} here; `target: auto` would ship it[/]"
-                )
         gates = evaluate_gates(cfg, info, reference, main, gated, fastest)
         for g in gates:
             log(f"  gate {g['name']}: {'[green]passed[/]' if g['passed'] else '[red]FAILED[/]'} ({g['detail']})")
@@ -544,7 +488,6 @@ class VerifyStage(Stage):
                 "fastest_fp32": fastest,
                 "fastest_fp32_file": fastest_fp32(info, cfg.batch_sizes, ("fp32", "bf16")),
                 "candidates": candidates,
-                "faster_alternative": faster,
                 "unsupported": unsupported,
                 "ceiling": ceiling,
                 "threads": threads,
@@ -652,14 +595,10 @@ class VerifyStage(Stage):
                     f" Against the fastest run of the FP32 file, {pretty(h['fastest_fp32_file'])} (lower precision "
                     f"inside the runtime): {x(h['speedup_vs_fastest_fp32_file'])}.**"
                 )
-        faster = report.get("faster_alternative")
-        if faster:
-            lines += [
-                "",
-                f"**Faster here: {pretty(faster['name'])}** ({fmt_pct(faster['top1'])}, inside the accuracy budget) "
-                f"runs {_speedups(faster)} as fast as the shipped {pretty(report['main'])}; this recipe's fixed "
-                f"`target: {report.get('target')}` ships the latter, `target: auto` would ship the former.",
-            ]
+        if report.get("faster_alternative"):
+            from deploycraft.report import faster_words
+
+            lines += ["", faster_words(report)]
         agree = {n: m["top1_agreement"] for n, m in models.items() if m.get("top1_agreement") is not None}
         if agree:
             lines += [
