@@ -51,6 +51,11 @@ def main(
     ),
 ) -> None:
     """deploycraft: train or load -> quantize -> export -> verify, driven by one YAML recipe."""
+    # One message, one line, also where stderr is a file or a pipe (rich wraps those at 80 columns): set
+    # here rather than in progress.py, whose code is part of every stage's fingerprint.
+    from deploycraft import progress
+
+    progress.console.soft_wrap = True
 
 
 @app.command()
