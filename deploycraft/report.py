@@ -299,9 +299,74 @@ def top1_axis(ys: list[float]) -> tuple[float, float]:
     return max(0.0, lo + shift), min(100.0, hi + shift)
 
 
+# The plot's geometry in points (1/72 inch), what the label placement below reasons in.
+_FIG_IN = (10.0, 4.2)
+_AXES = (0.075, 0.13, 0.47, 0.76)  # left, bottom, width, height: fractions of the figure
+_MARKER_R = 5.5  # half a marker (s=70 pt², 8.4 pt across) and its outline, rounded up
+_LABEL_FONT = 8
+_DIGIT_W, _LABEL_H = 0.64 * _LABEL_FONT, 0.75 * _LABEL_FONT  # a digit's advance; a digit's height
+_LABEL_GAP = 2.0  # kept free between two labels, so that "7" beside "8" does not read as "78"
+
+
+def label_layout(points: list[tuple[float, float]], width: float, height: float) -> list[tuple[str, int, tuple]]:
+    """Where each point's number goes: [(text, index of the point it sits by, (dx, dy) of the text's lower
+    left corner from that point, in points)]. ``points`` are positions inside a ``width`` x ``height`` frame
+    (points). Points whose markers overlap share one label ("6, 7"): no place beside either would read as
+    one of them. Each label takes the first of eight places around its point, then of two rings further
+    out, that stays inside the frame and clear of every marker and every label placed before it; the
+    first place when none is clear."""
+    clusters: list[list[int]] = []
+    for i, (x, y) in enumerate(points):
+        for c in clusters:
+            cx, cy = points[c[0]]
+            if abs(x - cx) < 2 * _MARKER_R and abs(y - cy) < 2 * _MARKER_R:
+                c.append(i)
+                break
+        else:
+            clusters.append([i])
+    markers = [(x - _MARKER_R, y - _MARKER_R, x + _MARKER_R, y + _MARKER_R) for x, y in points]
+    placed: list[tuple[float, float, float, float]] = []
+    out = []
+    for c in clusters:
+        text = ", ".join(str(i + 1) for i in c)
+        w, h, g = _DIGIT_W * len(text), _LABEL_H, _MARKER_R + 1
+        x, y = points[c[0]]
+        places = [
+            (dx, dy)
+            for k in (0, 1.5, 3)  # rings further out, for a crowded neighbourhood
+            for dx, dy in ((g - 1 + k * g, g - 1 + k * g), (g + k * g, -h / 2), (-g - w - k * g, -h / 2),
+                           (-w / 2, g + k * g), (-w / 2, -g - h - k * g), (-g - w + 1 - k * g, g - 1 + k * g),
+                           (g - 1 + k * g, -g - h + 1 - k * g), (-g - w + 1 - k * g, -g - h + 1 - k * g))
+        ]  # fmt: skip
+
+        boxes = [(x + dx, y + dy, x + dx + w, y + dy + h) for dx, dy in places]
+        free = [
+            k
+            for k, b in enumerate(boxes)
+            if _inside(b, width, height) and not _hits(b, markers) and not _hits(_grow(b), placed)
+        ]
+        k = free[0] if free else 0
+        placed.append(boxes[k])
+        out.append((text, c[0], places[k]))
+    return out
+
+
+def _grow(box: tuple) -> tuple:
+    return (box[0] - _LABEL_GAP, box[1] - _LABEL_GAP, box[2] + _LABEL_GAP, box[3] + _LABEL_GAP)
+
+
+def _inside(box: tuple, width: float, height: float) -> bool:
+    return box[0] >= 0 and box[1] >= 0 and box[2] <= width and box[3] <= height
+
+
+def _hits(box: tuple, others: list[tuple]) -> bool:
+    """Whether the box (x0, y0, x1, y1) overlaps any of the others."""
+    return any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3] for o in others)
+
+
 def plot_accuracy_latency(report: dict[str, Any], path: Path) -> bool:
-    """Top-1 against p50 latency, one numbered point per model; the key beside the axes names them, so
-    no label leaves the frame or hides another however close the points are."""
+    """Top-1 against p50 latency, one numbered point per model; the key beside the axes names them, and
+    each number is placed clear of the markers and of the other numbers (``label_layout``)."""
     points = [(n, m) for n, m in report["models"].items() if m.get("top1") is not None and m.get("latency_ms")]
     if len(points) < 2:
         return False
@@ -309,9 +374,10 @@ def plot_accuracy_latency(report: dict[str, Any], path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig = plt.figure(figsize=(10, 4.2), dpi=120)
-    ax = fig.add_axes((0.075, 0.13, 0.47, 0.76))
+    fig = plt.figure(figsize=_FIG_IN, dpi=120)
+    ax = fig.add_axes(_AXES)
     xs = [m["latency_ms"]["p50"] for _, m in points]
     ys = [m["top1"] * 100 for _, m in points]
     for i, (name, m) in enumerate(points, 1):
@@ -325,11 +391,20 @@ def plot_accuracy_latency(report: dict[str, Any], path: Path) -> bool:
             linewidth=1.5,
             zorder=3,
         )
-        ax.annotate(str(i), (xs[i - 1], ys[i - 1]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
     lo, hi = min(xs), max(xs)
     ax.set_xlim(lo / 1.4, hi * 1.4)
+    # ticks at 1, 2 and 5 of each decade, in plain numbers: a short range's minor labels ("2×10⁻¹ 3×10⁻¹ ...") collide
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylim(*top1_axis(ys))
+    width, height = _FIG_IN[0] * _AXES[2] * 72, _FIG_IN[1] * _AXES[3] * 72
+    (x0, x1), (y0, y1) = (math.log(v) for v in ax.get_xlim()), ax.get_ylim()
+    at = [((math.log(x) - x0) / (x1 - x0) * width, (y - y0) / (y1 - y0) * height) for x, y in zip(xs, ys, strict=True)]
+    for text, i, d in label_layout(at, width, height):
+        ax.annotate(text, (xs[i], ys[i]), textcoords="offset points", xytext=d, ha="left", va="bottom",
+                    fontsize=_LABEL_FONT)  # fmt: skip
     ax.set_xlabel(f"p50 latency, ms (batch {points[0][1]['batch_size']}, log scale)")
     ax.set_ylabel("top-1, %")
     ax.set_title(f"{report['recipe']}: accuracy vs latency", fontsize=10)
