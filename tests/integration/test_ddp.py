@@ -103,6 +103,10 @@ def runs(tmp_path_factory):
 def test_two_processes_end_with_the_report_of_one(runs):
     one = json.loads((runs.one / "report.json").read_text())
     two = json.loads((runs.two / "report.json").read_text())
+    # a faster deployable is named or not by the latencies each run measured: the one part whose presence
+    # depends on timing (seen under load: named in one run, not in the other)
+    notes = [r.pop("faster_alternative") for r in (one, two)]
+    assert all(n is None or {"name", "top1", "drop", "budget"} <= set(n) for n in notes), notes
     assert shape(two) == shape(one)
     headings = [
         [line for line in (r / "report.md").read_text().splitlines() if line.startswith("#")]
