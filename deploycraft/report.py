@@ -306,6 +306,19 @@ _MARKER_R = 5.5  # half a marker (s=70 pt², 8.4 pt across) and its outline, rou
 _LABEL_FONT = 8
 _DIGIT_W, _LABEL_H = 0.64 * _LABEL_FONT, 0.75 * _LABEL_FONT  # a digit's advance; a digit's height
 _LABEL_GAP = 2.0  # kept free between two labels, so that "7" beside "8" does not read as "78"
+FRAME_PT = (_FIG_IN[0] * _AXES[2] * 72, _FIG_IN[1] * _AXES[3] * 72)  # the axes' frame, width x height
+# The eight places of a label around its point, as directions: right-above first, then the sides, then the
+# other corners; each ring further out moves a place along its direction.
+_DIRECTIONS = ((1, 1), (1, 0), (-1, 0), (0, 1), (0, -1), (-1, 1), (1, -1), (-1, -1))
+
+
+def frame_positions(xs: list[float], ys: list[float], xlim: tuple, ylim: tuple) -> list[tuple[float, float]]:
+    """Where (latency, top-1) points sit in the frame, in points from its lower left corner (log latency)."""
+    (x0, x1), (y0, y1) = (math.log(v) for v in xlim), ylim
+    width, height = FRAME_PT
+    return [
+        ((math.log(x) - x0) / (x1 - x0) * width, (y - y0) / (y1 - y0) * height) for x, y in zip(xs, ys, strict=True)
+    ]
 
 
 def label_layout(points: list[tuple[float, float]], width: float, height: float) -> list[tuple[str, int, tuple]]:
@@ -331,14 +344,13 @@ def label_layout(points: list[tuple[float, float]], width: float, height: float)
         text = ", ".join(str(i + 1) for i in c)
         w, h, g = _DIGIT_W * len(text), _LABEL_H, _MARKER_R + 1
         x, y = points[c[0]]
+        corner = {1: g - 1, 0: -w / 2, -1: -g - w + 1}, {1: g - 1, 0: -h / 2, -1: -g - h + 1}  # diagonal places
+        side = {1: g, 0: -w / 2, -1: -g - w}, {1: g, 0: -h / 2, -1: -g - h}  # places straight out
         places = [
-            (dx, dy)
+            ((corner if sx and sy else side)[0][sx] + k * g * sx, (corner if sx and sy else side)[1][sy] + k * g * sy)
             for k in (0, 1.5, 3)  # rings further out, for a crowded neighbourhood
-            for dx, dy in ((g - 1 + k * g, g - 1 + k * g), (g + k * g, -h / 2), (-g - w - k * g, -h / 2),
-                           (-w / 2, g + k * g), (-w / 2, -g - h - k * g), (-g - w + 1 - k * g, g - 1 + k * g),
-                           (g - 1 + k * g, -g - h + 1 - k * g), (-g - w + 1 - k * g, -g - h + 1 - k * g))
-        ]  # fmt: skip
-
+            for sx, sy in _DIRECTIONS
+        ]
         boxes = [(x + dx, y + dy, x + dx + w, y + dy + h) for dx, dy in places]
         free = [
             k
@@ -399,10 +411,8 @@ def plot_accuracy_latency(report: dict[str, Any], path: Path) -> bool:
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylim(*top1_axis(ys))
-    width, height = _FIG_IN[0] * _AXES[2] * 72, _FIG_IN[1] * _AXES[3] * 72
-    (x0, x1), (y0, y1) = (math.log(v) for v in ax.get_xlim()), ax.get_ylim()
-    at = [((math.log(x) - x0) / (x1 - x0) * width, (y - y0) / (y1 - y0) * height) for x, y in zip(xs, ys, strict=True)]
-    for text, i, d in label_layout(at, width, height):
+    at = frame_positions(xs, ys, ax.get_xlim(), ax.get_ylim())
+    for text, i, d in label_layout(at, *FRAME_PT):
         ax.annotate(text, (xs[i], ys[i]), textcoords="offset points", xytext=d, ha="left", va="bottom",
                     fontsize=_LABEL_FONT)  # fmt: skip
     ax.set_xlabel(f"p50 latency, ms (batch {points[0][1]['batch_size']}, log scale)")

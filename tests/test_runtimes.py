@@ -264,17 +264,13 @@ def test_plot_numbers_stay_clear_of_markers_and_each_other():
     """The flagship's stop-29 points (ms at batch 1, top-1 %): two files within 0.01 ms and 0.02 points share
     a number label; no label covers a marker or another label or leaves the frame (it did: "6" and "7" were
     drawn on top of each other, "4" under the next marker)."""
-    import math
-
     from deploycraft import report as rep
 
     ms = [8.576, 1.992, 2.232, 0.970, 1.088, 0.528, 0.526, 1.114]
     top1 = [86.50, 86.50, 86.50, 86.46, 86.53, 86.47, 86.45, 86.33]
-    width, height = 338.4, 229.8
-    (x0, x1), (y0, y1) = (math.log(min(ms) / 1.4), math.log(max(ms) * 1.4)), rep.top1_axis(top1)
-    at = [
-        ((math.log(x) - x0) / (x1 - x0) * width, (y - y0) / (y1 - y0) * height) for x, y in zip(ms, top1, strict=True)
-    ]
+    width, height = rep.FRAME_PT
+    at = rep.frame_positions(ms, top1, (min(ms) / 1.4, max(ms) * 1.4), rep.top1_axis(top1))  # the plot's limits
+    assert at[1][1] == at[2][1] and at[0][0] > at[2][0] > at[1][0]  # same top-1, same height; slower, further right
     layout = rep.label_layout(at, width, height)
     assert [t for t, _, _ in layout] == ["1", "2", "3", "4", "5", "6, 7", "8"]
     r = rep._MARKER_R
