@@ -8,9 +8,12 @@ simulation in float32 (as the stage trains and evaluates it; before stop 24 the 
 the file's) and once in float64 computing as the target's runtime does (``modules.exact_simulation`` with
 the runtime: ONNX Runtime's requantization, quant/mlas.py; what the quantize stage reports since stop 26).
 ``--plain-float64`` adds the float64 simulation without the runtime's requantization (what the stage
-reported in stops 23-25). Nothing in the run folder is changed.
+reported in stops 23-25). ``--cross`` also runs each file on the other CPU runtime (verify measures the
+file placed for ONNX Runtime on OpenVINO and the reverse, and ``target: auto`` may ship such a pairing),
+against the float64 simulation computing as that runtime does where one is written (else plain float64).
+Nothing in the run folder is changed.
 
-    .venv/bin/python benchmarks/agreement.py RUN_DIR [RUN_DIR ...] [--plain-float64] [--json out.json]
+    .venv/bin/python benchmarks/agreement.py RUN_DIR [RUN_DIR ...] [--plain-float64] [--cross] [--json out.json]
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ def quantized_input(run: Path) -> tuple[Path, Path]:
     return dirs[q], model
 
 
-def measure(run: Path, plain64: bool = False) -> list[dict]:
+OTHER_RUNTIME = {"onnxruntime": "openvino", "openvino": "onnxruntime"}
+
+
+def measure(run: Path, plain64: bool = False, cross: bool = False) -> list[dict]:
     raw = yaml.safe_load((run / "recipe.yaml").read_text())
     recipe = build_recipe(raw)
     data = build_data(recipe.data, recipe.seed)
@@ -65,48 +71,52 @@ def measure(run: Path, plain64: bool = False) -> list[dict]:
     rows = []
     for target in report.get("targets", {report["target"]: None}):
         path = qdir / ARTIFACT_FILE[INT8_NAME[target]]
-        runtime = TARGET_RUNTIME[target]
-        model = load_model(model_dir).eval()
-        qmodel = load_quantized(model, target, cfg, qdir / f"quant_state{STATE_SUFFIX[target]}.pt")
-        exact = exact_simulation(qmodel, runtime)
-        plain = exact_simulation(qmodel) if plain64 else None
-        deployed = onnx_runner(runtime, path, threads=None)
-        same32 = same64 = same_plain = n = 0
-        start = time.time()
-        with torch.inference_mode(), bar(f"{run.name} {target}", data.num_val_batches(256)) as b:
-            for x, _ in data.val_batches(256):
-                d = np.asarray(deployed(deployed.prepare(x))).argmax(1)
-                same32 += int((qmodel(x).argmax(1).numpy() == d).sum())
-                same64 += int((exact(x.double()).argmax(1).numpy() == d).sum())
-                if plain is not None:
-                    same_plain += int((plain(x.double()).argmax(1).numpy() == d).sum())
-                n += len(x)
-                b.advance()
-        rows.append(
-            {
-                "run": f"{recipe.name}/{run.name}",
-                "method": cfg.method,
-                "weight_bits": cfg.weight_bits,
-                "target": target,
-                "runtime": runtime,
-                "images": n,
-                "agreement_float32": same32 / n,
-                "agreement_float64": same64 / n,
-                "float64_arithmetic": exact.simulation_arithmetic,
-                **({"agreement_plain_float64": same_plain / n} if plain is not None else {}),
-                "holds": same64 / n >= TARGET,
-                "seconds": round(time.time() - start, 1),
-            }
-        )
-        r = rows[-1]
-        print(
-            f"{r['run']:<44} {target:<16} {r['method']:<4} float32 {r['agreement_float32'] * 100:6.2f} %  "
-            f"float64 {r['agreement_float64'] * 100:6.2f} %  "
-            + (f"plain float64 {r['agreement_plain_float64'] * 100:6.2f} %  " if plain is not None else "")
-            + ("holds" if r["holds"] else "BELOW 99.8 %"),
-            flush=True,
-        )
+        for runtime in [TARGET_RUNTIME[target]] + ([OTHER_RUNTIME[TARGET_RUNTIME[target]]] if cross else []):
+            rows.append(_measure_file(run, recipe, data, cfg, model_dir, qdir, target, path, runtime, plain64))
     return rows
+
+
+def _measure_file(run, recipe, data, cfg, model_dir, qdir, target, path, runtime, plain64) -> dict:
+    """One file (the one placed for ``target``) on one runtime, against its saved simulation."""
+    model = load_model(model_dir).eval()
+    qmodel = load_quantized(model, target, cfg, qdir / f"quant_state{STATE_SUFFIX[target]}.pt")
+    exact = exact_simulation(qmodel, runtime)
+    plain = exact_simulation(qmodel) if plain64 else None
+    deployed = onnx_runner(runtime, path, threads=None)
+    same32 = same64 = same_plain = n = 0
+    start = time.time()
+    with torch.inference_mode(), bar(f"{run.name} {target}", data.num_val_batches(256)) as b:
+        for x, _ in data.val_batches(256):
+            d = np.asarray(deployed(deployed.prepare(x))).argmax(1)
+            same32 += int((qmodel(x).argmax(1).numpy() == d).sum())
+            same64 += int((exact(x.double()).argmax(1).numpy() == d).sum())
+            if plain is not None:
+                same_plain += int((plain(x.double()).argmax(1).numpy() == d).sum())
+            n += len(x)
+            b.advance()
+    row = {
+        "run": f"{recipe.name}/{run.name}",
+        "method": cfg.method,
+        "weight_bits": cfg.weight_bits,
+        "target": target,
+        "runtime": runtime,
+        "images": n,
+        "agreement_float32": same32 / n,
+        "agreement_float64": same64 / n,
+        "float64_arithmetic": exact.simulation_arithmetic,
+        **({"agreement_plain_float64": same_plain / n} if plain is not None else {}),
+        "holds": same64 / n >= TARGET,
+        "seconds": round(time.time() - start, 1),
+    }
+    r = row
+    print(
+        f"{r['run']:<44} {target:<16} {runtime:<12} {r['method']:<4} float32 {r['agreement_float32'] * 100:6.2f} %  "
+        f"float64 {r['agreement_float64'] * 100:6.2f} %  "
+        + (f"plain float64 {r['agreement_plain_float64'] * 100:6.2f} %  " if plain is not None else "")
+        + ("holds" if r["holds"] else "BELOW 99.8 %"),
+        flush=True,
+    )
+    return row
 
 
 def main() -> int:
@@ -116,11 +126,12 @@ def main() -> int:
     ap.add_argument(
         "--plain-float64", action="store_true", help="also the float64 simulation without the runtime's requantization"
     )
+    ap.add_argument("--cross", action="store_true", help="also run each file on the other CPU runtime")
     args = ap.parse_args()
     rows, failed = [], []
     for run in args.runs:
         try:
-            rows += measure(run, args.plain_float64)
+            rows += measure(run, args.plain_float64, args.cross)
         except (LookupError, OSError, RuntimeError, ValueError, ImportError) as exc:  # one run's problem
             failed.append({"run": run.name, "error": f"{type(exc).__name__}: {exc}"})
             print(f"{run}: skipped ({failed[-1]['error']})", file=sys.stderr)
