@@ -397,3 +397,19 @@ def test_each_cpu_block_starts_after_the_machine_went_idle(monkeypatch):
     monkeypatch.setenv(bench.IDLE_ENV, "soon")
     with pytest.raises(UserError, match="DEPLOYCRAFT_BENCH_IDLE_S is 'soon'"):
         bench.measure({"a": Cpu("a")}, lambda bs: torch.zeros(bs, 1), [1], warmup=0, repeats=1, show=False)
+
+
+def test_the_report_says_when_the_shipped_int8_file_runs_on_a_runtime_it_was_not_placed_for():
+    from deploycraft.stages.verify import _placed_elsewhere
+
+    models = {
+        "int8_onnx": {"precision": "int8", "backend": "onnxruntime", "target": "onnxruntime-cpu"},
+        "int8_onnx@openvino": {"precision": "int8", "backend": "openvino", "target": "onnxruntime-cpu"},
+        "int8_openvino": {"precision": "int8", "backend": "openvino", "target": "openvino-cpu"},
+        "fp32_onnx@openvino": {"precision": "fp32", "backend": "openvino", "target": None},
+    }
+    line = "\n".join(_placed_elsewhere({"models": models, "main": "int8_onnx@openvino"}))
+    assert "**Shipped on a runtime it was not placed for**: INT8 ONNX on OpenVINO is the file placed for " in line
+    assert "onnxruntime-cpu; the quantize stage compared its simulation with that file on ONNX Runtime only" in line
+    for native in ("int8_onnx", "int8_openvino", "fp32_onnx@openvino"):
+        assert _placed_elsewhere({"models": models, "main": native}) == []

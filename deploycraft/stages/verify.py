@@ -284,6 +284,30 @@ def _onnx_rows(name: str, path: Path, meta: dict[str, Any], size_of: str, cfg, r
     return rows
 
 
+def _placed_elsewhere(report: dict[str, Any]) -> list[str]:
+    """A line when the shipped INT8 file runs on a runtime it was not placed for (``target: auto`` may ship
+    the file placed for ONNX Runtime on OpenVINO): the quantize stage compared its simulation with the file on
+    the placement's runtime only, and no simulation imitates the other runtime's arithmetic for it."""
+    from deploycraft.deployables import TARGET_RUNTIME
+    from deploycraft.formatting import pretty
+    from deploycraft.names import RUNTIME_LABELS
+
+    main = report["models"].get(report.get("main") or "", {})
+    placed = TARGET_RUNTIME.get(main.get("target") or "")
+    if main.get("precision") != "int8" or placed is None or main.get("backend") in (None, placed):
+        return []
+    on = RUNTIME_LABELS.get(main["backend"], main["backend"])
+    return [
+        "",
+        f"**Shipped on a runtime it was not placed for**: {pretty(report['main'])} is the file placed for "
+        f"{main['target']}; the quantize stage compared its simulation with that file on "
+        f"{RUNTIME_LABELS.get(placed, placed)} only; {on} runs it in its own arithmetic (where it rounds and "
+        "clips, what it fuses), which no simulation here imitates. Its top-1 is measured and gated like every "
+        f"row's; its agreement with the simulation on {on} is not checked here "
+        "(`benchmarks/agreement.py RUN_DIR --cross` measures it).",
+    ]
+
+
 def _has_bf16() -> bool:
     from deploycraft.machine import hardware
 
@@ -599,6 +623,7 @@ class VerifyStage(Stage):
             from deploycraft.report import faster_words
 
             lines += ["", faster_words(report)]
+        lines += _placed_elsewhere(report)
         agree = {n: m["top1_agreement"] for n, m in models.items() if m.get("top1_agreement") is not None}
         if agree:
             lines += [
