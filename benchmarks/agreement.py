@@ -108,12 +108,12 @@ def _measure_file(run, recipe, data, cfg, model_dir, qdir, target, path, runtime
         "holds": same64 / n >= TARGET,
         "seconds": round(time.time() - start, 1),
     }
-    r = row
     print(
-        f"{r['run']:<44} {target:<16} {runtime:<12} {r['method']:<4} float32 {r['agreement_float32'] * 100:6.2f} %  "
-        f"float64 {r['agreement_float64'] * 100:6.2f} %  "
-        + (f"plain float64 {r['agreement_plain_float64'] * 100:6.2f} %  " if plain is not None else "")
-        + ("holds" if r["holds"] else "BELOW 99.8 %"),
+        f"{row['run']:<44} {target:<16} {runtime:<12} {row['method']:<4} "
+        f"float32 {row['agreement_float32'] * 100:6.2f} %  "
+        f"float64 {row['agreement_float64'] * 100:6.2f} %  "
+        + (f"plain float64 {row['agreement_plain_float64'] * 100:6.2f} %  " if plain is not None else "")
+        + ("holds" if row["holds"] else "BELOW 99.8 %"),
         flush=True,
     )
     return row
