@@ -71,21 +71,21 @@ def measure(run: Path, plain64: bool = False, cross: bool = False) -> list[dict]
     rows = []
     for target in report.get("targets", {report["target"]: None}):
         path = qdir / ARTIFACT_FILE[INT8_NAME[target]]
+        model = load_model(model_dir).eval()
+        qmodel = load_quantized(model, target, cfg, qdir / f"quant_state{STATE_SUFFIX[target]}.pt")
         for runtime in [TARGET_RUNTIME[target]] + ([OTHER_RUNTIME[TARGET_RUNTIME[target]]] if cross else []):
-            rows.append(_measure_file(run, recipe, data, cfg, model_dir, qdir, target, path, runtime, plain64))
+            rows.append(_measure_file(f"{recipe.name}/{run.name}", data, cfg, qmodel, target, path, runtime, plain64))
     return rows
 
 
-def _measure_file(run, recipe, data, cfg, model_dir, qdir, target, path, runtime, plain64) -> dict:
-    """One file (the one placed for ``target``) on one runtime, against its saved simulation."""
-    model = load_model(model_dir).eval()
-    qmodel = load_quantized(model, target, cfg, qdir / f"quant_state{STATE_SUFFIX[target]}.pt")
+def _measure_file(run_name, data, cfg, qmodel, target, path, runtime, plain64) -> dict:
+    """The file placed for ``target`` on one runtime, against its saved simulation ``qmodel``."""
     exact = exact_simulation(qmodel, runtime)
     plain = exact_simulation(qmodel) if plain64 else None
     deployed = onnx_runner(runtime, path, threads=None)
     same32 = same64 = same_plain = n = 0
     start = time.time()
-    with torch.inference_mode(), bar(f"{run.name} {target}", data.num_val_batches(256)) as b:
+    with torch.inference_mode(), bar(f"{run_name} {target} on {runtime}", data.num_val_batches(256)) as b:
         for x, _ in data.val_batches(256):
             d = np.asarray(deployed(deployed.prepare(x))).argmax(1)
             same32 += int((qmodel(x).argmax(1).numpy() == d).sum())
@@ -95,7 +95,7 @@ def _measure_file(run, recipe, data, cfg, model_dir, qdir, target, path, runtime
             n += len(x)
             b.advance()
     row = {
-        "run": f"{recipe.name}/{run.name}",
+        "run": run_name,
         "method": cfg.method,
         "weight_bits": cfg.weight_bits,
         "target": target,

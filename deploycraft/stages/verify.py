@@ -20,10 +20,10 @@ import torch
 from pydantic import Field
 
 from deploycraft.config import StageConfig
-from deploycraft.deployables import build_deployable
+from deploycraft.deployables import TARGET_RUNTIME, build_deployable
 from deploycraft.errors import UserError
 from deploycraft.evaluate import top1
-from deploycraft.names import INT8_NAME, MAIN_ORDER, UNPRUNED, ModelName, row_name
+from deploycraft.names import INT8_NAME, MAIN_ORDER, RUNTIME_LABELS, UNPRUNED, ModelName, row_name
 from deploycraft.progress import log
 from deploycraft.runtime import available, onnx_runner
 from deploycraft.runtime.bench import measure, physical_cores
@@ -288,9 +288,7 @@ def _placed_elsewhere(report: dict[str, Any]) -> list[str]:
     """A line when the shipped INT8 file runs on a runtime it was not placed for (``target: auto`` may ship
     the file placed for ONNX Runtime on OpenVINO): the quantize stage compared its simulation with the file on
     the placement's runtime only, and no simulation imitates the other runtime's arithmetic for it."""
-    from deploycraft.deployables import TARGET_RUNTIME
     from deploycraft.formatting import pretty
-    from deploycraft.names import RUNTIME_LABELS
 
     main = report["models"].get(report.get("main") or "", {})
     placed = TARGET_RUNTIME.get(main.get("target") or "")
