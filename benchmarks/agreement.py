@@ -10,7 +10,8 @@ the runtime: ONNX Runtime's requantization, quant/mlas.py; what the quantize sta
 ``--plain-float64`` adds the float64 simulation without the runtime's requantization (what the stage
 reported in stops 23-25). ``--cross`` also runs each file on the other CPU runtime (verify measures the
 file placed for ONNX Runtime on OpenVINO and the reverse, and ``target: auto`` may ship such a pairing),
-against the float64 simulation computing as that runtime does where one is written (else plain float64).
+against the simulation fused and rounded as that runtime runs the file (``placement.fused_as``, what the
+quantize stage compares since stop 31; on a file's own runtime it is the simulation as placed).
 Nothing in the run folder is changed.
 
     .venv/bin/python benchmarks/agreement.py RUN_DIR [RUN_DIR ...] [--plain-float64] [--cross] [--json out.json]
@@ -34,6 +35,7 @@ from deploycraft.models.io import load_model
 from deploycraft.names import ARTIFACT_FILE, INT8_NAME
 from deploycraft.progress import bar
 from deploycraft.quant.modules import exact_simulation
+from deploycraft.quant.placement import fused_as
 from deploycraft.recipe import build_recipe
 from deploycraft.runtime import onnx_runner
 from deploycraft.stages.quantize import STATE_SUFFIX, QuantizeConfig, load_quantized
@@ -79,7 +81,9 @@ def measure(run: Path, plain64: bool = False, cross: bool = False) -> list[dict]
 
 
 def _measure_file(run_name, data, cfg, qmodel, target, path, runtime, plain64) -> dict:
-    """The file placed for ``target`` on one runtime, against its saved simulation ``qmodel``."""
+    """The file placed for ``target`` on one runtime, against its saved simulation ``qmodel`` fused as that
+    runtime runs the file."""
+    qmodel = fused_as(qmodel, runtime)
     exact = exact_simulation(qmodel, runtime)
     plain = exact_simulation(qmodel) if plain64 else None
     deployed = onnx_runner(runtime, path, threads=None)

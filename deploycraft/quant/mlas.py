@@ -36,8 +36,13 @@ agree element for element and any difference left is a real one (a wrong number 
   DequantizeLinear and a QuantizeLinear (a trained DenseNet-BC: 22 of 10,000 test images predicted otherwise
   with them in float64).
 
-ONNX Runtime on x86-64 fuses these only for uint8 activations (the targets with signed activations,
-TensorRT's, leave them unfused there: only their QuantizeLinear is imitated). Measured on the ONNX Runtime
+ONNX Runtime on x86-64 fuses these for uint8 activations; an int8 Q/DQ pair it first turns into uint8
+(zero point + 128, the same integers shifted) where the QuantizeLinear feeds one DequantizeLinear, i.e. where
+the tensor has one consumer (``placement.onnxruntime_fuses``): the openvino-cpu placement's int8 tensors
+all do (its file on ONNX Runtime: 53 of 53 convs of ResNet-50 as QLinearConv, and this simulation equal to
+it element for element), the tensorrt placement's block inputs, read by two convs, do not (their convs run
+in float there: only their QuantizeLinear is imitated). Where a kernel adds the zero point in float32
+before it rounds, it is the uint8 one (``_uint8_zero``). Measured on the ONNX Runtime
 1.32 CPU build (AMD EPYC Zen 4, AVX-512 VNNI): on the shipped recipe's PyramidNet-20 (alpha 48; 64 images)
 the plain float64 simulation differs from the file at 1.6 million of 32 million elements, this one at none
 (and at none of a trained DenseNet-BC's 91 million on 16 images). Other CPUs' kernels round elsewhere (ARM's
@@ -57,7 +62,7 @@ import torch.nn.functional as F
 from deploycraft.models.layers import ResidualAdd
 from deploycraft.quant.graph import ChannelAffine
 from deploycraft.quant.modules import ActQuantizer, QuantConv2d, quant_step
-from deploycraft.quant.placement import _is_relu
+from deploycraft.quant.placement import _is_relu, onnxruntime_fuses
 
 
 def kernels_imitated() -> bool:
@@ -82,6 +87,14 @@ def kernels_imitated() -> bool:
     except OSError:
         return False
     return "avx2" in flags and "fma" in flags and ("avx512_vnni" in flags or "avx_vnni" in flags)
+
+
+def _uint8_zero(q: ActQuantizer) -> torch.Tensor:
+    """The quantizer's zero point as ONNX Runtime's fused kernels see it (float32): on uint8, where an int8
+    quantizer (zero point z) becomes a uint8 one with zero point z + 128 and the same integers shifted by 128.
+    It matters where the kernel adds the zero point in float32 before it rounds (QLinearAdd,
+    QLinearAveragePool)."""
+    return q.zero_point.float() + (0.0 if bool(q.unsigned) else 128.0)
 
 
 def _requantize(v: torch.Tensor, out: ActQuantizer) -> torch.Tensor:
@@ -140,14 +153,13 @@ class QLinearAdd(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         qa, qb, out = self.a, self.b, self.out
         ra, rb = qa.scale.float() / out.scale.float(), qb.scale.float() / out.scale.float()
-        za, zb, zy = (q.zero_point.float() for q in (qa, qb, out))
+        za, zb, zy = (_uint8_zero(q) for q in (qa, qb, out))
         k = zy - _fma(ra, za, rb * zb)
-        # the raw integers q = x / scale + zero (x is exactly on its grid)
+        # the raw (uint8) integers q = x / scale + zero (x is exactly on its grid)
         ia = torch.round(a / qa.scale.double()).float() + za
         ib = torch.round(b / qb.scale.double()).float() + zb
         v = _fma(ia, ra, _fma(ib, rb, k.expand_as(ib)))
-        lo, hi = out.qrange
-        return (torch.clamp(torch.round(v), lo, hi) - zy).double() * out.scale.double()
+        return (torch.clamp(torch.round(v), 0, 255) - zy).double() * out.scale.double()
 
 
 class QLinearGlobalAveragePool(nn.Module):
@@ -184,10 +196,9 @@ class QLinearAveragePool(nn.Module):
         for i in range(kh):  # float32 sums in the kernel's order
             for j in range(kw):
                 total = total + values[:, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
-        zy = out.zero_point.float()
+        zy = _uint8_zero(out)
         v = (total / float(kh * kw)) / out.scale.float() + zy
-        lo, hi = out.qrange
-        return (torch.clamp(torch.round(v), lo, hi) - zy).double() * out.scale.double()
+        return (torch.clamp(torch.round(v), 0, 255) - zy).double() * out.scale.double()
 
 
 def _pair(v) -> tuple[int, int]:
@@ -222,10 +233,8 @@ def imitate_onnxruntime(gm: nn.Module, int8_convs: set[nn.Module]) -> int:
         return gm.get_submodule(n.target) if isinstance(n, fx.Node) and n.op == "call_module" else None
 
     def quantized(n) -> ActQuantizer | None:
-        """The node's uint8 quantizer, if it is one that quantizes (ONNX Runtime fuses only uint8 on x86-64)."""
-        m = module(n)
-        ok = isinstance(m, ActQuantizer) and m.mode == "quantize" and m.rounds and bool(m.unsigned)
-        return m if ok else None
+        """The node's quantizer, if ONNX Runtime fuses it (uint8, or int8 that it turns into uint8 first)."""
+        return module(n) if onnxruntime_fuses(gm, n) else None
 
     count = 0
     for n in list(graph.nodes):

@@ -218,9 +218,51 @@ def _set_clip_only(gm: fx.GraphModule) -> None:
             branch.clip_only_before(out)
 
 
-def _set_bias_grids(gm: fx.GraphModule) -> None:
+def fused_as(gm: fx.GraphModule, runtime: str) -> fx.GraphModule:
+    """A copy of the simulation ``gm`` that fuses and rounds where ``runtime`` does when it runs the file
+    exported from ``gm``, whichever target the quantizers were placed for: the rules are the runtime's, not
+    the placement's (``target: auto`` may ship the file placed for one CPU runtime on the other).
+
+    ``openvino``: the residual add fused into a conv clips without rounding (``_set_clip_only``); the bias
+    stays in float (OpenVINO adds it in float after its integer convolution). ``onnxruntime``: every
+    quantizer rounds (QLinearConv and QLinearAdd are separate kernels); a conv whose input and output
+    quantizers it fuses (``onnxruntime_fuses``) becomes QLinearConv, its bias on QLinearConv's int32 grid
+    (``_set_bias_grids``). On its own runtime's file
+    this reproduces what the placement set (tested); other runtimes: the copy unchanged."""
+    import copy
+
+    out = copy.deepcopy(gm)
+    if runtime not in ("openvino", "onnxruntime"):
+        return out
+    for m in out.modules():
+        if isinstance(m, ActQuantizer):
+            object.__setattr__(m, "clip_only_while", None)
+        elif isinstance(m, QuantConv2d):
+            object.__setattr__(m, "bias_grid", None)
+    if runtime == "openvino":
+        _set_clip_only(out)
+    else:
+        _set_bias_grids(out, only=lambda n: onnxruntime_fuses(out, n))
+    return out
+
+
+def onnxruntime_fuses(gm: fx.GraphModule, n) -> bool:
+    """Whether ONNX Runtime (x86-64) fuses the quantizer at node ``n`` into the integer kernels around it: a
+    uint8 one always; an int8 one when its tensor has one consumer, since ONNX Runtime turns an int8 Q/DQ pair
+    into uint8 (zero point + 128) only where the QuantizeLinear feeds a single DequantizeLinear, after it has
+    given each consumer a DequantizeLinear of its own. Measured: the openvino-cpu placement's int8 tensors
+    (conv outputs before the add, the input) become uint8 and every conv runs as QLinearConv; the tensorrt
+    placement's int8 block inputs, read by two convs, stay int8 and their convs in float."""
+    m = _module(gm, n) if isinstance(n, fx.Node) else None
+    if not isinstance(m, ActQuantizer) or m.mode != "quantize" or not m.rounds:
+        return False
+    return bool(m.unsigned) or len(n.users) == 1
+
+
+def _set_bias_grids(gm: fx.GraphModule, only: Callable[[fx.Node], bool] | None = None) -> None:
     """Each conv that ONNX Runtime fuses into QLinearConv (quantized input, quantized output or ReLU
-    output) learns its quantizers, so that its bias is simulated on QLinearConv's int32 grid."""
+    output) learns its quantizers, so that its bias is simulated on QLinearConv's int32 grid. ``only``:
+    the quantizer nodes ONNX Runtime fuses (``onnxruntime_fuses``); None: every one (uint8 placements)."""
     for n in gm.graph.nodes:
         m = _module(gm, n)
         if not isinstance(m, QuantConv2d):
@@ -230,7 +272,10 @@ def _set_bias_grids(gm: fx.GraphModule) -> None:
         users = list(n.users)
         if len(users) == 1 and _is_relu(gm, users[0]):
             users = list(users[0].users)
-        oq = next((_module(gm, u) for u in users if isinstance(_module(gm, u), ActQuantizer)), None)
+        oq_node = next((u for u in users if isinstance(_module(gm, u), ActQuantizer)), None)
+        oq = None if oq_node is None else _module(gm, oq_node)
+        if only is not None and not (oq_node is not None and only(src) and only(oq_node)):
+            continue
         if isinstance(iq, ActQuantizer) and oq is not None:
             m.set_bias_grid(iq, oq)
 

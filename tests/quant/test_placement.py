@@ -145,3 +145,33 @@ def test_openvino_placement_clips_without_rounding_where_openvino_fuses_the_add(
     assert all(f"/{name}/QuantizeLinear" in names for name in clip)
     for target in ("onnxruntime-cpu", "tensorrt"):
         assert all(a.rounds for _, a in act_quantizers(_calibrated(tiny_resnet, target)))
+
+
+@pytest.mark.parametrize("target", ["onnxruntime-cpu", "openvino-cpu"])
+def test_fused_as_its_own_runtime_is_the_placement_itself(tiny_resnet, target):
+    """A simulation fused as the runtime it was placed for computes exactly what it computed (same unrounded
+    clips, same int32 bias grids); fused as the other runtime it follows that runtime's rules."""
+    from deploycraft.deployables import TARGET_RUNTIME
+    from deploycraft.quant.modules import QuantConv2d
+    from deploycraft.quant.placement import fused_as
+
+    q = _calibrated(tiny_resnet, target)
+
+    def rules(m):
+        clips = sorted(name for name, a in act_quantizers(m) if not a.rounds)
+        grids = sorted(name for name, c in m.named_modules() if isinstance(c, QuantConv2d) and c.bias_grid)
+        return clips, grids
+
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    own = fused_as(q, TARGET_RUNTIME[target])
+    assert rules(own) == rules(q)
+    with torch.no_grad():
+        assert torch.equal(own(x), q(x))
+    other = fused_as(q, "openvino" if target == "onnxruntime-cpu" else "onnxruntime")
+    clips, grids = rules(other)
+    if target == "onnxruntime-cpu":  # OpenVINO: one unrounded clip per residual block, biases in float
+        assert len(clips) == 9 and grids == []
+    else:  # ONNX Runtime: every quantizer rounds, every conv is a QLinearConv (int8 tensors turned uint8)
+        assert clips == [] and len(grids) == 21
+        assert any(not bool(a.unsigned) for name in grids for a in other.get_submodule(name).bias_grid)
+    assert rules(q) == rules(fused_as(q, TARGET_RUNTIME[target]))  # the original is untouched
