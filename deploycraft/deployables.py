@@ -34,6 +34,8 @@ from deploycraft.quant.placement import Target, act_quantizers, expected_int8_co
 
 # The runtime each target's files are built for (TensorRT's files run on ONNX Runtime here, for accuracy).
 TARGET_RUNTIME = {"onnxruntime-cpu": "onnxruntime", "openvino-cpu": "openvino", "tensorrt": "onnxruntime"}
+# The CPU target each CPU runtime's placement and rules belong to (the other way round).
+RUNTIME_TARGET = {"onnxruntime": "onnxruntime-cpu", "openvino": "openvino-cpu"}
 # The activation integer types each target's INT8 kernels take (docs/design.md, "placements by target").
 ACTIVATION_DTYPES = {"onnxruntime-cpu": {"uint8"}, "openvino-cpu": {"uint8", "int8"}, "tensorrt": {"int8"}}
 

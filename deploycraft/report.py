@@ -47,6 +47,9 @@ def _model_entries(ctx, verify: dict[str, Any] | None, macs: int | None, params:
             "bytes": (m or {}).get("bytes"),
             "top1_agreement": (m or {}).get("top1_agreement"),
         }
+        for key in ("simulation_agreement", "not_shippable"):  # INT8 rows: verify's simulation_check
+            if m and key in m:
+                entry[key] = m[key]
         if m and "latency" in m:
             lat = m["latency"][bs]
             entry["latency_ms"] = {k: lat[k] for k in ("p50", "p90", "p99", "mean")}
@@ -120,8 +123,10 @@ def faster_alternative(
     """The fastest ONNX deployable of the run inside the accuracy budget (verify's models, timed in one
     process), when it is not ``main`` and beats it by more than FASTER_MARGIN; with its speed over
     ``main`` per batch size. None otherwise."""
+    # every ONNX row is a suggestion, also a file on a runtime it was not placed for: `target: auto` would
+    # compare it with its simulation there before shipping it (verify: not_shippable under a fixed target)
     pool = {
-        n: m
+        n: {k: v for k, v in m.items() if k != "not_shippable"}
         for n, m in models.items()
         if m.get("format") == "onnx"
         and not n.startswith("unpruned")

@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 from deploycraft.artifacts import write_json
 from deploycraft.config import FieldError, OptimConfig, StageConfig, Strict
 from deploycraft.deployables import (
+    RUNTIME_TARGET,
     TARGET_RUNTIME,
     DeployableCheckError,
     QuantSettings,
@@ -35,6 +36,7 @@ from deploycraft.deployables import (
     build_targets,
     check_int8_execution,
     export_deployable,
+    int8_execution,
     onnx_metadata,
     quantized_module,
 )
@@ -48,7 +50,7 @@ from deploycraft.progress import log
 from deploycraft.quant import fidelity, sensitivity
 from deploycraft.quant.graph import ChannelAffine, attach_live_bn, capture, fold_bn, folded_conv_paths, stage_outputs
 from deploycraft.quant.modules import QuantConv2d, exact_simulation, fold_live_bn
-from deploycraft.quant.placement import act_quantizers
+from deploycraft.quant.placement import act_quantizers, expected_int8_convs, fused_as
 from deploycraft.runtime import onnx_runner
 from deploycraft.stages.base import Stage, StageOutput, register_stage
 from deploycraft.stages.train import train_epochs, where_words
@@ -225,6 +227,16 @@ class QuantizeConfig(StageConfig):
         "float32 (no oneDNN kernels for float64); float32 for large held-out splits.",
     )
 
+    other_runtimes: bool = Field(
+        True,
+        description="With `target: auto`: also compare each INT8 file with its simulation on the other CPU "
+        "runtime, the simulation fused and rounded as that runtime runs the file (OpenVINO fuses conv + "
+        "residual add and clips there without rounding; ONNX Runtime rounds after every QLinearConv and "
+        "QLinearAdd): top-1 agreement on the held-out split, layer fidelity, INT8 execution. Verify's auto ships "
+        "a file on a runtime it was not placed for only where this comparison ran; off, it ships each file on "
+        "its own runtime (one held-out pass less per file).",
+    )
+
     @model_validator(mode="after")
     def _bits(self) -> QuantizeConfig:
         for path, bits in self.layer_bits.items():
@@ -271,6 +283,29 @@ def load_quantized(float_model: torch.nn.Module, target: str, cfg: QuantizeConfi
     for _, q in act_quantizers(qmodel):
         q.mode = "quantize"
     return qmodel.eval()
+
+
+def _elsewhere_lines(target: str, runtime: str, o: dict[str, Any]) -> list[str]:
+    """The report's lines for one INT8 file checked on a runtime it was not placed for."""
+    h, proof = o["held_out"], o.get("int8_execution") or {}
+    line = (
+        f"The {target} file on {runtime} (`target: auto` may ship it there), against the simulation fused and "
+        f"rounded as {runtime} runs it ({h.get('sim_precision') or o.get('sim_vs_onnx_precision')}): held-out "
+        f"top-1 deployed {h['top1_deployed'] * 100:.2f} %, simulated {h['top1_sim'] * 100:.2f} %; top-1 agreement "
+        f"simulated–deployed {h['sim_vs_deployed'] * 100:.2f} %, FP32–deployed {h['fp32_vs_deployed'] * 100:.2f} %"
+    )
+    if proof:
+        line += f"; {runtime} runs {proof['int8_convs']} of {proof['convs']} convs in INT8"
+        clip = proof.get("clip_only")
+        if clip and (clip["runtime"] or clip["simulated"]):
+            same = "as simulated" if clip["runtime"] == clip["simulated"] else "not as simulated"
+            line += f", clips without rounding at {len(clip['runtime'])} fused residual adds, {same}"
+    lines = [line + "."]
+    if o.get("shortfalls"):
+        lines.append(f"Auto does not ship the {target} file on {runtime}: {'; '.join(o['shortfalls'])}.")
+    if o.get("fidelity"):
+        lines.append(fidelity.summary_line(o["fidelity"], runtime))
+    return lines
 
 
 def held_out_agreement(
@@ -687,6 +722,9 @@ class QuantizeStage(Stage):
             for target in targets:
                 self._follow(ctx, model, target, workdir)
             return StageOutput()  # rank 0 writes the stage; its output is the stage's
+        # target auto: each file is also compared with its simulation on the other CPU runtimes it may ship on
+        auto = ctx.recipe.target == "auto" and cfg.other_runtimes
+        self._elsewhere = [TARGET_RUNTIME[t] for t in targets] if auto else []
         images, provenance = data.calibration_images(cfg.num_calibration)
         spec = read_spec(ctx.model_dir)
         check = data.sample_input(64)
@@ -844,6 +882,10 @@ class QuantizeStage(Stage):
                 f"(the placement quantizes {proof['expected_int8_convs']})"
             )
         log(f"  sim vs {runtime}: top-1 agreement {metrics['sim_vs_onnx_top1_agreement']:.3f} on 64 images")
+        for other in self._elsewhere:
+            if other != runtime:
+                elsewhere = metrics.setdefault("other_runtimes", {})
+                elsewhere[other] = self._check_elsewhere(ctx, model, qmodel, target, path, other, check, workdir)
         write_json(
             workdir / f"quant{STATE_SUFFIX[target]}.json",
             {"config": cfg.model_dump(mode="json"), "ranges": built.ranges},
@@ -851,6 +893,55 @@ class QuantizeStage(Stage):
         artifact = {"path": path.name, "format": "onnx", "precision": "int8", "backend": runtime, "target": target}
         return artifact, metrics
 
+    def _check_elsewhere(self, ctx, model, qmodel, target: str, path: Path, runtime: str, check, workdir: Path):
+        """The file placed for ``target`` on another CPU runtime (``target: auto`` may ship it there), against
+        the simulation fused and rounded as that runtime runs it (``placement.fused_as``): on the check batch,
+        on the held-out split and layer by layer, with what that runtime runs in INT8. A shortfall is reported
+        (and keeps auto from shipping that pairing), not raised: the file is checked on its own runtime."""
+        cfg, data = self.config, ctx.data
+        as_run = fused_as(qmodel, runtime)
+        exact = exact_simulation(as_run, runtime)
+        with torch.no_grad():
+            sim = exact(check.double()).numpy()
+        out = onnx_runner(runtime, path, threads=None)(check.numpy())
+        result: dict[str, Any] = {
+            "runtime": runtime,
+            "sim_vs_onnx_rel_error": relative_error(out, sim),
+            "sim_vs_onnx_top1_agreement": float((out.argmax(1) == sim.argmax(1)).mean()),
+            "sim_vs_onnx_precision": exact.simulation_arithmetic,
+        }
+        proof = int8_execution(path, RUNTIME_TARGET[runtime], workdir)
+        if proof is not None:
+            proof["expected_int8_convs"] = expected_int8_convs(as_run, RUNTIME_TARGET[runtime])
+            if "clip_only" in proof:
+                simulated = sorted(n for n, q in act_quantizers(as_run) if q.mode == "quantize" and not q.rounds)
+                proof["clip_only"] = {"runtime": proof["clip_only"], "simulated": simulated}
+            result["int8_execution"] = proof
+        result["held_out"] = held_out_agreement(
+            model,
+            exact if cfg.agreement_precision == "float64" else as_run,
+            onnx_runner(runtime, path, threads=None),
+            data,
+            cfg.agreement_precision,
+            runtime,
+        )
+        result["fidelity"] = fidelity.compare(exact, onnx.load(str(path)), runtime, check[:16], cfg.fidelity_tolerance)
+        short = []
+        if proof is not None and proof["int8_convs"] < proof["expected_int8_convs"]:
+            short.append(f"{runtime} runs {proof['int8_convs']} of {proof['expected_int8_convs']} convs in INT8")
+        clip = (proof or {}).get("clip_only")
+        if clip and clip["runtime"] != clip["simulated"]:
+            short.append(f"{runtime} clips without rounding elsewhere than simulated ({_clip_difference(clip)})")
+        result["shortfalls"] = short
+        h = result["held_out"]
+        log(
+            f"  {target} file on {runtime}: held-out top-1 agreement sim-{runtime} {h['sim_vs_deployed']:.4f} "
+            f"(simulation fused as {runtime} runs it), FP32-{runtime} {h['fp32_vs_deployed']:.4f}"
+            + (f"; [yellow]{'; '.join(short)}: auto will not ship it there[/]" if short else "")
+        )
+        return result
+
+    _elsewhere: list[str] = []  # the CPU runtimes each INT8 file is compared on besides its own (target auto)
     _announced = False  # rank 0 told the other ranks of a data-parallel QAT run whether this target runs
     _busy = False  # ... and they are fine-tuning it with rank 0
 
@@ -1098,6 +1189,8 @@ class QuantizeStage(Stage):
                 )
             if t.get("fidelity"):
                 lines.append(fidelity.summary_line(t["fidelity"], t.get("runtime", target)))
+            for runtime, o in (t.get("other_runtimes") or {}).items():
+                lines.extend(_elsewhere_lines(target, runtime, o))
             sens = t.get("sensitivity")
             if sens:
                 lines.extend(_sensitivity_lines(sens))

@@ -174,13 +174,16 @@ def select_fastest(
     """The candidate with the lowest latency inside the accuracy budget, and the table that says why.
 
     Latency over several batch sizes is scored as the geometric mean of each candidate's p50 relative
-    to the best p50 at that batch size (1.0 = fastest at every batch size).
+    to the best p50 at that batch size (1.0 = fastest at every batch size). A candidate with a
+    ``not_shippable`` reason (an INT8 file on a runtime its simulation was not compared on) is measured and
+    listed, never chosen.
     """
     table = []
     best = {bs: min(c["latency"][str(bs)]["p50"] for c in candidates.values()) for bs in batch_sizes}
     for name, c in candidates.items():
         drop = None if reference_top1 is None else reference_top1 - c["top1"]
         inside = budget is None or drop is None or drop <= budget + 1e-12
+        barred = c.get("not_shippable")
         score = math.exp(
             sum(math.log(c["latency"][str(bs)]["p50"] / best[bs]) for bs in batch_sizes) / len(batch_sizes)
         )
@@ -192,10 +195,12 @@ def select_fastest(
                 "within_budget": inside,
                 "p50_ms": {str(bs): c["latency"][str(bs)]["p50"] for bs in batch_sizes},
                 "relative_latency": round(score, 4),
+                **({"not_shippable": barred} if barred else {}),
+                **({"simulation_agreement": c["simulation_agreement"]} if "simulation_agreement" in c else {}),
             }
         )
-    table.sort(key=lambda r: (not r["within_budget"], r["relative_latency"]))
-    chosen = next((r["name"] for r in table if r["within_budget"]), None)
+    table.sort(key=lambda r: (not r["within_budget"] or "not_shippable" in r, r["relative_latency"]))
+    chosen = next((r["name"] for r in table if r["within_budget"] and "not_shippable" not in r), None)
     for r in table:
         r["chosen"] = r["name"] == chosen
     return chosen, table
@@ -284,10 +289,30 @@ def _onnx_rows(name: str, path: Path, meta: dict[str, Any], size_of: str, cfg, r
     return rows
 
 
+def simulation_check(quantize: dict[str, Any], meta: dict[str, Any]) -> tuple[float | None, str | None]:
+    """For an INT8 ONNX row: the quantize stage's held-out top-1 agreement between the file on the row's runtime
+    and its simulation computing as that runtime does, and why ``target: auto`` may not ship it (None: it may).
+    On its own runtime the file was checked when it was built; on another one only where the quantize stage
+    compared it there (``other_runtimes``) and found it running as simulated."""
+    t = (quantize.get("targets") or {}).get(meta.get("target") or "")
+    if meta.get("precision") != "int8" or meta.get("format") != "onnx" or t is None:
+        return None, None
+    runtime = meta.get("backend")
+    if runtime == t.get("runtime"):
+        return (t.get("held_out") or {}).get("sim_vs_deployed"), None
+    o = (t.get("other_runtimes") or {}).get(runtime)
+    if o is None:
+        return None, (
+            f"its simulation was not compared with it on {RUNTIME_LABELS.get(runtime, runtime)} "
+            "(the quantize stage does so with target auto and other_runtimes on)"
+        )
+    agreement = (o.get("held_out") or {}).get("sim_vs_deployed")
+    return agreement, ("; ".join(o["shortfalls"]) if o.get("shortfalls") else None)
+
+
 def _placed_elsewhere(report: dict[str, Any]) -> list[str]:
     """A line when the shipped INT8 file runs on a runtime it was not placed for (``target: auto`` may ship
-    the file placed for ONNX Runtime on OpenVINO): the quantize stage compared its simulation with the file on
-    the placement's runtime only, and no simulation imitates the other runtime's arithmetic for it."""
+    the file placed for ONNX Runtime on OpenVINO): what the quantize stage compared it with there."""
     from deploycraft.formatting import pretty
 
     main = report["models"].get(report.get("main") or "", {})
@@ -295,14 +320,17 @@ def _placed_elsewhere(report: dict[str, Any]) -> list[str]:
     if main.get("precision") != "int8" or placed is None or main.get("backend") in (None, placed):
         return []
     on = RUNTIME_LABELS.get(main["backend"], main["backend"])
+    agreement = main.get("simulation_agreement")
+    checked = (
+        f"the quantize stage compared it there with its simulation fused and rounded as {on} runs it: top-1 "
+        f"agreement {agreement * 100:.2f} % on the held-out split"
+        if agreement is not None
+        else f"its agreement with the simulation on {on} was not measured"
+    )
     return [
         "",
         f"**Shipped on a runtime it was not placed for**: {pretty(report['main'])} is the file placed for "
-        f"{main['target']}; the quantize stage compared its simulation with that file on "
-        f"{RUNTIME_LABELS.get(placed, placed)} only; {on} runs it in its own arithmetic (where it rounds and "
-        "clips, what it fuses), which no simulation here imitates. Its top-1 is measured and gated like every "
-        f"row's; its agreement with the simulation on {on} is not checked here "
-        "(`benchmarks/agreement.py RUN_DIR --cross` measures it).",
+        f"{main['target']}, run by {on}; {checked}.",
     ]
 
 
@@ -462,6 +490,12 @@ class VerifyStage(Stage):
                 predictions[name] = torch.cat(preds) if preds else torch.empty(0)
                 log(f"  {name:<28} top-1 {info[name]['top1']:.4f}")
             agreement_with_reference(info, predictions)
+            for name in info:
+                agreement, barred = simulation_check(ctx.results.get("quantize") or {}, info[name])
+                if agreement is not None:
+                    info[name]["simulation_agreement"] = agreement
+                if barred:
+                    info[name]["not_shippable"] = barred
             sample = data.sample_input(max(cfg.batch_sizes))
             lat = measure(
                 runners,
@@ -537,7 +571,7 @@ class VerifyStage(Stage):
                 ref_top1 = info[reference]["top1"] if reference else None
                 main, table = select_fastest(pool, ref_top1, cfg.max_accuracy_drop, cfg.batch_sizes)
                 if main is None:  # nothing inside the budget: ship nothing silently wrong, let the gate fail
-                    main = table[0]["name"]
+                    main = next((r["name"] for r in table if "not_shippable" not in r), table[0]["name"])
                 log(f"  target auto: {main} is the fastest inside the accuracy budget")
                 return main, table, [main]
         int8 = INT8_NAME.get(target)
@@ -648,21 +682,31 @@ class VerifyStage(Stage):
                 "## Target auto: the candidates",
                 "",
                 "The fastest candidate inside the accuracy budget ships; latency over the batch sizes is the "
-                "geometric mean of each p50 relative to the best at that batch size.",
+                "geometric mean of each p50 relative to the best at that batch size. An INT8 file ships on a "
+                "runtime only where the quantize stage compared it there with its simulation (top-1 agreement "
+                "on the held-out split, the simulation fused and rounded as that runtime runs the file).",
                 "",
-                "| candidate | top-1 | drop | within budget | "
+                "| candidate | top-1 | drop | within budget | agreement with its simulation | "
                 + " | ".join(f"p50 batch {b}" for b in bss)
                 + " | relative latency | shipped |",
-                "|---|---|---|---|" + "---|" * len(bss) + "---|---|",
+                "|---|---|---|---|---|" + "---|" * len(bss) + "---|---|",
             ]
+            barred = []
             for c in report["candidates"]:
                 drop = "—" if c["drop"] is None else f"{c['drop'] * 100:+.2f} pt"
                 inside = "yes" if c["within_budget"] else "no"
+                agree = c.get("simulation_agreement")
+                shipped = "**yes**" if c["chosen"] else ("not eligible" if c.get("not_shippable") else "")
+                if c.get("not_shippable"):
+                    barred.append(f"{pretty(c['name'])}: {c['not_shippable']}")
                 lines.append(
                     f"| {pretty(c['name'])} | {fmt_pct(c['top1'])} | {drop} | {inside} | "
+                    f"{'—' if agree is None else f'{agree * 100:.2f} %'} | "
                     + " | ".join(f"{c['p50_ms'][b]:.3f} ms" for b in bss)
-                    + f" | {c['relative_latency']:.3f} | {'**yes**' if c['chosen'] else ''} |"
+                    + f" | {c['relative_latency']:.3f} | {shipped} |"
                 )
+            if barred:
+                lines += ["", "Not eligible: " + "; ".join(barred) + "."]
         if report["gates"]:
             lines += ["", "## Gates", "", "| gate | result | detail |", "|---|---|---|"]
             for g in report["gates"]:

@@ -80,6 +80,12 @@ def test_flagship_recipe_on_user_imagefolder_and_checkpoint(tmp_path):
     assert set(report["models"]) >= {"fp32_torch", "fp32_onnx", "int8_onnx"}  # the flagship's target is auto:
     assert report["target"] == "auto" and report["candidates"]  # every CPU deployable was a candidate
     assert "training split" in report["stages"]["quantize"]["calibration"]
+    targets = report["stages"]["quantize"]["targets"]
+    if "openvino-cpu" in targets:  # each INT8 file was also compared with its simulation on the other runtime
+        for target, other in (("onnxruntime-cpu", "openvino"), ("openvino-cpu", "onnxruntime")):
+            assert targets[target]["other_runtimes"][other]["held_out"]["images"] == 16
+        int8 = [c for c in report["candidates"] if report["models"][c["name"]]["precision"] == "int8"]
+        assert len(int8) == 4 and all("not_shippable" not in c and c["simulation_agreement"] for c in int8)
 
 
 # --- full acceptance runs (minutes each): `make test-slow` ----------------------------------------
