@@ -11,7 +11,7 @@ the runtime: ONNX Runtime's requantization, quant/mlas.py; what the quantize sta
 reported in stops 23-25). ``--cross`` also runs each file on the other CPU runtime (verify measures the
 file placed for ONNX Runtime on OpenVINO and the reverse, and ``target: auto`` may ship such a pairing),
 against the simulation fused and rounded as that runtime runs the file (``placement.fused_as``, what the
-quantize stage compares since stop 31; on a file's own runtime it is the simulation as placed).
+quantize stage compares since stop 31; on a file's own runtime the simulation as placed, as the stage).
 Nothing in the run folder is changed.
 
     .venv/bin/python benchmarks/agreement.py RUN_DIR [RUN_DIR ...] [--plain-float64] [--cross] [--json out.json]
@@ -83,7 +83,8 @@ def measure(run: Path, plain64: bool = False, cross: bool = False) -> list[dict]
 def _measure_file(run_name, data, cfg, qmodel, target, path, runtime, plain64) -> dict:
     """The file placed for ``target`` on one runtime, against its saved simulation ``qmodel`` fused as that
     runtime runs the file."""
-    qmodel = fused_as(qmodel, runtime)
+    if runtime != TARGET_RUNTIME[target]:  # as the quantize stage compares a file on the other runtime
+        qmodel = fused_as(qmodel, runtime)
     exact = exact_simulation(qmodel, runtime)
     plain = exact_simulation(qmodel) if plain64 else None
     deployed = onnx_runner(runtime, path, threads=None)

@@ -104,3 +104,30 @@ def test_auto_leaves_out_a_runtime_but_not_a_recipe_error(tmp_path, monkeypatch)
     monkeypatch.setattr(QuantizeStage, "_build", failing(UserError))
     with pytest.raises(UserError, match="cannot take this network"):
         Pipeline(build_recipe(raw), tmp_path / "b" / "run").execute()
+
+
+def test_auto_keeps_a_file_whose_other_runtime_cannot_run_it(tmp_path, monkeypatch):
+    """target: auto compares each INT8 file on the other CPU runtime too; where that runtime cannot run it
+    (OpenVINO and some PyramidNet files), the file stays, checked on its own runtime, and only that pairing
+    is recorded as not compared (verify then does not ship it there)."""
+
+    from deploycraft.runtime import cpu_runtimes
+    from deploycraft.stages.quantize import QuantizeStage
+
+    if len(cpu_runtimes()) < 2:
+        pytest.skip("needs ONNX Runtime and OpenVINO (target auto builds one file per CPU runtime)")
+
+    def cannot(self, ctx, model, qmodel, target, path, runtime, *args):
+        raise RuntimeError(f"{runtime}: Argument shapes are inconsistent.")
+
+    raw = smoke_recipe(target="auto")
+    raw["stages"] = raw["stages"][:2]
+    monkeypatch.setattr(QuantizeStage, "_check_elsewhere", cannot)
+    out = tmp_path / "run"
+    Pipeline(build_recipe(raw), out).execute()
+    stage = next((out / "stages").glob("*-quantize-*"))
+    assert (stage / "model_int8.onnx").is_file() and (stage / "model_int8_openvino.onnx").is_file()
+    targets = json.loads((out / "report.json").read_text())["stages"]["quantize"]["targets"]
+    other = targets["onnxruntime-cpu"]["other_runtimes"]["openvino"]
+    assert "Argument shapes are inconsistent" in other["error"] and other["shortfalls"]
+    assert "not compared" in (out / "log.txt").read_text()

@@ -284,20 +284,27 @@ def act_quantizers(model: nn.Module) -> list[tuple[str, ActQuantizer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantizer)]
 
 
-def _active(m: nn.Module | None) -> bool:
+def _is_active(m: nn.Module | None) -> bool:
     """An activation quantizer that quantizes (not one that fallback turned off)."""
     return isinstance(m, ActQuantizer) and m.mode != "off"
 
 
-def expected_int8_convs(qmodel: fx.GraphModule, target: Target) -> int:
+def expected_int8_convs(qmodel: fx.GraphModule, target: Target, fused_only: bool = False) -> int:
     """How many convs the placement lets the target's runtime run in INT8.
 
     A conv runs in INT8 when its input is quantized (weights always are); ONNX Runtime also needs its
     output (or the output of the ReLU right after it) quantized to form a QLinearConv. The quantize
     stage holds the runtime's own optimized graph to this number, so a file that would silently run
-    convs in float never ships.
+    convs in float never ships. ``fused_only`` (a file ONNX Runtime runs that was placed for another
+    runtime): only quantizers ONNX Runtime fuses count (``onnxruntime_fuses``: not int8 tensors read twice).
     """
     need_output = target == "onnxruntime-cpu"
+
+    def _active(x) -> bool:
+        if fused_only and need_output:
+            return onnxruntime_fuses(qmodel, x)
+        return isinstance(x, fx.Node) and _is_active(_module(qmodel, x))
+
     count = 0
     for n in qmodel.graph.nodes:
         m = _module(qmodel, n)
@@ -307,13 +314,13 @@ def expected_int8_convs(qmodel: fx.GraphModule, target: Target) -> int:
             # INT4 weights: ONNX Runtime dequantizes them and runs the conv in float (smaller, not faster).
             continue
         src = n.args[0]
-        if not (isinstance(src, fx.Node) and _active(_module(qmodel, src))):
+        if not _active(src):
             continue
         if need_output:
             users = list(n.users)
             if len(users) == 1 and _is_relu(qmodel, users[0]):
                 users = list(users[0].users)
-            if not any(_active(_module(qmodel, u)) for u in users):
+            if not any(_active(u) for u in users):
                 continue
         count += 1
     return count

@@ -287,7 +287,9 @@ def load_quantized(float_model: torch.nn.Module, target: str, cfg: QuantizeConfi
 
 def _elsewhere_lines(target: str, runtime: str, o: dict[str, Any]) -> list[str]:
     """The report's lines for one INT8 file checked on a runtime it was not placed for."""
-    h, proof = o["held_out"], o.get("int8_execution") or {}
+    h, proof = o.get("held_out"), o.get("int8_execution") or {}
+    if h is None:
+        return [f"The {target} file on {runtime} was not compared with its simulation there: {o.get('error')}."]
     line = (
         f"The {target} file on {runtime} (`target: auto` may ship it there), against the simulation fused and "
         f"rounded as {runtime} runs it ({h.get('sim_precision') or o.get('sim_vs_onnx_precision')}): held-out "
@@ -883,9 +885,16 @@ class QuantizeStage(Stage):
             )
         log(f"  sim vs {runtime}: top-1 agreement {metrics['sim_vs_onnx_top1_agreement']:.3f} on 64 images")
         for other in self._elsewhere:
-            if other != runtime:
-                elsewhere = metrics.setdefault("other_runtimes", {})
+            if other == runtime:
+                continue
+            elsewhere = metrics.setdefault("other_runtimes", {})
+            try:
                 elsewhere[other] = self._check_elsewhere(ctx, model, qmodel, target, path, other, check, workdir)
+            except Exception as exc:  # noqa: BLE001 - a runtime that cannot run a file it was not placed for
+                # the file stays, checked on its own runtime; only this pairing is off auto's list
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+                elsewhere[other] = {"runtime": other, "error": why, "shortfalls": [f"{other} could not run it: {why}"]}
+                log(f"  [yellow]{target} file on {other}: not compared ({why}); auto will not ship it there[/]")
         write_json(
             workdir / f"quant{STATE_SUFFIX[target]}.json",
             {"config": cfg.model_dump(mode="json"), "ranges": built.ranges},
@@ -912,7 +921,7 @@ class QuantizeStage(Stage):
         }
         proof = int8_execution(path, RUNTIME_TARGET[runtime], workdir)
         if proof is not None:
-            proof["expected_int8_convs"] = expected_int8_convs(as_run, RUNTIME_TARGET[runtime])
+            proof["expected_int8_convs"] = expected_int8_convs(as_run, RUNTIME_TARGET[runtime], fused_only=True)
             if "clip_only" in proof:
                 simulated = sorted(n for n, q in act_quantizers(as_run) if q.mode == "quantize" and not q.rounds)
                 proof["clip_only"] = {"runtime": proof["clip_only"], "simulated": simulated}

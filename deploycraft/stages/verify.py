@@ -491,6 +491,8 @@ class VerifyStage(Stage):
                 log(f"  {name:<28} top-1 {info[name]['top1']:.4f}")
             agreement_with_reference(info, predictions)
             for name in info:
+                if rows[name].size_of == "reference":
+                    continue  # the unpruned comparison files: the quantize stage did not build them
                 agreement, barred = simulation_check(ctx.results.get("quantize") or {}, info[name])
                 if agreement is not None:
                     info[name]["simulation_agreement"] = agreement
@@ -572,7 +574,9 @@ class VerifyStage(Stage):
                 main, table = select_fastest(pool, ref_top1, cfg.max_accuracy_drop, cfg.batch_sizes)
                 if main is None:  # nothing inside the budget: ship nothing silently wrong, let the gate fail
                     main = next((r["name"] for r in table if "not_shippable" not in r), table[0]["name"])
-                log(f"  target auto: {main} is the fastest inside the accuracy budget")
+                    log(f"  [yellow]target auto: no candidate inside the accuracy budget; {main} is the fastest[/]")
+                else:
+                    log(f"  target auto: {main} is the fastest inside the accuracy budget")
                 return main, table, [main]
         int8 = INT8_NAME.get(target)
         if int8 is not None and int8.value in info:
