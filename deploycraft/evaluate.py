@@ -22,14 +22,16 @@ def top1(
     description: str = "evaluate",
     world: World | None = None,
     predictions: list[torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
 ) -> float:
     """Top-1 on the held-out split. With a ``world`` of several ranks (all of them calling this with the same
     model) each rank evaluates every world_size-th batch and the counts are summed over the ranks.
-    ``predictions``, when given, receives each batch's predicted classes (for agreement between models)."""
+    ``predictions``, when given, receives each batch's predicted classes (for agreement between models).
+    ``device``: where the batches are prepared (see ``DataModule.val_batches``); default the CPU."""
     shard = world.shard if world is not None else None
     correct = total = 0
     with bar(description, data.num_val_batches(batch_size, shard)) as b:
-        for x, y in data.val_batches(batch_size, shard):
+        for x, y in data.val_batches(batch_size, shard, device):
             logits = predict(x)
             if isinstance(logits, torch.Tensor):
                 pred = logits.argmax(1).cpu()

@@ -95,6 +95,9 @@ def test_aoti_fp16_package_on_cuda(tmp_path, tiny_resnet):
     out = runner(runner.prepare(x)).cpu()
     assert out.dtype == torch.float32
     assert (out.argmax(1) == TorchRunner(tiny_resnet)(x).argmax(1)).float().mean() >= 0.95
+    graphed = AotiRunner(path, cuda_graph=True)  # the package's call replayed as a CUDA graph: the same numbers
+    for _ in range(2):
+        torch.testing.assert_close(graphed(graphed.prepare(x)).cpu(), out)
 
 
 def test_amp_training_and_gpu_deployables_through_the_pipeline(tmp_path):
@@ -109,3 +112,19 @@ def test_amp_training_and_gpu_deployables_through_the_pipeline(tmp_path):
     for name in ("fp16_torch_cuda", "bf16_torch_cuda", "aoti_fp16", "fp16_onnx"):
         assert m[name]["top1_agreement"] >= 0.95, name
     assert (tmp_path / "run" / "deploy" / "model_fp16.pt2").is_file()
+
+
+def test_batches_prepared_on_the_gpu_match_the_cpu_batches():
+    """Training on CUDA prepares its batches there (resize, crop, flip, normalize): the same images as on the CPU."""
+    from deploycraft.data import DataModule
+    from deploycraft.data.transforms import Augment
+    from deploycraft.recipe import DataConfig
+
+    dm = DataModule(DataConfig(dataset="synthetic", image_size=64, train_subset=70, val_subset=40), seed=3)
+    aug = Augment(crop_padding=3, hflip=True)
+    pairs = zip(dm.train_epoch(16, 1, aug), dm.train_epoch(16, 1, aug, device="cuda"), strict=True)
+    for (x, y), (gx, gy) in pairs:
+        assert gx.is_cuda and torch.equal(gy, y)
+        torch.testing.assert_close(gx.cpu(), x, rtol=1e-4, atol=1e-4)
+    for (x, _), (gx, _) in zip(dm.val_batches(16), dm.val_batches(16, device="cuda"), strict=True):
+        torch.testing.assert_close(gx.cpu(), x, rtol=1e-4, atol=1e-4)

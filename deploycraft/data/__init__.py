@@ -47,6 +47,10 @@ def _batches(
     yield from loader
 
 
+def _to(images: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
+    return images if device is None else images.to(device, non_blocking=True)
+
+
 def _batch_list(
     source, batches: list[torch.Tensor], num_workers: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -150,9 +154,16 @@ class DataModule:
         return math.ceil(self.num_train / batch_size)
 
     def train_epoch(
-        self, batch_size: int, epoch: int, augment: Augment | None, shard: tuple[int, int] | None = None
+        self,
+        batch_size: int,
+        epoch: int,
+        augment: Augment | None,
+        shard: tuple[int, int] | None = None,
+        device: str | torch.device | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled, augmented batches of one epoch; the same (seed, epoch) gives the same batches.
+        ``device``: where the batches are prepared (resized, augmented, normalized) and returned; the uint8
+        images go there first (a GPU trains without waiting for the CPU to prepare its batches).
 
         With ``shard=(rank, world_size)`` each batch of ``batch_size`` (the global batch) is cut into
         world_size contiguous parts (sizes differ by at most one; a part may be empty in a last, small
@@ -168,7 +179,7 @@ class DataModule:
         order = self.train_index[torch.randperm(len(self.train_index), generator=gen)]
         if shard is None:
             for images, labels in _batches(self.train, order, batch_size, self.cfg.num_workers):
-                yield prepare_batch(images, self.spec, augment, gen), labels
+                yield prepare_batch(_to(images, device), self.spec, augment, gen), labels
             return
         rank, world_size = shard
         parts, draws = [], []
@@ -180,7 +191,7 @@ class DataModule:
             parts.append(batch[lo:hi])
             draws.append(draw_augment(augment, len(batch), gen)[lo:hi] if augment is not None else None)
         for (images, labels), draw in zip(_batch_list(self.train, parts, self.cfg.num_workers), draws, strict=True):
-            yield prepare_batch(images, self.spec, augment, draw=draw), labels
+            yield prepare_batch(_to(images, device), self.spec, augment, draw=draw), labels
 
     # --- evaluation -----------------------------------------------------------------------------
     @property
@@ -188,18 +199,19 @@ class DataModule:
         return len(self.val_index)
 
     def val_batches(
-        self, batch_size: int, shard: tuple[int, int] | None = None
+        self, batch_size: int, shard: tuple[int, int] | None = None, device: str | torch.device | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Held-out batches in order; with ``shard=(rank, world_size)`` only batches rank, rank + world_size,
-        ...: every image is evaluated in the same batch as in one process, by exactly one rank."""
+        ...: every image is evaluated in the same batch as in one process, by exactly one rank. ``device``: as
+        in ``train_epoch``."""
         if shard is None:
             for images, labels in _batches(self.val, self.val_index, batch_size, self.cfg.num_workers):
-                yield prepare_batch(images, self.spec), labels
+                yield prepare_batch(_to(images, device), self.spec), labels
             return
         rank, world_size = shard
         batches = [self.val_index[i : i + batch_size] for i in range(0, len(self.val_index), batch_size)]
         for images, labels in _batch_list(self.val, batches[rank::world_size], self.cfg.num_workers):
-            yield prepare_batch(images, self.spec), labels
+            yield prepare_batch(_to(images, device), self.spec), labels
 
     def num_val_batches(self, batch_size: int, shard: tuple[int, int] | None = None) -> int:
         steps = math.ceil(self.num_val / batch_size)

@@ -91,7 +91,7 @@ def apply_crop_flip(x: torch.Tensor, aug: Augment, draw: AugmentDraw) -> torch.T
         padded = F.pad(x, (p, p, p, p))  # zero padding: the background of the image after scaling
         x = torch.stack([padded[i, :, oy : oy + h, ox : ox + w] for i, (oy, ox) in enumerate(draw.offsets.tolist())])
     if draw.flips is not None:
-        x = torch.where(draw.flips.view(n, 1, 1, 1), x.flip(-1), x)
+        x = torch.where(draw.flips.to(x.device).view(n, 1, 1, 1), x.flip(-1), x)
     return x
 
 
@@ -106,7 +106,8 @@ def prepare_batch(
     generator: torch.Generator | None = None,
     draw: AugmentDraw | None = None,
 ) -> torch.Tensor:
-    """uint8 NCHW (any size, 1 or 3 channels) -> normalized float32 NCHW at ``spec``.
+    """uint8 NCHW (any size, 1 or 3 channels) -> normalized float32 NCHW at ``spec``, on the images' device
+    (a GPU prepares its batches itself: only the uint8 images cross the bus).
 
     Augmentation takes its random choices from ``draw`` if given, else from ``generator``."""
     x = images.float().div_(255.0)
@@ -118,8 +119,8 @@ def prepare_batch(
             draw = draw_augment(augment, len(x), generator)
         x = apply_crop_flip(x, augment, draw)
     x = convert_channels(x, spec.channels)
-    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return ((x - mean) / std).contiguous()
 
 

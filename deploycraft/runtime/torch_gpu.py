@@ -7,7 +7,7 @@ machine (no GPU), its tests carry the ``gpu`` marker.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,31 +36,38 @@ class CudaRunner:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.to(self.dtype).contiguous(memory_format=self.format)).float()
 
-    def _capture(self, x: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        static_in = torch.empty_like(x)
-        static_in.copy_(x)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(3):  # warm-up outside the graph: cuDNN autotuning and allocations happen here
-                self._forward(static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
-            static_out = self._forward(static_in)
-        return graph, static_in, static_out
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cuda_graph:
             with torch.inference_mode():
                 out = self._forward(x)
         else:
-            key = tuple(x.shape)
-            if key not in self.graphs:
-                self.graphs[key] = self._capture(x)
-            graph, static_in, static_out = self.graphs[key]
-            static_in.copy_(x)
-            graph.replay()
-            out = static_out.clone()  # the next replay overwrites static_out
+            out = replay(self.graphs, self._forward, x)
         torch.cuda.synchronize()
         return out
+
+
+def capture(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """``forward`` on a tensor shaped like ``x`` recorded as one CUDA graph: (graph, static input, static output)."""
+    static_in = torch.empty_like(x)
+    static_in.copy_(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(3):  # warm-up outside the graph: cuDNN autotuning and allocations happen here
+            forward(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        static_out = forward(static_in)
+    return graph, static_in, static_out
+
+
+def replay(graphs: dict, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``forward(x)`` by replaying the graph captured for x's shape (captured on first use, kept in ``graphs``)."""
+    key = tuple(x.shape)
+    if key not in graphs:
+        graphs[key] = capture(forward, x)
+    graph, static_in, static_out = graphs[key]
+    static_in.copy_(x)
+    graph.replay()
+    return static_out.clone()  # the next replay overwrites static_out

@@ -56,3 +56,18 @@ def test_held_out_batches_go_to_one_rank_each():
     interleaved = [parts[i % 2][i // 2] for i in range(len(whole))]
     for (x, y), (px, py) in zip(whole, interleaved, strict=True):
         assert torch.equal(x, px) and torch.equal(y, py)
+
+
+def test_batches_prepared_on_a_named_device_are_the_cpu_batches():
+    """``device`` moves the uint8 images before they are prepared; on the CPU that changes nothing at all (the
+    GPU case is tests/test_gpu.py). Resized (native 32 px to 24), cropped, flipped, sharded and held out."""
+    dm = DataModule(DataConfig(dataset="synthetic", image_size=24, train_subset=70, val_subset=40), seed=3)
+    aug = Augment(crop_padding=3, hflip=True)
+    for shard in (None, (1, 2)):
+        ref = list(dm.train_epoch(16, epoch=1, augment=aug, shard=shard))
+        got = list(dm.train_epoch(16, epoch=1, augment=aug, shard=shard, device="cpu"))
+        assert len(got) == len(ref)
+        for (x, y), (gx, gy) in zip(ref, got, strict=True):
+            assert x.shape[-1] == 24 and torch.equal(gx, x) and torch.equal(gy, y)
+        for (x, y), (gx, gy) in zip(dm.val_batches(16, shard), dm.val_batches(16, shard, "cpu"), strict=True):
+            assert torch.equal(gx, x) and torch.equal(gy, y)
