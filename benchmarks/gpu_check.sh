@@ -70,7 +70,7 @@ case " ${STEPS:-1 2 3} " in *" 2 "*)
 ;; esac
 case " ${STEPS:-1 2 3} " in *" 3 "*)
   note "step 3: ResNet-56 chain, gpu tests, torchrun NCCL smoke (side by side)"
-  (timeout 330 python3 -m deploycraft run recipes/resnet56_prune_kd_int8.yaml \
+  (timeout 420 python3 -m deploycraft run recipes/resnet56_prune_kd_int8.yaml \
     "${NO_LATER[@]}" -o "$RUNS/r56" > "$RUNS/r56.log" 2>&1; note "resnet56 chain rc=$?"
    python3 - "$RUNS/r56" "$OUT/resnet56_distilled.pt" <<'PY'
 import json, sys
