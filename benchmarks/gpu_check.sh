@@ -9,6 +9,7 @@
 #      model this step packs as $OUT/resnet56_distilled.pt), the gpu-marked tests, and the flagship at 224 px
 #      under torchrun on NCCL as a world of one (smoke test: 4,096 training images).
 # Without network: wheels of the missing packages in .whl/, Fashion-MNIST in .data/fashion-mnist/.
+# 4. (only when named in STEPS) the gpu-marked tests alone.
 # STEPS (default "1 2 3") picks steps; each step has its own time limit, so the script always ends.
 # A dry run of the plumbing on a CPU machine: DEVICE=cpu EXTRA_SETS="--set data.train_subset=128 ..."
 #   DEPLOYABLE_ARGS="--device cpu --precision fp32 --val-subset 64 --batch-sizes 1 2 --repeats 4".
@@ -96,6 +97,12 @@ PY
   wait $TESTS
   tail -5 "$OUT/pytest_gpu.txt" | tee -a "$OUT/steps.txt"
   wait $R56
+;; esac
+case " ${STEPS:-1 2 3} " in *" 4 "*)  # the gpu-marked tests alone (PYTEST_K: a -k selection)
+  timeout "${PYTEST_LIMIT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} \
+    > "$OUT/pytest_gpu.txt" 2>&1
+  note "pytest gpu rc=$?"
+  tail -5 "$OUT/pytest_gpu.txt" | tee -a "$OUT/steps.txt"
 ;; esac
 # The run folders' logs, run.json and report.json (no weights) in one archive: $OUT holds at most 8 files.
 (cd "$RUNS" && find . -maxdepth 2 \( -name '*.log' -o -name run.json -o -name report.json -o -name log.txt \) -print0 \

@@ -43,32 +43,23 @@ def package_device(path: Path) -> str:
 class AotiRunner:
     """Runs an AOTInductor package; on CUDA the call waits for the GPU so that wall-clock timing is true.
 
-    ``cuda_graph``: a CUDA package's call replayed as one CUDA graph per input shape (the package still
-    launches each kernel from its C++ wrapper; a graph removes that launch cost at small batches)."""
+    Not replayed as a CUDA graph: capturing a package's call fails with torch 2.11 on an H200 ("operation not
+    permitted when stream is capturing"), and the failed capture breaks later Inductor compiles in the process."""
 
     backend = "torch-aoti"
 
-    def __init__(self, path: Path, cuda_graph: bool = False):
+    def __init__(self, path: Path):
         self.path = Path(path)
         self.device = package_device(self.path)
         self.model = load_package(self.path)
         self.cuda_events = self.device.startswith("cuda")  # bench times GPU packages with CUDA events
-        if cuda_graph and not self.cuda_events:
-            raise ValueError(f"{self.path.name} is a {self.device} package: CUDA graphs need a CUDA one")
-        self.cuda_graph = cuda_graph
-        self.graphs: dict = {}
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, torch.float32).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cuda_graph:
-            from deploycraft.runtime.torch_gpu import replay
-
-            out = replay(self.graphs, self.model, x)
-        else:
-            with torch.inference_mode():
-                out = self.model(x)
+        with torch.inference_mode():
+            out = self.model(x)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         return out
