@@ -89,6 +89,9 @@ def test_aoti_package_builds_runs_and_matches_torch_on_cpu(tmp_path):
         metadata={"deploycraft.arch": "t", "deploycraft.input": {"channels": 3, "image_size": 8}},
     )
     assert path.is_file() and package_device(path) == "cpu"
+    from deploycraft.runtime.aoti import check_loads
+
+    check_loads(path)  # the child-process load (done for CUDA packages) passes for a package that loads
     assert not list(tmp_path.glob(".*")), "no temporary files left beside the package"
     runner = AotiRunner(path)
     meta = runner.model.get_metadata()
@@ -140,6 +143,25 @@ def test_cuda_package_refused_without_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(aoti.torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="compiled for cuda"):
         aoti.load_package(path)
+
+
+@pytest.mark.parametrize(
+    ("check", "message"),
+    [
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", r"the loader crashed \(SIGSEGV\)"),
+        ("raise RuntimeError('the archive is not a package')", "the loader failed: RuntimeError: the archive is"),
+    ],
+)
+def test_a_package_the_loader_cannot_load_is_one_clear_error(tmp_path, monkeypatch, check, message):
+    """Seen on an H200 (torch 2.11, CUDA 13): aoti_load_package crashed the process. The load is tried in a
+    child process first, so a crash becomes one error naming the file, not the end of the run."""
+    from deploycraft.errors import UserError
+    from deploycraft.runtime import aoti
+
+    monkeypatch.setattr(aoti, "LOAD_CHECK", check)
+    with pytest.raises(UserError, match=message) as info:
+        aoti.check_loads(tmp_path / "model_fp16.pt2")
+    assert "model_fp16.pt2 cannot be loaded by torch" in str(info.value)
 
 
 def test_aoti_resnet20_package_matches_torch(tmp_path, tiny_resnet):

@@ -24,7 +24,47 @@ def load_package(path: Path) -> Any:
             f"{Path(path).name} was compiled for {device}, and torch sees no GPU here",
             fix="run it on a machine with a CUDA GPU, or build a CPU package (export aoti_device: cpu)",
         )
+    if device.startswith("cuda"):
+        check_loads(path)
     return torch._inductor.aoti_load_package(str(path))
+
+
+# Loads a package in a fresh interpreter: a loader that crashes takes that process down, not the caller.
+LOAD_CHECK = "import sys, torch._inductor; torch._inductor.aoti_load_package(sys.argv[1])"
+
+
+def check_loads(path: Path, timeout: float = 600.0) -> None:
+    """Load ``path`` once in a child process and raise one UserError if that fails or crashes.
+
+    Measured on an H200 with torch 2.11 (CUDA 13): CUDA packages this module built were refused by
+    ``aoti_load_package`` with a segmentation fault in a new process, which would end a run with no message.
+    Done for CUDA packages (a few seconds: one torch import); CPU packages loaded everywhere they were tried."""
+    import signal
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", LOAD_CHECK, str(path)], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        why = f"loading it did not end within {timeout:.0f} s"
+    else:
+        if proc.returncode == 0:
+            return
+        if proc.returncode < 0:
+            try:
+                why = f"the loader crashed ({signal.Signals(-proc.returncode).name})"
+            except ValueError:
+                why = f"the loader was killed by signal {-proc.returncode}"
+        else:
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            why = f"the loader failed: {lines[-1][:200] if lines else f'exit code {proc.returncode}'}"
+    raise UserError(
+        f"{Path(path).name} cannot be loaded by torch {torch.__version__} on this machine: {why}",
+        fix="leave aoti out of stages.export.format here (the ONNX deployables do not need it), "
+        "or build and run the package with another torch version",
+    )
 
 
 def package_device(path: Path) -> str:
