@@ -248,20 +248,30 @@ def int8_execution(path: Path, target: Target, workdir: Path) -> dict[str, Any] 
     return None
 
 
-def check_int8_execution(path: Path, target: Target, qmodel: nn.Module, workdir: Path) -> dict[str, Any] | None:
-    """``int8_execution`` held to the placement: fewer INT8 convs than it quantizes is an error."""
+def int8_execution_vs_placement(
+    path: Path, target: Target, qmodel: nn.Module, workdir: Path, fused_only: bool = False
+) -> dict[str, Any] | None:
+    """``int8_execution`` beside what the simulation ``qmodel`` expects: the convs it quantizes
+    (``expected_int8_convs``; ``fused_only``: only those the runtime fuses, for a file placed for another one)
+    and, for OpenVINO, the quantizers applied without rounding as run and as simulated. Recorded, not judged."""
     proof = int8_execution(path, target, workdir)
     if proof is None:
         return None
-    proof["expected_int8_convs"] = expected = expected_int8_convs(qmodel, target)
-    if proof["int8_convs"] < expected:
-        raise DeployableCheckError(
-            f"{proof['runtime']} would run only {proof['int8_convs']} of the {expected} convs that {path.name} "
-            f"quantizes in INT8 ({proof['convs']} convs in all): the rest would run in float"
-        )
+    proof["expected_int8_convs"] = expected_int8_convs(qmodel, target, fused_only=fused_only)
     if "clip_only" in proof:  # the quantizers OpenVINO applies without rounding, as run and as simulated
         simulated = sorted(name for name, q in act_quantizers(qmodel) if q.mode == "quantize" and not q.rounds)
         proof["clip_only"] = {"runtime": proof["clip_only"], "simulated": simulated}
+    return proof
+
+
+def check_int8_execution(path: Path, target: Target, qmodel: nn.Module, workdir: Path) -> dict[str, Any] | None:
+    """``int8_execution`` held to the placement: fewer INT8 convs than it quantizes is an error."""
+    proof = int8_execution_vs_placement(path, target, qmodel, workdir)
+    if proof is not None and proof["int8_convs"] < proof["expected_int8_convs"]:
+        raise DeployableCheckError(
+            f"{proof['runtime']} would run only {proof['int8_convs']} of the {proof['expected_int8_convs']} convs "
+            f"that {path.name} quantizes in INT8 ({proof['convs']} convs in all): the rest would run in float"
+        )
     return proof
 
 

@@ -36,7 +36,7 @@ from deploycraft.deployables import (
     build_targets,
     check_int8_execution,
     export_deployable,
-    int8_execution,
+    int8_execution_vs_placement,
     onnx_metadata,
     quantized_module,
 )
@@ -50,7 +50,7 @@ from deploycraft.progress import log
 from deploycraft.quant import fidelity, sensitivity
 from deploycraft.quant.graph import ChannelAffine, attach_live_bn, capture, fold_bn, folded_conv_paths, stage_outputs
 from deploycraft.quant.modules import QuantConv2d, exact_simulation, fold_live_bn
-from deploycraft.quant.placement import act_quantizers, expected_int8_convs, fused_as
+from deploycraft.quant.placement import act_quantizers, fused_as
 from deploycraft.runtime import onnx_runner
 from deploycraft.stages.base import Stage, StageOutput, register_stage
 from deploycraft.stages.train import train_epochs, where_words
@@ -813,11 +813,7 @@ class QuantizeStage(Stage):
         # The deployed file computes what the simulation computes: compared in float64 (with ONNX Runtime's own
         # requantization where it runs the file), as on the held-out split below.
         runtime = TARGET_RUNTIME[target]
-        # one float64 copy for the check, the held-out split and the fidelity, computing as ``runtime`` does
-        exact = exact_simulation(qmodel, runtime)
-        with torch.no_grad():
-            sim = exact(check.double()).numpy()
-        out = onnx_runner(runtime, path, threads=None)(check.numpy())
+        compared = self._compare(ctx, model, qmodel, runtime, path, check)
         metrics = {
             "target": target,
             "runtime": runtime,
@@ -827,9 +823,7 @@ class QuantizeStage(Stage):
             "onnx_ops": built.ops,
             "bias_fitted_channels": built.bias_fitted,
             "bytes": path.stat().st_size,
-            "sim_vs_onnx_rel_error": relative_error(out, sim),
-            "sim_vs_onnx_top1_agreement": float((out.argmax(1) == sim.argmax(1)).mean()),
-            "sim_vs_onnx_precision": exact.simulation_arithmetic,
+            **compared["check"],
         }
         if built.bias_fitted:
             log(
@@ -847,22 +841,12 @@ class QuantizeStage(Stage):
             metrics["qat"] = qat_metrics
         if sens is not None:
             metrics["sensitivity"] = sens
-        metrics["held_out"] = held_out_agreement(
-            model,
-            exact if cfg.agreement_precision == "float64" else qmodel,
-            onnx_runner(runtime, path, threads=None),
-            data,
-            cfg.agreement_precision,
-            runtime,
-        )
-        h = metrics["held_out"]
+        metrics["held_out"] = h = compared["held_out"]
         log(
             f"  {target}: held-out top-1 agreement FP32-sim {h['fp32_vs_sim']:.4f}, sim-{runtime} "
             f"{h['sim_vs_deployed']:.4f}, FP32-{runtime} {h['fp32_vs_deployed']:.4f} ({h['images']} images)"
         )
-        metrics["fidelity"] = fidelity.compare(
-            exact, onnx.load(str(path)), runtime, check[:16], cfg.fidelity_tolerance
-        )  # 16 images: every quantizer output of both sides is held in memory
+        metrics["fidelity"] = compared["fidelity"]
         first = metrics["fidelity"]["first_over"]
         if first is not None:
             log(
@@ -902,39 +886,47 @@ class QuantizeStage(Stage):
         artifact = {"path": path.name, "format": "onnx", "precision": "int8", "backend": runtime, "target": target}
         return artifact, metrics
 
+    def _compare(self, ctx, model, sim_module, runtime: str, path: Path, check) -> dict[str, Any]:
+        """The file at ``path`` run by ``runtime`` against the simulation ``sim_module`` (in float64 with that
+        runtime's rounding, or as configured): on the check batch, on the held-out split (with FP32 ``model``)
+        and layer by layer on 16 images (every quantizer output of both sides is held in memory)."""
+        cfg = self.config
+        # one float64 copy for the check, the held-out split and the fidelity, computing as ``runtime`` does
+        exact = exact_simulation(sim_module, runtime)
+        with torch.no_grad():
+            sim = exact(check.double()).numpy()
+        out = onnx_runner(runtime, path, threads=None)(check.numpy())
+        held_out = held_out_agreement(
+            model,
+            exact if cfg.agreement_precision == "float64" else sim_module,
+            onnx_runner(runtime, path, threads=None),
+            ctx.data,
+            cfg.agreement_precision,
+            runtime,
+        )
+        return {
+            "check": {
+                "sim_vs_onnx_rel_error": relative_error(out, sim),
+                "sim_vs_onnx_top1_agreement": float((out.argmax(1) == sim.argmax(1)).mean()),
+                "sim_vs_onnx_precision": exact.simulation_arithmetic,
+            },
+            "held_out": held_out,
+            "fidelity": fidelity.compare(exact, onnx.load(str(path)), runtime, check[:16], cfg.fidelity_tolerance),
+        }
+
     def _check_elsewhere(self, ctx, model, qmodel, target: str, path: Path, runtime: str, check, workdir: Path):
         """The file placed for ``target`` on another CPU runtime (``target: auto`` may ship it there), against
         the simulation fused and rounded as that runtime runs it (``placement.fused_as``): on the check batch,
         on the held-out split and layer by layer, with what that runtime runs in INT8. A shortfall is reported
         (and keeps auto from shipping that pairing), not raised: the file is checked on its own runtime."""
-        cfg, data = self.config, ctx.data
         as_run = fused_as(qmodel, runtime)
-        exact = exact_simulation(as_run, runtime)
-        with torch.no_grad():
-            sim = exact(check.double()).numpy()
-        out = onnx_runner(runtime, path, threads=None)(check.numpy())
-        result: dict[str, Any] = {
-            "runtime": runtime,
-            "sim_vs_onnx_rel_error": relative_error(out, sim),
-            "sim_vs_onnx_top1_agreement": float((out.argmax(1) == sim.argmax(1)).mean()),
-            "sim_vs_onnx_precision": exact.simulation_arithmetic,
-        }
-        proof = int8_execution(path, RUNTIME_TARGET[runtime], workdir)
+        compared = self._compare(ctx, model, as_run, runtime, path, check)
+        result: dict[str, Any] = {"runtime": runtime, **compared["check"]}
+        proof = int8_execution_vs_placement(path, RUNTIME_TARGET[runtime], as_run, workdir, fused_only=True)
         if proof is not None:
-            proof["expected_int8_convs"] = expected_int8_convs(as_run, RUNTIME_TARGET[runtime], fused_only=True)
-            if "clip_only" in proof:
-                simulated = sorted(n for n, q in act_quantizers(as_run) if q.mode == "quantize" and not q.rounds)
-                proof["clip_only"] = {"runtime": proof["clip_only"], "simulated": simulated}
             result["int8_execution"] = proof
-        result["held_out"] = held_out_agreement(
-            model,
-            exact if cfg.agreement_precision == "float64" else as_run,
-            onnx_runner(runtime, path, threads=None),
-            data,
-            cfg.agreement_precision,
-            runtime,
-        )
-        result["fidelity"] = fidelity.compare(exact, onnx.load(str(path)), runtime, check[:16], cfg.fidelity_tolerance)
+        result["held_out"] = compared["held_out"]
+        result["fidelity"] = compared["fidelity"]
         short = []
         if proof is not None and proof["int8_convs"] < proof["expected_int8_convs"]:
             short.append(f"{runtime} runs {proof['int8_convs']} of {proof['expected_int8_convs']} convs in INT8")
