@@ -10,13 +10,21 @@
 #      under torchrun on NCCL as a world of one (smoke test: 4,096 training images).
 # Without network: wheels of the missing packages in .whl/, Fashion-MNIST in .data/fashion-mnist/.
 # 4. (only when named in STEPS) the gpu-marked tests alone.
-# STEPS (default "1 2 3") picks steps; each step has its own time limit, so the script always ends.
+# STEPS (default "1 2 3") picks steps; each step has its own time limits. All three steps take about 10 minutes
+# on an H200, more than one call of the device (600 s): run STEPS="1 2" and STEPS=3 as two calls.
 # A dry run of the plumbing on a CPU machine: DEVICE=cpu EXTRA_SETS="--set data.train_subset=128 ..."
 #   DEPLOYABLE_ARGS="--device cpu --precision fp32 --val-subset 64 --batch-sizes 1 2 --repeats 4".
 set -uo pipefail
 source benchmarks/gpu_env.sh
-RUNS=${RUNS:-/tmp/gpu_runs}
+RUNS=${RUNS:-/tmp/gpu_runs/$(date +%s)}  # a new folder per call: a warm machine keeps /tmp, and a run folder resumes
 mkdir -p "$RUNS"
+# The run folders' logs, run.json and report.json (no weights) in one archive, after every step and on exit
+# (a call killed at the device's 600 s limit still returns them): $OUT holds at most 8 files.
+archive() {
+  (cd "$RUNS" && find . -maxdepth 2 \( -name '*.log' -o -name run.json -o -name report.json -o -name log.txt \) -print0 \
+    | tar --null -czf "$OUT/logs.tar.gz" -T -)
+}
+trap archive EXIT
 T0=$SECONDS
 note() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$OUT/steps.txt"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,memory.total --format=csv | tee -a "$OUT/steps.txt"
@@ -54,20 +62,28 @@ for name in ("fp32_32", "amp_32", "fp32_224", "amp_224"):
 print(json.dumps(rows, indent=1))
 PY
   grep -h "epoch 1/1:" "$RUNS"/*.log | tee -a "$OUT/steps.txt"
+  archive
 ;; esac
 case " ${STEPS:-1 2 3} " in *" 2 "*)
   note "step 2: AOTInductor FP16 package of the 224-px ResNet-50"
   W=$RUNS/amp_224/deploy/torch/weights.pt
-  if [ -f "$W" ]; then
-    timeout 240 python3 benchmarks/gpu_deployables.py --weights "$W" --build-only --package /tmp/pkg/model_fp16.pt2 ${DEPLOYABLE_ARGS:-} \
+  [ -f "$W" ] || W=$(ls -t /tmp/gpu_runs/*/amp_224/deploy/torch/weights.pt 2>/dev/null | head -1)  # an earlier call's
+  PKG=$RUNS/pkg/model.pt2
+  if [ -n "$W" ] && [ -f "$W" ]; then
+    note "weights: $W"
+    timeout 240 python3 benchmarks/gpu_deployables.py --weights "$W" --build-only --package "$PKG" ${DEPLOYABLE_ARGS:-} \
       > "$RUNS/aoti_build.log" 2>&1
-    note "aoti build rc=$?: $(grep -m1 compiled "$RUNS/aoti_build.log")"
-    timeout 150 python3 benchmarks/gpu_deployables.py --weights "$W" --package /tmp/pkg/model_fp16.pt2 ${DEPLOYABLE_ARGS:-} \
-      --json "$OUT/aoti.json" 2>&1 | tail -12 | tee -a "$OUT/steps.txt"
-    note "aoti timing rc=$?"
+    rc=$?
+    note "aoti build rc=$rc: $(grep -m1 compiled "$RUNS/aoti_build.log")"
+    if [ $rc = 0 ]; then
+      timeout 150 python3 benchmarks/gpu_deployables.py --weights "$W" --package "$PKG" ${DEPLOYABLE_ARGS:-} \
+        --json "$OUT/aoti.json" 2>&1 | tail -12 | tee -a "$OUT/steps.txt"
+      note "aoti timing rc=${PIPESTATUS[0]}"
+    fi
   else
     note "no 224-px checkpoint: step 2 skipped"
   fi
+  archive
 ;; esac
 case " ${STEPS:-1 2 3} " in *" 3 "*)
   note "step 3: ResNet-56 chain, gpu tests, torchrun NCCL smoke (side by side)"
@@ -104,7 +120,4 @@ case " ${STEPS:-1 2 3} " in *" 4 "*)  # the gpu-marked tests alone (PYTEST_K: a 
   note "pytest gpu rc=$?"
   tail -5 "$OUT/pytest_gpu.txt" | tee -a "$OUT/steps.txt"
 ;; esac
-# The run folders' logs, run.json and report.json (no weights) in one archive: $OUT holds at most 8 files.
-(cd "$RUNS" && find . -maxdepth 2 \( -name '*.log' -o -name run.json -o -name report.json -o -name log.txt \) -print0 \
-  | tar --null -czf "$OUT/logs.tar.gz" -T -)
 note "done"

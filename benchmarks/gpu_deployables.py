@@ -78,6 +78,14 @@ def main() -> int:
     out: dict = {"gpu": gpu_info() if cuda else None, "torch": torch.__version__, "cuda": torch.version.cuda}
     out.update(arch=args.arch, image_size=args.image_size, precision=args.precision, held_out=data.num_val)
 
+    try:
+        return run(args, model, data, out, cuda)
+    finally:  # what was measured before a failure (a loader that crashes ends the process before this)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+
+
+def run(args, model, data, out: dict, cuda: bool) -> int:
     if args.build_only or not args.package.is_file():
         built = build_aoti_package(
             copy.deepcopy(model),
@@ -134,7 +142,7 @@ def main() -> int:
     )
     out["timing_s"] = round(time.perf_counter() - start, 1)
     out["latency_ms"] = {n: {str(bs): res[n][bs].p50 for bs in args.batch_sizes} for n in runners}
-    large = max(args.batch_sizes)
+    large = 256 if 256 in args.batch_sizes else max(args.batch_sizes)  # the bar is set at batch 256
     print(f"{out['gpu']}, torch {torch.__version__}, CUDA {torch.version.cuda}; {args.arch} at {args.image_size} px")
     print(
         f"held-out top-1: FP32 {acc['fp32']:.4f}, package {acc['package']:.4f}; "
@@ -158,8 +166,6 @@ def main() -> int:
             "agreement": [out["agreement"]["package"], out["agreement"]["package"] >= BARS["agreement"]],
         }
         print("bars (value, met):", json.dumps(out["bars"]))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
     return 0
 
 

@@ -187,3 +187,61 @@ def test_mixed_precision_training_is_refused_on_the_cpu(tmp_path, tiny_resnet):
         with pytest.raises(UserError) as e:
             train_epochs(tiny_resnet, None, cfg, tmp_path, 0, device="cpu")
         assert f"stages.train.{field}" in e.value.one_line()
+
+
+def test_a_loader_that_never_answers_is_one_clear_error(tmp_path, monkeypatch):
+    from deploycraft.errors import UserError
+    from deploycraft.runtime import aoti
+
+    monkeypatch.setattr(aoti, "LOAD_CHECK", "import time; time.sleep(30)")
+    with pytest.raises(UserError, match="did not end within 1 s"):
+        aoti.check_loads(tmp_path / "m.pt2", timeout=1.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_only_cuda_packages_are_loaded_in_a_child_process_first(tmp_path, monkeypatch, device):
+    from deploycraft.runtime import aoti
+
+    checked = []
+    monkeypatch.setattr(aoti, "package_device", lambda path: device)
+    monkeypatch.setattr(aoti.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(aoti, "check_loads", lambda path: checked.append(path))
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: "loaded")
+    assert aoti.load_package(tmp_path / "m.pt2") == "loaded"
+    assert checked == ([tmp_path / "m.pt2"] if device == "cuda" else [])
+
+
+def test_a_package_this_torch_cannot_load_is_not_shipped_and_the_run_goes_on(tmp_path, monkeypatch):
+    """The export stage records the package as not loadable, removes the file, and the chain goes on: the
+    ONNX deployables are still verified (what happened to the H200's CUDA packages, here with stand-ins)."""
+    import torch._inductor  # noqa: F401 - the stand-in below replaces its loader
+
+    from deploycraft.deployables import BuiltPackage
+    from deploycraft.errors import UserError
+    from deploycraft.pipeline import Pipeline
+    from deploycraft.recipe import build_recipe
+    from deploycraft.runtime import aoti
+    from deploycraft.stages import export as export_stage
+    from tests.conftest import smoke_recipe
+
+    def fake_build(model, path, sample, *, precision, device, max_batch, channels_last, metadata):
+        path.write_bytes(b"not a package")
+        return BuiltPackage(path, precision, device, max_batch, 0.1, {})
+
+    class Unloadable:
+        def __init__(self, path):
+            raise UserError(f"{path} cannot be loaded by torch on this machine: the loader crashed (SIGSEGV)")
+
+    monkeypatch.setattr(export_stage, "build_aoti_package", fake_build)
+    monkeypatch.setattr(aoti, "AotiRunner", Unloadable)
+    raw = smoke_recipe()
+    raw["stages"][2] = {"type": "export", "format": ["onnx", "aoti"], "aoti_device": "cpu"}
+    run = tmp_path / "run"
+    Pipeline(build_recipe(raw), run).execute()
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "passed"
+    a = report["stages"]["export"]["aoti"]["fp32"]
+    assert a["status"] == "not loadable here" and "SIGSEGV" in a["reason"]
+    assert not list(run.rglob("*.pt2")) and "aoti_fp32" not in report["models"]
+    assert "int8_onnx" in report["models"]  # the rest of the chain was verified
+    assert "AOTInductor fp32 package for cpu: not shipped" in (run / "report.md").read_text()

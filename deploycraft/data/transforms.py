@@ -48,7 +48,7 @@ def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     if c == 1:
         return x.expand(-1, channels, -1, -1).contiguous()
     if c == 3 and channels == 1:
-        return (x * _LUMA.to(x.dtype)).sum(1, keepdim=True)
+        return (x * _LUMA.to(x.device, x.dtype)).sum(1, keepdim=True)
     raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
 
 

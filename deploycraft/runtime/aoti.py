@@ -33,12 +33,13 @@ def load_package(path: Path) -> Any:
 LOAD_CHECK = "import sys, torch._inductor; torch._inductor.aoti_load_package(sys.argv[1])"
 
 
-def check_loads(path: Path, timeout: float = 600.0) -> None:
+def check_loads(path: Path, timeout: float = 120.0) -> None:
     """Load ``path`` once in a child process and raise one UserError if that fails or crashes.
 
     Measured on an H200 with torch 2.11 (CUDA 13): CUDA packages this module built were refused by
     ``aoti_load_package`` with a segmentation fault in a new process, which would end a run with no message.
-    Done for CUDA packages (a few seconds: one torch import); CPU packages loaded everywhere they were tried."""
+    Done for CUDA packages (a few seconds: one torch import); CPU packages loaded everywhere they were tried.
+    Written after that machine was given back: the child-process load has run on the CPU only."""
     import signal
     import subprocess
     import sys
@@ -61,8 +62,8 @@ def check_loads(path: Path, timeout: float = 600.0) -> None:
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             why = f"the loader failed: {lines[-1][:200] if lines else f'exit code {proc.returncode}'}"
     raise UserError(
-        f"{Path(path).name} cannot be loaded by torch {torch.__version__} on this machine: {why}",
-        fix="leave aoti out of stages.export.format here (the ONNX deployables do not need it), "
+        f"{path} cannot be loaded by torch {torch.__version__} on this machine: {why}",
+        fix="use the ONNX deployables or a CPU package (stages.export.aoti_device: cpu) here, "
         "or build and run the package with another torch version",
     )
 

@@ -222,7 +222,13 @@ class ExportStage(Stage):
                 channels_last=device == "cuda",
                 metadata=onnx_metadata(spec["arch"], precision, None, ctx.data.spec, ctx.data.class_names),
             )
-            runner = AotiRunner(built.path)
+            try:
+                runner = AotiRunner(built.path)
+            except UserError as exc:  # the package compiled but this torch cannot load it: not shipped
+                built.path.unlink(missing_ok=True)
+                out[precision] = {"device": device, "status": "not loadable here", "reason": exc.message}
+                log(f"  [yellow]{built.path.name}: not shipped ({exc.message}); the other deployables go on[/]")
+                continue
             got = np.concatenate(
                 [
                     runner(runner.prepare(check[i : i + built.max_batch])).float().cpu().numpy()
@@ -315,6 +321,9 @@ class ExportStage(Stage):
                     "check images on ONNX Runtime CPU (which runs most FP16 ops in FP32 behind casts)."
                 )
             for precision, a in (e.get("aoti") or {}).items():
+                if a.get("status") == "not loadable here":
+                    lines.append(f"AOTInductor {precision} package for {a['device']}: not shipped — {a['reason']}.")
+                    continue
                 lines.append(
                     f"AOTInductor {precision} package for {a['device']} (batch 1–{a['max_batch']}): compiled in "
                     f"{a['compile_seconds']:.0f} s; vs FP32 torch: relative error {a['rel_error_vs_fp32']:.1e}, top-1 "

@@ -71,3 +71,13 @@ def test_batches_prepared_on_a_named_device_are_the_cpu_batches():
             assert x.shape[-1] == 24 and torch.equal(gx, x) and torch.equal(gy, y)
         for (x, y), (gx, gy) in zip(dm.val_batches(16, shard), dm.val_batches(16, shard, "cpu"), strict=True):
             assert torch.equal(gx, x) and torch.equal(gy, y)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batch_preparation_keeps_every_tensor_on_the_images_device(channels):
+    """On the meta device (shapes only) any constant left on the CPU (normalization, luma weights, flips) raises:
+    a GPU-free check of what training on CUDA needs."""
+    dm = DataModule(DataConfig(dataset="synthetic", image_size=24, channels=channels, train_subset=40, val_subset=20))
+    aug = Augment(crop_padding=3, hflip=True)
+    for x, _ in list(dm.train_epoch(16, 0, aug, device="meta")) + list(dm.val_batches(16, device="meta")):
+        assert x.is_meta and x.shape[1:] == (channels, 24, 24)
