@@ -23,8 +23,8 @@ if fault and int(fault.split(":")[0]) == rank:
     fault_epoch, fault_step = (int(v) for v in fault.split(":")[1:])
     train_epoch = DataModule.train_epoch
 
-    def failing_epoch(self, batch_size, epoch, augment, shard=None):
-        for step, batch in enumerate(train_epoch(self, batch_size, epoch, augment, shard)):
+    def failing_epoch(self, batch_size, epoch, augment, shard=None, device=None):
+        for step, batch in enumerate(train_epoch(self, batch_size, epoch, augment, shard, device)):
             if (epoch, step) == (fault_epoch, fault_step):
                 raise RuntimeError(f"injected fault on rank {rank}")
             yield batch

@@ -422,9 +422,9 @@ def test_resumed_qat_counts_the_restarts_before_the_kill(trained, tmp_path, monk
     epoch_batches, kd_loss = data.train_epoch, distill_module.kd_loss
     epoch_now = [0]
 
-    def batches(batch_size, epoch, augment, shard=None):
+    def batches(batch_size, epoch, augment, shard=None, device=None):
         epoch_now[0] = epoch
-        yield from epoch_batches(batch_size, epoch, augment, shard)
+        yield from epoch_batches(batch_size, epoch, augment, shard, device)
 
     def planted(*args, **kwargs):
         return kd_loss(*args, **kwargs) + (100.0 if epoch_now[0] == 1 else 0.0)
