@@ -163,7 +163,7 @@ class DataModule:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled, augmented batches of one epoch; the same (seed, epoch) gives the same batches.
         ``device``: where the batches are prepared (resized, augmented, normalized) and returned; the uint8
-        images go there first (a GPU trains without waiting for the CPU to prepare its batches).
+        images go there first (on a GPU only they cross the bus, and the preparation runs there).
 
         With ``shard=(rank, world_size)`` each batch of ``batch_size`` (the global batch) is cut into
         world_size contiguous parts (sizes differ by at most one; a part may be empty in a last, small
