@@ -18,6 +18,9 @@ set -uo pipefail
 source benchmarks/gpu_env.sh
 RUNS=${RUNS:-/tmp/gpu_runs/$(date +%s)}  # a new folder per call: a warm machine keeps /tmp, and a run folder resumes
 mkdir -p "$RUNS"
+# Inductor's caches per call too: in stop 32 a tiny AOTI package loaded in its compiling process in the first
+# call, and the same test crashed at load in the second, after a ResNet-50 package had been compiled there.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$RUNS/inductor_cache}
 # The run folders' logs, run.json and report.json (no weights) in one archive, after every step and on exit
 # (a call killed at the device's 600 s limit still returns them): $OUT holds at most 8 files.
 archive() {
