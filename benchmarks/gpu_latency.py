@@ -16,6 +16,7 @@ import subprocess
 import torch
 
 from deploycraft.models import create_model
+from deploycraft.runtime.torch_gpu import capture
 
 
 def time_ms(fn, x, warmup=20, repeats=100) -> float:
@@ -34,16 +35,8 @@ def time_ms(fn, x, warmup=20, repeats=100) -> float:
 
 
 def graphed(model, x):
-    static = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(3):
-            model(static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        out = model(static)
+    """The model replayed as one CUDA graph (``torch_gpu.capture``); its output is not copied per call."""
+    graph, static, out = capture(model, x)
 
     def run(inp):
         static.copy_(inp)

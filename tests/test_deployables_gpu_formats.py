@@ -245,3 +245,24 @@ def test_a_package_this_torch_cannot_load_is_not_shipped_and_the_run_goes_on(tmp
     assert not list(run.rglob("*.pt2")) and "aoti_fp32" not in report["models"]
     assert "int8_onnx" in report["models"]  # the rest of the chain was verified
     assert "AOTInductor fp32 package for cpu: not shipped" in (run / "report.md").read_text()
+
+
+def test_a_package_is_loaded_in_a_child_process_once_per_run(tmp_path, monkeypatch):
+    """Export checks a CUDA package when it builds it and verify loads the same file again: one child load."""
+    import subprocess
+
+    from deploycraft.runtime import aoti
+
+    path = tmp_path / "model_fp16.pt2"
+    path.write_bytes(b"package")
+    calls = []
+    monkeypatch.setattr(aoti, "_LOADED", set())
+    monkeypatch.setattr(
+        subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", "")
+    )
+    aoti.check_loads(path)
+    aoti.check_loads(path)
+    assert len(calls) == 1
+    path.write_bytes(b"another package")  # rewritten (size and time change): loaded again
+    aoti.check_loads(path)
+    assert len(calls) == 2
