@@ -197,6 +197,11 @@ def diagnose(
     train_images: int | None = typer.Option(None, help="Training images for the training error (default 2000)."),
     gradient_batches: int | None = typer.Option(None, help="Batches the gradient norms are averaged over (default 4)."),
     batch_size: int | None = typer.Option(None, help="Images per batch (default 128)."),
+    recalibrate_images: int | None = typer.Option(
+        None,
+        help="Lesions: also with every BN's statistics re-estimated on this many training images after each "
+        "deletion (default 0: off).",
+    ),
     recompute: bool = typer.Option(False, help="Measure again even where the run folder has a diagnose stage."),
     set_: List[str] | None = SetOption,
 ) -> None:
@@ -211,6 +216,7 @@ def diagnose(
                 "train_images": train_images,
                 "gradient_batches": gradient_batches,
                 "batch_size": batch_size,
+                "lesion_recalibration_images": recalibrate_images,
             }
         )
         out, text = diagnose_command.run(

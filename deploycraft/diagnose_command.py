@@ -25,7 +25,7 @@ from deploycraft import diagnostics as dg
 from deploycraft.artifacts import atomic_write_text, read_status, verify_stage, write_json
 from deploycraft.errors import UserError
 from deploycraft.progress import log
-from deploycraft.stages.diagnose import DiagnoseConfig, DiagnoseStage, initial_model
+from deploycraft.stages.diagnose import DiagnoseConfig, DiagnoseStage, initial_model, recalibration_batches
 
 OUTPUT_RECORD = "diagnose.json"
 
@@ -50,8 +50,7 @@ def settings_from_options(options: dict[str, Any]) -> DiagnoseConfig:
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         name = str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"
-        if name == "analyses":
-            name = "analysis"
+        name = {"analyses": "analysis", "lesion-recalibration-images": "recalibrate-images"}.get(name, name)
         raise UserError(
             err["msg"].removeprefix("Value error, ") + f" (got {err.get('input')!r})",
             field=f"--{name}",
@@ -104,6 +103,11 @@ def _load_run(run_dir: Path, stage: str | None, settings: DiagnoseConfig, recomp
     )
     # The diagnose stage stands right after train: its result is this model's when train's model is chosen.
     if diagnosed is not None and not recompute and chosen == "train":
+        stored = DiagnoseConfig(**diagnosed["config"])
+        differ = [f for f in settings.model_fields_set if getattr(settings, f) != getattr(stored, f)]
+        if differ:  # the options ask for something the stored diagnosis did not measure
+            log(f"  {run_dir}: measuring again (its diagnose stage ran with other {', '.join(sorted(differ))})")
+            return target
         target.result = copy.deepcopy(diagnosed["output"]["metrics"])
         target.result.pop("plots", None)
         target.settings = DiagnoseConfig(**diagnosed["config"])
@@ -189,16 +193,19 @@ def _checkpoint_snapshots(target: Target, paths: list[Path]) -> dict[str, nn.Mod
     return {label: model for _, label, model in sorted(found, key=lambda t: t[0])}
 
 
-def _batches(target: Target) -> tuple[dg.Batches, dg.Batches, str]:
+def _batches(target: Target) -> tuple[dg.Batches, dg.Batches, str, dg.Batches | None, str | None]:
+    """Training and held-out batches, where the training ones come from, and the BN-recalibration batches of
+    the lesion study (or None and why)."""
     from deploycraft.data import build_data
 
     s = target.settings
     data = build_data(target.recipe.data, target.recipe.seed)
     val = dg.take_images(data.val_batches(s.batch_size), s.images)
+    recalibrate, skipped = recalibration_batches(data, s)
     if data.num_train:
         train = dg.take_images(data.train_epoch(s.batch_size, epoch=20_000, augment=None), s.train_images)
-        return train, val, "training split"
-    return val, val, "held-out split (no training split)"
+        return train, val, "training split", recalibrate, skipped
+    return val, val, "held-out split (no training split)", recalibrate, skipped
 
 
 def check_output_dir(out: Path) -> None:
@@ -248,7 +255,13 @@ def run(
         log(f"[bold]diagnose[/] {t.label}: {t.source}")
         s = t.settings
         need_batches = t.result is None or t.snapshots
-        train, val, source = _batches(t) if need_batches else ([], [], t.result.get("train_source", ""))
+        recalibrate, skipped = None, None
+        if need_batches:
+            train, val, source, recalibrate, skipped = _batches(t)
+        else:
+            train, val, source = [], [], t.result.get("train_source", "")
+        if skipped:
+            log(f"[yellow]  lesion with BN re-estimated: skipped ({skipped})[/]")
         if t.result is None:
             snapshots = {"init": t.init} if t.init is not None and "gradients" in s.analyses else {}
             t.result = dg.diagnose(
@@ -259,7 +272,10 @@ def run(
                 gradient_batches=s.gradient_batches,
                 snapshots={**snapshots, **t.snapshots},
                 analyses=tuple(s.analyses),
+                recalibration_batches=recalibrate,
             )
+            if skipped:
+                t.result["lesion_recalibration_skipped"] = skipped
             if t.init is None and t.result.get("gradient_flow"):
                 t.result["gradient_flow"][-1]["label"] = "init"  # the model is its own initialisation
             t.result["arch"], t.result["train_source"] = t.label, source

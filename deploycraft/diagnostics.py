@@ -456,19 +456,62 @@ def lesioned(model: nn.Module, unit: LesionUnit) -> Iterator[nn.Module]:
             h.remove()
 
 
+@contextmanager
+def recalibrated_bn(model: nn.Module, batches: Batches) -> Iterator[nn.Module]:
+    """``model`` with every BatchNorm's running statistics re-estimated on ``batches`` (a plain average over
+    them, as at the end of training, with whatever hooks are active), restored when the block ends.
+
+    Only the BN layers run in training mode while they are re-estimated: dropout, stochastic depth and
+    shake-shake stay in eval mode, and no weight changes.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m, copy.deepcopy(m.state_dict()), m.momentum) for m in bns]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+            m.train()
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+        model.eval()
+        yield model
+    finally:
+        for m, state, momentum in saved:
+            m.load_state_dict(state)
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+
+
 def lesion_study(
-    model: nn.Module, batches: Batches, units: list[LesionUnit] | None = None, show: bool = True
+    model: nn.Module,
+    batches: Batches,
+    units: list[LesionUnit] | None = None,
+    show: bool = True,
+    recalibrate: Batches | None = None,
 ) -> dict[str, Any]:
-    """Top-1 and loss on ``batches`` with each unit deleted alone; the intact model's as the baseline."""
+    """Top-1 and loss on ``batches`` with each unit deleted alone; the intact model's as the baseline.
+
+    ``recalibrate``: training batches on which the BN statistics are re-estimated after each deletion (and
+    for the intact model, the baseline of ``drop_recalibrated``): what a deletion costs once the layers
+    behind it normalise what they now receive, apart from what it costs in features.
+    """
     units = lesion_units(model, batches[0][0][:2]) if units is None else units
     base = evaluate(model, batches)
+    out: dict[str, Any] = {"base_top1": base["top1"], "base_loss": base["loss"], "images": base["images"]}
+    if recalibrate:
+        with recalibrated_bn(model, recalibrate):
+            out["base_top1_recalibrated"] = evaluate(model, batches)["top1"]
+        out["recalibration_images"] = sum(len(y) for _, y in recalibrate)
     rows = []
     with bar("lesion study", len(units) if show else 0) as b:
         for u in units:
             with lesioned(model, u):
                 r = evaluate(model, batches)
-            rows.append(
-                {
+                row = {
                     "name": u.name,
                     "kind": u.kind,
                     "downsampling": u.downsampling,
@@ -477,29 +520,41 @@ def lesion_study(
                     "drop": base["top1"] - r["top1"],
                     "loss": r["loss"],
                 }
-            )
+                if recalibrate:
+                    with recalibrated_bn(model, recalibrate):
+                        top1 = evaluate(model, batches)["top1"]
+                    row["top1_recalibrated"] = top1
+                    row["drop_recalibrated"] = out["base_top1_recalibrated"] - top1
+            rows.append(row)
             b.advance(top1=r["top1"])
-    return {"base_top1": base["top1"], "base_loss": base["loss"], "images": base["images"], "units": rows}
+    out["units"] = rows
+    return out
 
 
 def lesion_summary(lesion: dict[str, Any], num_classes: int) -> dict[str, Any]:
     """Median and worst top-1 drop of deleting a unit, for downsampling and other units apart."""
     out: dict[str, Any] = {"chance": 1.0 / num_classes, "base_top1": lesion["base_top1"]}
+    if "base_top1_recalibrated" in lesion:
+        out["base_top1_recalibrated"] = lesion["base_top1_recalibrated"]
     for key, down in (("non_downsampling", False), ("downsampling", True)):
-        drops = sorted(r["drop"] for r in lesion["units"] if r["downsampling"] == down)
-        tops = [r["top1"] for r in lesion["units"] if r["downsampling"] == down]
-        out[key] = (
-            {
-                "units": len(drops),
-                "median_drop": _median(drops),
-                "max_drop": drops[-1],
-                "min_top1": min(tops),
-                "median_top1": _median(sorted(tops)),
-            }
-            if drops
-            else {"units": 0}
-        )
+        rows = [r for r in lesion["units"] if r["downsampling"] == down]
+        out[key] = _drops(rows, "drop", "top1") if rows else {"units": 0}
+        if rows and "drop_recalibrated" in rows[0]:
+            out[key]["recalibrated"] = _drops(rows, "drop_recalibrated", "top1_recalibrated")
     return out
+
+
+def _drops(rows: list[dict[str, Any]], drop: str, top1: str) -> dict[str, Any]:
+    drops = sorted(r[drop] for r in rows)
+    worst = max(rows, key=lambda r: r[drop])
+    return {
+        "units": len(drops),
+        "median_drop": _median(drops),
+        "max_drop": drops[-1],
+        "worst": worst["name"],
+        "min_top1": min(r[top1] for r in rows),
+        "median_top1": _median(sorted(r[top1] for r in rows)),
+    }
 
 
 def _median(values: list[float]) -> float:
@@ -522,6 +577,7 @@ def diagnose(
     snapshots: dict[str, nn.Module] | None = None,
     analyses: tuple[str, ...] | list[str] = ANALYSES,
     show: bool = True,
+    recalibration_batches: Batches | None = None,
 ) -> dict[str, Any]:
     """Every measurement on one model, as one JSON-ready dict.
 
@@ -547,7 +603,7 @@ def diagnose(
         out["skip_usage"] = skip_usage(model, val_batches)
         out["highway_gates"] = highway_gates(model, val_batches)
     if "lesion" in analyses:
-        out["lesion"] = lesion_study(model, val_batches, show=show)
+        out["lesion"] = lesion_study(model, val_batches, show=show, recalibrate=recalibration_batches)
         out["lesion_summary"] = lesion_summary(out["lesion"], num_classes)
     return out
 
@@ -724,6 +780,17 @@ def plot_lesion(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
             xs_down, ys_down = zip(*down, strict=True)
             ax.scatter(xs_down, ys_down, marker="s", s=40, facecolors="none", edgecolors=line.get_color(), zorder=3)
         ax.axhline(les["base_top1"] * 100, color=line.get_color(), ls="--", lw=0.8)
+        if all("top1_recalibrated" in u for u in units):
+            ax.plot(
+                xs,
+                [u["top1_recalibrated"] * 100 for u in units],
+                ls=":",
+                marker="x",
+                ms=4,
+                lw=1,
+                color=line.get_color(),
+                label=f"{label}, BN re-estimated",
+            )
         chance = 100 / results[label]["num_classes"]
     ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
     ax.scatter([], [], marker="s", s=40, facecolors="none", edgecolors="black", label="downsampling unit")

@@ -76,6 +76,23 @@ def test_recompute_and_stage_choice(run_dir, tmp_path):
     assert "init stage" in target["source"] and len(target["result"]["lesion"]["units"]) == 9
 
 
+def test_lesion_with_bn_recalibration_measures_again(run_dir, tmp_path):
+    """An option the run's diagnose stage did not use is measured, not silently dropped."""
+    out = tmp_path / "r"
+    code, stdout, stderr = _invoke("diagnose", run_dir, "-a", "lesion", "--recalibrate-images", 32, "-o", out)
+    assert code == 0, stderr
+    (target,) = json.loads((out / "diagnose.json").read_text())["targets"].values()
+    assert "diagnose stage" not in target["source"] and target["settings"]["lesion_recalibration_images"] == 32
+    lesion, summary = target["result"]["lesion"], target["result"]["lesion_summary"]
+    assert lesion["recalibration_images"] == 32 and all("top1_recalibrated" in u for u in lesion["units"])
+    assert summary["non_downsampling"]["recalibrated"]["units"] == 7
+    assert "| other, BN re-estimated | 7 |" in stdout and "re-estimated on 32 training images" in stdout
+    # The stored diagnosis is still taken when the options agree with it.
+    code, _, stderr = _invoke("diagnose", run_dir, "--images", 32, "-o", tmp_path / "same")
+    (target,) = json.loads((tmp_path / "same" / "diagnose.json").read_text())["targets"].values()
+    assert code == 0 and "the run's diagnose stage" in target["source"]
+
+
 def test_two_recipes_compared(tmp_path):
     data = {"dataset": "synthetic", "image_size": 16, "channels": 3, "train_subset": 64, "val_subset": 32}
     a = write_recipe(tmp_path / "a.yaml", smoke_recipe(model={"arch": "resnet20"}, data=data, stages=[TRAIN]))
@@ -104,6 +121,7 @@ def test_two_recipes_compared(tmp_path):
         (["-a", "lesions"], "--analysis"),
         (["--stage", "prune"], "--stage"),
         (["--set", "seed=1"], "--set"),
+        (["--recalibrate-images", "-1"], "--recalibrate-images"),
     ],
 )
 def test_bad_options_are_one_line(run_dir, tmp_path, args, field):

@@ -6,6 +6,7 @@ class of every registered family; the others check each measurement against a di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -235,8 +236,8 @@ def test_lesion_study_and_summary():
         {
             "base_top1": 0.9,
             "units": [
-                {"drop": d, "top1": 0.9 - d, "downsampling": down}
-                for d, down in ((0.01, False), (0.03, False), (0.02, False), (0.3, True))
+                {"name": f"b{i}", "drop": d, "top1": 0.9 - d, "downsampling": down}
+                for i, (d, down) in enumerate(((0.01, False), (0.03, False), (0.02, False), (0.3, True)))
             ],
         },
         10,
@@ -245,10 +246,82 @@ def test_lesion_study_and_summary():
         "units": 3,
         "median_drop": 0.02,
         "max_drop": 0.03,
+        "worst": "b1",
         "min_top1": pytest.approx(0.87),
         "median_top1": pytest.approx(0.88),
     }
     assert summary["downsampling"]["max_drop"] == 0.3 and summary["chance"] == 0.1
+    assert "recalibrated" not in summary["non_downsampling"] and "base_top1_recalibrated" not in summary
+
+
+def _bn_state(model: nn.Module) -> list:
+    return [
+        (n, m.training, m.momentum, {k: v.clone() for k, v in m.state_dict().items()})
+        for n, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ]
+
+
+def test_recalibrated_bn_averages_the_batches_keeps_dropout_off_and_restores_everything():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.9), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    model[2].momentum = 0.3
+    calib = _batches(12, 4)
+    before = _bn_state(model)
+    with dg.recalibrated_bn(model, calib) as m:
+        assert not any(x.training for x in m.modules())  # evaluated in eval mode
+        means = torch.stack([model[0](x).mean((0, 2, 3)) for x, _ in calib])
+        torch.testing.assert_close(model[2].running_mean, means.mean(0))  # equal batches: the plain mean
+        var = torch.stack([model[0](x).var((0, 2, 3), unbiased=True) for x, _ in calib]).mean(0)
+        torch.testing.assert_close(model[2].running_var, var)  # dropout was off: the conv's output itself
+    after = _bn_state(model)
+    assert [(n, t, mom) for n, t, mom, _ in after] == [(n, t, mom) for n, t, mom, _ in before]
+    for (_, _, _, a), (_, _, _, b) in zip(after, before, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k])
+    model.train()
+    with dg.recalibrated_bn(model, calib):
+        pass
+    assert all(x.training for x in model.modules())  # modes restored as they were, train included
+
+
+def test_lesion_study_with_bn_recalibration_matches_a_direct_computation():
+    import copy
+
+    model = _model()
+    batches = _batches(16, 8)
+    calib = _batches(24, 8, seed=1)
+    state = copy.deepcopy(model.state_dict())
+    study = dg.lesion_study(model, batches, show=False, recalibrate=calib)
+    for k, v in model.state_dict().items():  # the model is left as it was
+        torch.testing.assert_close(v, state[k])
+    assert study["recalibration_images"] == 24
+
+    def direct(unit=None):
+        ref = copy.deepcopy(model)
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        ref.train()
+        with torch.no_grad(), dg.lesioned(ref, unit) if unit is not None else contextlib.nullcontext():
+            for x, _ in calib:
+                ref(x)
+            return dg.evaluate(ref, batches)["top1"]
+
+    assert study["base_top1_recalibrated"] == direct()
+    units = dg.lesion_units(model, batches[0][0][:2])
+    for u, row in zip(units, study["units"], strict=True):
+        assert row["top1_recalibrated"] == direct(u)
+        assert row["drop_recalibrated"] == pytest.approx(study["base_top1_recalibrated"] - row["top1_recalibrated"])
+        assert row["top1"] == pytest.approx(study["base_top1"] - row["drop"])
+    # Re-estimating the (randomised) BN statistics changes what the deletions cost: a second measurement.
+    assert any(r["top1_recalibrated"] != r["top1"] for r in study["units"])
+    summary = dg.lesion_summary(study, 10)
+    rec = summary["non_downsampling"]["recalibrated"]
+    rows = [r for r in study["units"] if not r["downsampling"]]
+    assert rec["units"] == len(rows) and rec["max_drop"] == max(r["drop_recalibrated"] for r in rows)
+    assert summary["base_top1_recalibrated"] == study["base_top1_recalibrated"]
 
 
 def test_compare_counts_layers_with_smaller_responses():

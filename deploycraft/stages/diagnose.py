@@ -53,6 +53,25 @@ class DiagnoseConfig(StageConfig):
         4, ge=1, description="gradients: batches of training images the gradient norms are averaged over."
     )
     batch_size: int = Field(128, ge=1, description="Images per batch (gradient batches too).")
+    lesion_recalibration_images: int = Field(
+        0,
+        ge=0,
+        description="lesion: also measure each deletion with the BN statistics re-estimated on this many "
+        "training images (no augmentation), as a second column beside the plain lesion: what a deletion costs "
+        "once the layers behind it normalise what they now receive (0: off; needs a training split).",
+    )
+
+
+def recalibration_batches(data, cfg: DiagnoseConfig) -> tuple[list | None, str | None]:
+    """The training batches of the BN-recalibrated lesion study, or None and why there are none."""
+    if "lesion" not in cfg.analyses or not cfg.lesion_recalibration_images:
+        return None, None
+    if not data.num_train:
+        return None, "no training split to re-estimate the BN statistics on"
+    batches = take_images(
+        data.train_epoch(cfg.batch_size, epoch=20_000, augment=None), cfg.lesion_recalibration_images
+    )
+    return batches, None
 
 
 def initial_model(spec: dict[str, Any], seed: int) -> torch.nn.Module | None:
@@ -83,6 +102,9 @@ class DiagnoseStage(Stage):
             train_source = "training split"
         else:  # an ImageFolder without a training split: the held-out images are all there is
             train, train_source = val, "held-out split (no training split)"
+        recalibrate, skipped = recalibration_batches(data, cfg)
+        if skipped:
+            log(f"[yellow]  lesion with BN re-estimated: skipped ({skipped})[/]")
         snapshots = {}
         init = initial_model(spec, ctx.recipe.seed)
         if init is not None:
@@ -95,7 +117,10 @@ class DiagnoseStage(Stage):
             gradient_batches=cfg.gradient_batches,
             snapshots=snapshots,
             analyses=tuple(cfg.analyses),
+            recalibration_batches=recalibrate,
         )
+        if skipped:
+            result["lesion_recalibration_skipped"] = skipped
         result["arch"] = spec["arch"]
         result["train_source"] = train_source
         write_json(workdir / "diagnose.json", result)
@@ -174,17 +199,28 @@ class DiagnoseStage(Stage):
                 "",
                 f"Lesion study (Veit et al. 2016): one {kind} deleted at a time, held-out top-1 "
                 f"{summary['base_top1'] * 100:.2f} % intact, chance {summary['chance'] * 100:.0f} %.",
+            ]
+            if "base_top1_recalibrated" in summary:
+                lines[-1] += (
+                    f" Rows marked \"BN re-estimated\": the same deletions with every BN's statistics re-estimated "
+                    f"on {d['lesion']['recalibration_images']} training images (intact "
+                    f"{summary['base_top1_recalibrated'] * 100:.2f} %), what a deletion costs once the layers behind it "
+                    "normalise what they now receive."
+                )
+            lines += [
                 "",
                 f"| {kind}s deleted | count | median drop | worst drop | lowest top-1 |",
                 "|---|---|---|---|---|",
             ]
             for key, label in (("non_downsampling", "other"), ("downsampling", "downsampling")):
                 s = summary[key]
-                if s["units"]:
-                    lines.append(
-                        f"| {label} | {s['units']} | {s['median_drop'] * 100:.2f} pt | {s['max_drop'] * 100:.2f} pt | "
-                        f"{s['min_top1'] * 100:.2f} % |"
-                    )
+                for row, suffix in ((s, ""), (s.get("recalibrated"), ", BN re-estimated")):
+                    if row and row["units"]:
+                        worst = f" ({row['worst']})" if row.get("worst") else ""
+                        lines.append(
+                            f"| {label}{suffix} | {row['units']} | {row['median_drop'] * 100:.2f} pt | "
+                            f"{row['max_drop'] * 100:.2f} pt{worst} | {row['min_top1'] * 100:.2f} % |"
+                        )
         for name, path in (d.get("plots") or {}).items():
             lines += ["", f"![{name.replace('_', ' ')}]({path})"]
         return lines
