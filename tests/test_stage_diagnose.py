@@ -61,6 +61,8 @@ def test_outputs_report_and_plots(diagnosed):
     assert json.loads((stage_dir / "diagnose.json").read_text())["lesion"] == d["lesion"]
     md = (out / "report.md").read_text()
     assert "## Diagnosis" in md and "Lesion study" in md and "| init |" in md
+    # No verify stage: the models section says so instead of a table of unmeasured rows.
+    assert "Not measured: this run has no verify stage" in md and "nan" not in md
     assert set(d["plots"]) == {"gradient_flow", "layer_responses", "skip_usage", "lesion"}
     for path in d["plots"].values():
         assert f"]({path})" in md and (out / path).stat().st_size > 10_000

@@ -596,8 +596,19 @@ class VerifyStage(Stage):
         def x(v: float | None) -> str:
             return "—" if v is None else f"{v:.2f}×"
 
+        def ms(v: float | None) -> str:
+            return "—" if v is None else f"{v:.3f}"
+
         lines: list[str] = []
         models = report["models"]
+        if not any(m.get("latency_ms") or m.get("top1") is not None for m in models.values()):
+            first = next(iter(models.values()), {})
+            size = (
+                f" The model: {first['params'] / 1e6:.2f} M parameters, {first['macs'] / 1e6:.1f} M MACs per image."
+                if first.get("macs")
+                else ""
+            )
+            return ["## Models", "", "Not measured: this run has no verify stage (it measures top-1 and latency)." + size]
         bs = next((m["batch_size"] for m in models.values()), 1)
         threads = next((m.get("threads") for m in models.values() if m.get("threads")), None)
         lines += [
@@ -616,12 +627,14 @@ class VerifyStage(Stage):
             drop = m.get("top1_drop")
             gm = f"{m['gmacs']:.0f} ({m['ceiling_fraction'] * 100:.0f} %)" if m.get("gmacs") is not None else "—"
             shipped = " **(shipped)**" if name == report.get("main") else ""
+            ips = f"{m['throughput_ips']:.0f}" if m.get("throughput_ips") else "—"
             lines.append(
                 f"| {pretty(name)}{shipped} | {m['precision']} | {m['backend']}"
                 f"{' (' + m['target'] + ')' if m.get('target') else ''} | {fmt_pct(m['top1'])} | "
                 f"{'—' if drop is None else f'{drop * 100:+.2f} pt'} | "
-                f"{lat.get('p50', float('nan')):.3f} | {lat.get('p99', float('nan')):.3f} | "
-                f"{m.get('throughput_ips') or 0:.0f} | {x(m.get('speedup_vs_fp32_torch'))} | "
+                f"{ms(lat.get('p50'))} | {ms(lat.get('p99'))} | "
+                f"{ips} | "
+                f"{x(m.get('speedup_vs_fp32_torch'))} | "
                 f"{x(m.get('speedup_vs_fastest_fp32'))} | {gm} | "
                 f"{(m.get('macs') or 0) / 1e6:.1f} M | {fmt_mb(m.get('bytes'))} |"
             )
