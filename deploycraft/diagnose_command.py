@@ -104,8 +104,10 @@ def _load_run(run_dir: Path, stage: str | None, settings: DiagnoseConfig, recomp
     # The diagnose stage stands right after train: its result is this model's when train's model is chosen.
     if diagnosed is not None and not recompute and chosen == "train":
         stored = DiagnoseConfig(**diagnosed["config"])
-        differ = [f for f in settings.model_fields_set if getattr(settings, f) != getattr(stored, f)]
-        if differ:  # the options ask for something the stored diagnosis did not measure
+        differ = [f for f in settings.model_fields_set if not _covered(f, getattr(settings, f), getattr(stored, f))]
+        if differ:  # the options ask for something the stored diagnosis did not measure: its settings, changed
+            given = {f: getattr(settings, f) for f in settings.model_fields_set}
+            target.settings = DiagnoseConfig(**{**stored.model_dump(), **given})
             log(f"  {run_dir}: measuring again (its diagnose stage ran with other {', '.join(sorted(differ))})")
             return target
         target.result = copy.deepcopy(diagnosed["output"]["metrics"])
@@ -113,6 +115,13 @@ def _load_run(run_dir: Path, stage: str | None, settings: DiagnoseConfig, recomp
         target.settings = DiagnoseConfig(**diagnosed["config"])
         target.source += " (the run's diagnose stage)"
     return target
+
+
+def _covered(name: str, asked: Any, stored: Any) -> bool:
+    """Whether a stored diagnosis measured what an option asks (analyses: a subset of the stored ones)."""
+    if name == "analyses":
+        return set(asked) <= set(stored)
+    return asked == stored
 
 
 def _load_recipe(path: Path, overrides: list[str], settings: DiagnoseConfig) -> Target:
@@ -195,13 +204,13 @@ def _checkpoint_snapshots(target: Target, paths: list[Path]) -> dict[str, nn.Mod
 
 def _batches(target: Target) -> tuple[dg.Batches, dg.Batches, str, dg.Batches | None, str | None]:
     """Training and held-out batches, where the training ones come from, and the BN-recalibration batches of
-    the lesion study (or None and why)."""
+    the lesion study (or None and why; none when the diagnosis is not measured here)."""
     from deploycraft.data import build_data
 
     s = target.settings
     data = build_data(target.recipe.data, target.recipe.seed)
     val = dg.take_images(data.val_batches(s.batch_size), s.images)
-    recalibrate, skipped = recalibration_batches(data, s)
+    recalibrate, skipped = recalibration_batches(data, s) if target.result is None else (None, None)
     if data.num_train:
         train = dg.take_images(data.train_epoch(s.batch_size, epoch=20_000, augment=None), s.train_images)
         return train, val, "training split", recalibrate, skipped

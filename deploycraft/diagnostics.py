@@ -458,11 +458,13 @@ def lesioned(model: nn.Module, unit: LesionUnit) -> Iterator[nn.Module]:
 
 @contextmanager
 def recalibrated_bn(model: nn.Module, batches: Batches) -> Iterator[nn.Module]:
-    """``model`` with every BatchNorm's running statistics re-estimated on ``batches`` (a plain average over
-    them, as at the end of training, with whatever hooks are active), restored when the block ends.
+    """``model`` with every BatchNorm's running statistics re-estimated on ``batches`` (with whatever hooks
+    are active), restored when the block ends.
 
-    Only the BN layers run in training mode while they are re-estimated: dropout, stochastic depth and
-    shake-shake stay in eval mode, and no weight changes.
+    Each batch's statistics count by its number of images (a short last batch counts less); the variance
+    is, as in training, the average of the batches' unbiased variances. Only the BN layers run in training
+    mode while they are re-estimated: dropout, stochastic depth and shake-shake stay in eval mode, and no
+    weight changes. A batch of one image cannot be normalised by batch statistics: give at least two.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = [(m, copy.deepcopy(m.state_dict()), m.momentum) for m in bns]
@@ -471,10 +473,13 @@ def recalibrated_bn(model: nn.Module, batches: Batches) -> Iterator[nn.Module]:
         model.eval()
         for m in bns:
             m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches
             m.train()
+        seen = 0
         with torch.no_grad():
             for x, _ in batches:
+                seen += len(x)
+                for m in bns:  # running = running + (batch - running) * n / seen: the mean over images so far
+                    m.momentum = len(x) / seen
                 model(x)
         model.eval()
         yield model

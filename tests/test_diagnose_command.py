@@ -83,12 +83,16 @@ def test_lesion_with_bn_recalibration_measures_again(run_dir, tmp_path):
     assert code == 0, stderr
     (target,) = json.loads((out / "diagnose.json").read_text())["targets"].values()
     assert "diagnose stage" not in target["source"] and target["settings"]["lesion_recalibration_images"] == 32
+    # Measured again with the stored diagnosis's settings, changed only where an option was given.
+    assert target["settings"]["images"] == 32 and target["settings"]["batch_size"] == 16
+    assert target["settings"]["analyses"] == ["lesion"] and set(target["result"]) >= {"lesion", "lesion_summary"}
+    assert "gradient_flow" not in target["result"] and target["result"]["held_out"]["images"] == 32
     lesion, summary = target["result"]["lesion"], target["result"]["lesion_summary"]
     assert lesion["recalibration_images"] == 32 and all("top1_recalibrated" in u for u in lesion["units"])
     assert summary["non_downsampling"]["recalibrated"]["units"] == 7
     assert "| other, BN re-estimated | 7 |" in stdout and "re-estimated on 32 training images" in stdout
-    # The stored diagnosis is still taken when the options agree with it.
-    code, _, stderr = _invoke("diagnose", run_dir, "--images", 32, "-o", tmp_path / "same")
+    # The stored diagnosis is still taken when the options agree with it (analyses: a subset of its own).
+    code, _, stderr = _invoke("diagnose", run_dir, "--images", 32, "-a", "lesion", "-o", tmp_path / "same")
     (target,) = json.loads((tmp_path / "same" / "diagnose.json").read_text())["targets"].values()
     assert code == 0 and "the run's diagnose stage" in target["source"]
 
@@ -122,6 +126,8 @@ def test_two_recipes_compared(tmp_path):
         (["--stage", "prune"], "--stage"),
         (["--set", "seed=1"], "--set"),
         (["--recalibrate-images", "-1"], "--recalibrate-images"),
+        (["--recalibrate-images", "1"], "--recalibrate-images"),
+        (["--recalibrate-images", "8", "-a", "skip"], "--recalibrate-images"),
     ],
 )
 def test_bad_options_are_one_line(run_dir, tmp_path, args, field):

@@ -285,6 +285,17 @@ def test_recalibrated_bn_averages_the_batches_keeps_dropout_off_and_restores_eve
     assert all(x.training for x in model.modules())  # modes restored as they were, train included
 
 
+def test_recalibrated_bn_weighs_each_image_alike():
+    """A short last batch counts by its images: the re-estimated mean is the mean over all images."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    gen = torch.Generator().manual_seed(1)
+    full, short = torch.randn(8, 3, 16, 16, generator=gen), torch.randn(1, 3, 16, 16, generator=gen) + 5
+    with dg.recalibrated_bn(model, [(full, torch.zeros(8)), (short, torch.zeros(1))]):
+        expected = model[0](torch.cat([full, short])).mean((0, 2, 3))
+        torch.testing.assert_close(model[1].running_mean, expected)
+
+
 def test_lesion_study_with_bn_recalibration_matches_a_direct_computation():
     import copy
 

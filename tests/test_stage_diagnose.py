@@ -48,6 +48,54 @@ def test_config_is_strict(change, match):
         build_recipe(_recipe({**DIAGNOSE, **change}))
 
 
+def test_recalibration_batches_join_a_lone_last_image_and_say_when_they_cannot_be():
+    from types import SimpleNamespace
+
+    import torch
+
+    from deploycraft.stages.diagnose import DiagnoseConfig, recalibration_batches
+
+    def epoch(batch_size, epoch, augment):
+        for _ in range(3):
+            yield torch.zeros(batch_size, 1, 4, 4), torch.zeros(batch_size, dtype=torch.long)
+
+    data = SimpleNamespace(num_train=100, train_epoch=epoch)
+    batches, why = recalibration_batches(data, DiagnoseConfig(batch_size=4, lesion_recalibration_images=9))
+    assert [len(y) for _, y in batches] == [4, 5] and why is None  # 4 + 4 + 1: the single image joins
+    batches, _ = recalibration_batches(data, DiagnoseConfig(batch_size=4, lesion_recalibration_images=10))
+    assert [len(y) for _, y in batches] == [4, 4, 2]
+    assert recalibration_batches(data, DiagnoseConfig(batch_size=4)) == (None, None)
+    none, why = recalibration_batches(
+        SimpleNamespace(num_train=0), DiagnoseConfig(batch_size=4, lesion_recalibration_images=8)
+    )
+    assert none is None and "no training split" in why
+    with pytest.raises(ValueError, match="at least 2 images"):
+        DiagnoseConfig(lesion_recalibration_images=1)
+    with pytest.raises(ValueError, match="leave out"):
+        DiagnoseConfig(analyses=["skip"], lesion_recalibration_images=8)
+
+
+def test_a_skipped_recalibration_is_reported():
+    from deploycraft.stages.diagnose import DiagnoseStage
+
+    d = {
+        "arch": "resnet20",
+        "train": {"top1": 0.5, "loss": 1.0, "images": 8},
+        "held_out": {"top1": 0.5, "images": 8},
+        "train_source": "held-out split (no training split)",
+        "lesion": {"units": [{"kind": "block"}]},
+        "lesion_summary": {
+            "base_top1": 0.5,
+            "chance": 0.1,
+            "non_downsampling": {"units": 0},
+            "downsampling": {"units": 0},
+        },
+        "lesion_recalibration_skipped": "no training split to re-estimate the BN statistics on",
+    }
+    text = "\n".join(DiagnoseStage.report_section({"stages": {"diagnose": d}}))
+    assert "asked for but not measured: no training split" in text and 'BN re-estimated"' not in text
+
+
 def test_outputs_report_and_plots(diagnosed):
     ctx, out = diagnosed
     report = json.loads((out / "report.json").read_text())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from deploycraft.artifacts import write_json
 from deploycraft.config import StageConfig
@@ -61,6 +61,15 @@ class DiagnoseConfig(StageConfig):
         "once the layers behind it normalise what they now receive (0: off; needs a training split).",
     )
 
+    @field_validator("lesion_recalibration_images")
+    @classmethod
+    def _recalibration_needs_lesion(cls, v: int, info: ValidationInfo) -> int:
+        if v == 1:
+            raise ValueError("BN statistics need at least 2 images (0 turns the re-estimation off)")
+        if v and "lesion" not in info.data.get("analyses", ["lesion"]):
+            raise ValueError("the BN re-estimation is part of the lesion study, which the analyses leave out")
+        return v
+
 
 def recalibration_batches(data, cfg: DiagnoseConfig) -> tuple[list | None, str | None]:
     """The training batches of the BN-recalibrated lesion study, or None and why there are none."""
@@ -68,9 +77,10 @@ def recalibration_batches(data, cfg: DiagnoseConfig) -> tuple[list | None, str |
         return None, None
     if not data.num_train:
         return None, "no training split to re-estimate the BN statistics on"
-    batches = take_images(
-        data.train_epoch(cfg.batch_size, epoch=20_000, augment=None), cfg.lesion_recalibration_images
-    )
+    batches = take_images(data.train_epoch(cfg.batch_size, epoch=20_000, augment=None), cfg.lesion_recalibration_images)
+    if len(batches) > 1 and len(batches[-1][1]) < 2:  # one image has no batch statistics: join the one before
+        (xa, ya), (xb, yb) = batches[-2], batches[-1]
+        batches[-2:] = [(torch.cat([xa, xb]), torch.cat([ya, yb]))]
     return batches, None
 
 
@@ -202,10 +212,14 @@ class DiagnoseStage(Stage):
             ]
             if "base_top1_recalibrated" in summary:
                 lines[-1] += (
-                    f" Rows marked \"BN re-estimated\": the same deletions with every BN's statistics re-estimated "
-                    f"on {d['lesion']['recalibration_images']} training images (intact "
-                    f"{summary['base_top1_recalibrated'] * 100:.2f} %), what a deletion costs once the layers behind it "
-                    "normalise what they now receive."
+                    f' Rows marked "BN re-estimated": the same deletions with every BN\'s statistics re-estimated '
+                    f"on {d['lesion']['recalibration_images']} training images, what a deletion costs once the layers "
+                    "behind it normalise what they now receive; their drops are from the intact model re-estimated "
+                    f"alike ({summary['base_top1_recalibrated'] * 100:.2f} %)."
+                )
+            if d.get("lesion_recalibration_skipped"):
+                lines[-1] += " The lesion with BN re-estimated was asked for but not measured: " + (
+                    f"{d['lesion_recalibration_skipped']}."
                 )
             lines += [
                 "",

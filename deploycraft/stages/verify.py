@@ -601,14 +601,20 @@ class VerifyStage(Stage):
 
         lines: list[str] = []
         models = report["models"]
-        if not any(m.get("latency_ms") or m.get("top1") is not None for m in models.values()):
+        if report.get("reference") is None and not any(
+            m.get("latency_ms") or m.get("top1") is not None for m in models.values()
+        ):
             first = next(iter(models.values()), {})
             size = (
                 f" The model: {first['params'] / 1e6:.2f} M parameters, {first['macs'] / 1e6:.1f} M MACs per image."
                 if first.get("macs")
                 else ""
             )
-            return ["## Models", "", "Not measured: this run has no verify stage (it measures top-1 and latency)." + size]
+            return [
+                "## Models",
+                "",
+                "Not measured: this run has no verify stage (it measures top-1 and latency)." + size,
+            ]
         bs = next((m["batch_size"] for m in models.values()), 1)
         threads = next((m.get("threads") for m in models.values() if m.get("threads")), None)
         lines += [
