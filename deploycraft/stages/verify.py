@@ -601,8 +601,10 @@ class VerifyStage(Stage):
 
         lines: list[str] = []
         models = report["models"]
-        if report.get("reference") is None and not any(
-            m.get("latency_ms") or m.get("top1") is not None for m in models.values()
+        measured = any(m.get("latency_ms") or m.get("top1") is not None for m in models.values())
+        # Nothing to show: no reference, no model measured, no headline, gate, candidate or faster note.
+        if not measured and not any(
+            report.get(k) for k in ("reference", "headline", "gates", "candidates", "faster_alternative")
         ):
             first = next(iter(models.values()), {})
             size = (
