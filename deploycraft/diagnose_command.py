@@ -269,8 +269,6 @@ def run(
             train, val, source, recalibrate, skipped = _batches(t)
         else:
             train, val, source = [], [], t.result.get("train_source", "")
-        if skipped:
-            log(f"[yellow]  lesion with BN re-estimated: skipped ({skipped})[/]")
         if t.result is None:
             snapshots = {"init": t.init} if t.init is not None and "gradients" in s.analyses else {}
             t.result = dg.diagnose(
@@ -282,9 +280,8 @@ def run(
                 snapshots={**snapshots, **t.snapshots},
                 analyses=tuple(s.analyses),
                 recalibration_batches=recalibrate,
+                recalibration_skipped=skipped,
             )
-            if skipped:
-                t.result["lesion_recalibration_skipped"] = skipped
             if t.init is None and t.result.get("gradient_flow"):
                 t.result["gradient_flow"][-1]["label"] = "init"  # the model is its own initialisation
             t.result["arch"], t.result["train_source"] = t.label, source

@@ -583,13 +583,16 @@ def diagnose(
     analyses: tuple[str, ...] | list[str] = ANALYSES,
     show: bool = True,
     recalibration_batches: Batches | None = None,
+    recalibration_skipped: str | None = None,
 ) -> dict[str, Any]:
     """Every measurement on one model, as one JSON-ready dict.
 
     ``snapshots``: other states of the same network whose gradient flow is measured too, by label
     (``init`` for the initialisation, epochs from checkpoints); the model itself is ``final``.
     ``train_batches``: training images without augmentation (the training error and the gradient
-    batches); ``val_batches``: held-out images (responses, skip usage, lesions).
+    batches); ``val_batches``: held-out images (responses, skip usage, lesions). ``recalibration_batches``:
+    training images the lesion study re-estimates the BN statistics on, or ``recalibration_skipped``: why a
+    re-estimation that was asked for is not measured (recorded in the result).
     """
     model.eval()
     out: dict[str, Any] = {
@@ -610,6 +613,8 @@ def diagnose(
     if "lesion" in analyses:
         out["lesion"] = lesion_study(model, val_batches, show=show, recalibrate=recalibration_batches)
         out["lesion_summary"] = lesion_summary(out["lesion"], num_classes)
+        if recalibration_skipped:
+            out["lesion_recalibration_skipped"] = recalibration_skipped
     return out
 
 

@@ -359,3 +359,16 @@ def test_compare_counts_layers_with_smaller_responses():
 def test_take_images_cuts_the_last_batch():
     got = dg.take_images(iter(_batches(16, 4)), 10)
     assert [len(y) for _, y in got] == [4, 4, 2]
+
+
+def test_a_skipped_recalibration_is_recorded_with_the_lesion_only():
+    batches = _batches(n=4)
+    why = "no training split to re-estimate the BN statistics on"
+    lesion = dg.diagnose(
+        _model(), batches, batches, num_classes=10, analyses=("lesion",), show=False, recalibration_skipped=why
+    )
+    assert lesion["lesion_recalibration_skipped"] == why and "top1_recalibrated" not in lesion["lesion"]["units"][0]
+    other = dg.diagnose(
+        _model(), batches, batches, num_classes=10, analyses=("skip",), show=False, recalibration_skipped=why
+    )
+    assert "lesion_recalibration_skipped" not in other

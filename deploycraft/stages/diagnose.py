@@ -72,11 +72,13 @@ class DiagnoseConfig(StageConfig):
 
 
 def recalibration_batches(data, cfg: DiagnoseConfig) -> tuple[list | None, str | None]:
-    """The training batches of the BN-recalibrated lesion study, or None and why there are none."""
+    """The training batches of the BN-recalibrated lesion study, or None and why there are none (logged)."""
     if "lesion" not in cfg.analyses or not cfg.lesion_recalibration_images:
         return None, None
     if not data.num_train:
-        return None, "no training split to re-estimate the BN statistics on"
+        skipped = "no training split to re-estimate the BN statistics on"
+        log(f"[yellow]  lesion with BN re-estimated: skipped ({skipped})[/]")
+        return None, skipped
     batches = take_images(data.train_epoch(cfg.batch_size, epoch=20_000, augment=None), cfg.lesion_recalibration_images)
     if len(batches) > 1 and len(batches[-1][1]) < 2:  # one image has no batch statistics: join the one before
         (xa, ya), (xb, yb) = batches[-2], batches[-1]
@@ -113,8 +115,6 @@ class DiagnoseStage(Stage):
         else:  # an ImageFolder without a training split: the held-out images are all there is
             train, train_source = val, "held-out split (no training split)"
         recalibrate, skipped = recalibration_batches(data, cfg)
-        if skipped:
-            log(f"[yellow]  lesion with BN re-estimated: skipped ({skipped})[/]")
         snapshots = {}
         init = initial_model(spec, ctx.recipe.seed)
         if init is not None:
@@ -128,9 +128,8 @@ class DiagnoseStage(Stage):
             snapshots=snapshots,
             analyses=tuple(cfg.analyses),
             recalibration_batches=recalibrate,
+            recalibration_skipped=skipped,
         )
-        if skipped:
-            result["lesion_recalibration_skipped"] = skipped
         result["arch"] = spec["arch"]
         result["train_source"] = train_source
         write_json(workdir / "diagnose.json", result)

@@ -640,9 +640,7 @@ class VerifyStage(Stage):
                 f"| {pretty(name)}{shipped} | {m['precision']} | {m['backend']}"
                 f"{' (' + m['target'] + ')' if m.get('target') else ''} | {fmt_pct(m['top1'])} | "
                 f"{'—' if drop is None else f'{drop * 100:+.2f} pt'} | "
-                f"{ms(lat.get('p50'))} | {ms(lat.get('p99'))} | "
-                f"{ips} | "
-                f"{x(m.get('speedup_vs_fp32_torch'))} | "
+                f"{ms(lat.get('p50'))} | {ms(lat.get('p99'))} | {ips} | {x(m.get('speedup_vs_fp32_torch'))} | "
                 f"{x(m.get('speedup_vs_fastest_fp32'))} | {gm} | "
                 f"{(m.get('macs') or 0) / 1e6:.1f} M | {fmt_mb(m.get('bytes'))} |"
             )
