@@ -57,11 +57,10 @@ import operator
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from deploycraft.models.layers import ResidualAdd
 from deploycraft.quant.graph import ChannelAffine
-from deploycraft.quant.modules import ActQuantizer, QuantConv2d, quant_step
+from deploycraft.quant.modules import ActQuantizer, QuantConv2d, integer_conv2d, quant_step
 from deploycraft.quant.placement import _is_relu, onnxruntime_fuses
 
 
@@ -124,7 +123,7 @@ class QLinearConv(nn.Module):
         # exactly; a sum of integer products is exact in float64, as in the int32 accumulator.
         w_int = torch.round(conv.weight.double() / w_scale.double().reshape(shape if w_scale.numel() > 1 else -1))
         x_int = torch.round(x / inp.scale.double())  # q - zero
-        acc = F.conv2d(x_int, w_int, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        acc = integer_conv2d(x_int, w_int, conv.stride, conv.padding, conv.dilation, conv.groups)
         bias_step = inp.scale.float() * w_scale  # float32, as the int32 bias was computed (bias_step)
         if conv.bias is not None:  # the simulation's bias is integer x bias_step: the integers come back exactly
             acc = acc + torch.round(conv.bias.double() / bias_step.double()).reshape(1, -1, 1, 1)
