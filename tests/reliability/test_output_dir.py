@@ -70,3 +70,28 @@ def test_files_added_to_deploy_are_kept(completed):
     assert len(kept) == 1 and kept[0].read_text() == "x\n"
     assert "service.yaml" in proc.stderr
     assert not (run / "deploy" / "service.yaml").exists()
+
+
+def test_folder_with_a_foreign_run_json_is_refused_untouched(pristine, tmp_path):
+    """A run.json alone does not make a run folder: deploycraft's names its recipe and a run state."""
+    _, recipe = pristine
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "run.json").write_text('{"experiment": "mine"}\n')
+    (target / "report.md").write_text("my notes\n")
+    (target / "recipe.yaml").write_text("my: recipe\n")
+    before = snapshot(target)
+    one_line_error(run_cli("run", recipe, "-o", target), "--output-dir", "run.json that deploycraft did not write")
+    assert snapshot(target) == before
+    (target / "run.json").write_text("not json\n")  # unreadable, and no stages/ folder beside it
+    before = snapshot(target)
+    one_line_error(run_cli("run", recipe, "-o", target), "--output-dir", "did not write")
+    assert snapshot(target) == before
+
+
+def test_a_run_folder_with_an_unreadable_run_json_resumes(completed):
+    run, recipe = completed
+    (run / "run.json").write_text("{trunc")  # a run killed while writing it
+    proc = run_cli("run", recipe, "-o", run)
+    assert proc.returncode == 0, proc.stderr
+    assert '"completed"' in (run / "run.json").read_text()
