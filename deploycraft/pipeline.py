@@ -347,6 +347,16 @@ class Pipeline:
             prefix = stage_dir.relative_to(root).as_posix()
             files.update({f"{prefix}/{rel}": entry for rel, entry in record["files"].items()})
             files[f"{prefix}/{af.STAGE_RECORD}"] = af.file_entry(stage_dir / af.STAGE_RECORD)
+        gates = (ctx.results.get("verify") or {}).get("gates", [])
+        failures = [f"gate {g['name']} failed: {g['detail']}" for g in gates if not g["passed"]]
+        if failures:
+            # nothing unverified ships: deploy/ stays empty (an earlier run's, which this recipe no longer
+            # produces, is retired as always); every file stays where its stage wrote it
+            self._retire_deploy()
+            log("[yellow]nothing shipped: a verify gate failed, so deploy/ is left out; the files are under stages/[/]")
+            report, written = write_report(ctx, shipped=False)
+            files.update(written)
+            return failures, files
         shipped: dict[str, Path] = {}  # deploy path -> source
         for art in ctx.artifacts.values():
             src = root / art.path
@@ -374,9 +384,9 @@ class Pipeline:
                 files[rel] = af.atomic_write_text(tmp / Path(rel).relative_to("deploy"), text)
         self._retire_deploy()
         tmp.rename(self.run.deploy)
-        report, written = write_report(ctx)
+        report, written = write_report(ctx, shipped=True)
         files.update(written)
-        return [f"gate {g['name']} failed: {g['detail']}" for g in report.get("gates", []) if not g["passed"]], files
+        return [], files
 
     def _serving(self, ctx: RunContext) -> dict[str, Any] | None:
         """The shipped deployable (verify's main, else the target's INT8, else the FP32 ONNX): its

@@ -261,9 +261,10 @@ def _md_header(report: dict[str, Any]) -> list[str]:
     lines = [f"# deploycraft report: {report['recipe']}", ""]
     if report["description"]:
         lines += [report["description"], ""]
+    lines += [f"**Status: {report['status']}** · run folder `{report['run_dir']}`", ""]
+    if report.get("shipped") is False:
+        lines += ["**Nothing shipped**: a gate failed, so `deploy/` is left out; the files are under `stages/`.", ""]
     lines += [
-        f"**Status: {report['status']}** · run folder `{report['run_dir']}`",
-        "",
         f"Hardware: {hw.get('cpu_model', '?')} ({hw.get('logical_cpus')} logical CPUs; "
         f"flags {', '.join(hw.get('cpu_flags', [])) or '—'}); GPUs: "
         f"{', '.join(g['name'] for g in hw.get('gpus', [])) or 'none'}. "
@@ -435,9 +436,11 @@ def plot_accuracy_latency(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_report(ctx) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Write report.json, report.md and the plot; return the report and the manifest entries written."""
+def write_report(ctx, shipped: bool = True) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Write report.json, report.md and the plot; return the report and the manifest entries written.
+    ``shipped``: whether the run filled deploy/ (not where a verify gate failed)."""
     report = build_report(ctx)
+    report["shipped"] = shipped
     if report["faster_alternative"]:
         log(f"[yellow]note: {faster_words(report).replace('**', '')}[/]")
     written = {}

@@ -190,6 +190,19 @@ def test_gate_failure_exits_1_and_says_why(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["status"] == "failed"
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
+    # nothing unverified ships: no deploy/, the report says so, the files stay in stages/
+    assert not (tmp_path / "run" / "deploy").exists() and report["shipped"] is False
+    assert "Nothing shipped" in (tmp_path / "run" / "report.md").read_text()
+    assert all(m["path"].startswith("stages/") for m in report["models"].values() if m["format"] != "torch")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert not [f for f in manifest["files"] if f["path"].startswith("deploy/")]
+    # the gate met on a re-run (only verify runs again): deploy/ is filled
+    del raw["stages"][3]["min_speedup"]
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    proc = run_cli("run", path, "--output-dir", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "deploy" / "deployable.json").is_file()
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["shipped"] is True
 
 
 def test_gate_failure_raises_in_process(tmp_path):
