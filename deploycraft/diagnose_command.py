@@ -5,9 +5,9 @@ whose records check out, as `inspect` does) or a recipe (its starting model: the
 ``model.weights``). A run folder whose diagnose stage completed is not measured again unless asked: its
 verified result is taken as it is. ``--checkpoint`` adds the gradient flow of training
 checkpoints (a train stage writes ``checkpoint.pt`` after each epoch; with several targets, ``N:PATH`` names
-the target). The output folder gets
-``diagnose.json`` (every figure of every target and the comparisons of `diagnostics.compare`),
-``diagnose.md`` and the plots, drawn with every target in each.
+the target). The output folder (``-o``: new, empty, or an earlier output of this command; checked
+writable before anything is measured) gets ``diagnose.json`` (every figure of every target and the
+comparisons of `diagnostics.compare`), ``diagnose.md`` and the plots, drawn with every target in each.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from pydantic import ValidationError
 from deploycraft import diagnostics as dg
 from deploycraft.artifacts import atomic_write_text, read_status, verify_stage, write_json
 from deploycraft.errors import UserError
+from deploycraft.outputs import check_writable_folder
 from deploycraft.progress import log
 from deploycraft.stages.diagnose import DiagnoseConfig, DiagnoseStage, initial_model, recalibration_batches
 
 OUTPUT_RECORD = "diagnose.json"
+OUTPUT_FIX = "choose a new or empty folder you can write to with --output-dir (-o)"
 
 
 @dataclass
@@ -218,13 +220,15 @@ def _batches(target: Target) -> tuple[dg.Batches, dg.Batches, str, dg.Batches | 
 
 
 def check_output_dir(out: Path) -> None:
-    """Missing, empty, or the output of an earlier `deploycraft diagnose`: nothing else is overwritten."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / OUTPUT_RECORD).is_file())):
+    """Missing, empty, or the output of an earlier `deploycraft diagnose`, and writable: nothing else is
+    overwritten, and nothing measured is lost to a folder that cannot be written."""
+    if out.is_dir() and any(out.iterdir()) and not (out / OUTPUT_RECORD).is_file():
         raise UserError(
             f"{out} exists and is not the output of `deploycraft diagnose`",
             field="--output-dir",
-            fix="give a new or empty folder",
+            fix=OUTPUT_FIX,
         )
+    check_writable_folder(out, "--output-dir", OUTPUT_FIX)
 
 
 def default_output_dir(paths: list[Path], labels: list[str]) -> Path:
@@ -246,6 +250,8 @@ def run(
     if not paths:
         raise UserError("no target", field="TARGET", fix="give run folders or recipes")
     by_target = checkpoints_by_target([str(c) for c in checkpoints or []], len(paths))
+    if output_dir is not None:
+        check_output_dir(Path(output_dir))  # before any model is loaded or measured
     targets = [load_target(p, overrides or [], stage, settings, recompute) for p in paths]
     labels: list[str] = []
     for t in targets:  # unique labels: resnet56, resnet56-2, ...
@@ -256,7 +262,8 @@ def run(
         t.label = label
         labels.append(label)
     out = Path(output_dir) if output_dir is not None else default_output_dir(paths, labels)
-    check_output_dir(out)
+    if output_dir is None:
+        check_output_dir(out)
     for index, ckpts in by_target.items():
         targets[index].snapshots = _checkpoint_snapshots(targets[index], ckpts)
     results: dict[str, dict[str, Any]] = {}
@@ -291,21 +298,32 @@ def run(
             t.result["gradient_flow"] = [g for g in old if g["label"] == "init"] + flows
             t.result["gradient_flow"] += [g for g in old if g["label"] != "init"]
         results[t.label] = t.result
-    out.mkdir(parents=True, exist_ok=True)
-    plots = dg.write_plots(results, out)
     comparison = dg.compare(results) if len(results) > 1 else None
-    record = {
-        "targets": {
-            t.label: {"source": t.source, "settings": t.settings.model_dump(mode="json"), "result": t.result}
-            for t in targets
-        },
-        "comparison": comparison,
-        "plots": plots,
-    }
-    write_json(out / OUTPUT_RECORD, record)
-    text = render_markdown(record)
-    atomic_write_text(out / "diagnose.md", text)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        plots = dg.write_plots(results, out)
+        record = {
+            "targets": {
+                t.label: {"source": t.source, "settings": t.settings.model_dump(mode="json"), "result": t.result}
+                for t in targets
+            },
+            "comparison": comparison,
+            "plots": plots,
+        }
+        write_json(out / OUTPUT_RECORD, record)
+        text = render_markdown(record)
+        atomic_write_text(out / "diagnose.md", text)
+    except OSError as exc:  # checked writable before measuring; something changed since
+        raise UserError(
+            f"cannot write the results to {out} ({_why(exc)})",
+            field="--output-dir",
+            fix=f"{OUTPUT_FIX}, and run again",
+        ) from None
     return out, text
+
+
+def _why(exc: OSError) -> str:
+    return f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc.strerror or exc)
 
 
 def render_markdown(record: dict[str, Any]) -> str:

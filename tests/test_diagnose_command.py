@@ -4,6 +4,7 @@ and one-line errors. The CLI runs in-process (typer's CliRunner over the real ap
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -149,3 +150,49 @@ def test_bad_targets_and_output_folders(run_dir, tmp_path):
     assert code == 2 and "no target 3" in stderr
     code, _, stderr = _invoke("diagnose", tmp_path / "missing.yaml")
     assert code == 2 and "does not exist" in stderr
+
+
+def _one_line(stderr: str, after_progress: bool = False) -> str:
+    """The one error line; after progress lines (the command was under way) it is the last and the only one."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if after_progress:
+        lines = [line for line in lines if line.startswith("error:")] and lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    assert sum(line.startswith("error:") for line in stderr.splitlines()) == 1, stderr
+    return lines[0]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_an_unwritable_output_folder_is_refused_before_measuring(run_dir, tmp_path, monkeypatch):
+    from deploycraft import diagnostics
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the output folder was checked")
+
+    monkeypatch.setattr(diagnostics, "diagnose", measured)
+    (tmp_path / "file").write_text("mine")
+    for out, needle in (
+        ("/proc/deploycraft-nope", "cannot create /proc/deploycraft-nope"),
+        (tmp_path / "file" / "sub", "is a file"),
+        (tmp_path / "file", "is a file"),
+    ):
+        code, _, stderr = _invoke("diagnose", run_dir, "--recompute", *SMALL, "-o", out)
+        line = _one_line(stderr)
+        assert code == 2 and "--output-dir" in line and str(out) in line and needle in line
+    assert (tmp_path / "file").read_text() == "mine"
+    # The check leaves nothing behind: the folders it made to test them are gone again.
+    code, _, stderr = _invoke("diagnose", run_dir, "--stage", "prune", "-o", tmp_path / "new" / "deep")
+    assert code == 2 and "--stage" in stderr and not (tmp_path / "new").exists()
+
+
+def test_a_late_write_failure_is_one_line(run_dir, tmp_path, monkeypatch):
+    from deploycraft import diagnostics
+
+    def refuse(results, folder):
+        raise PermissionError(13, "Permission denied", str(folder / "lesion.png"))
+
+    monkeypatch.setattr(diagnostics, "write_plots", refuse)
+    code, _, stderr = _invoke("diagnose", run_dir, "-o", tmp_path / "out")
+    line = _one_line(stderr, after_progress=True)
+    assert code == 2 and "--output-dir" in line and "cannot write the results" in line and "Permission denied" in line
+    assert "lesion.png" in line
