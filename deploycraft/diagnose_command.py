@@ -5,9 +5,10 @@ whose records check out, as `inspect` does) or a recipe (its starting model: the
 ``model.weights``). A run folder whose diagnose stage completed is not measured again unless asked: its
 verified result is taken as it is. ``--checkpoint`` adds the gradient flow of training
 checkpoints (a train stage writes ``checkpoint.pt`` after each epoch; with several targets, ``N:PATH`` names
-the target). The output folder (``-o``: new, empty, or an earlier output of this command; checked
-writable before anything is measured) gets ``diagnose.json`` (every figure of every target and the
-comparisons of `diagnostics.compare`), ``diagnose.md`` and the plots, drawn with every target in each.
+the target). The output folder (``-o``: new, empty, or an earlier output of this command, known by its
+diagnose.json, whose ``written_by`` is ``deploycraft diagnose``; checked writable before anything is
+measured) gets ``diagnose.json`` (every figure of every target and the comparisons of `diagnostics.compare`),
+``diagnose.md`` and the plots, drawn with every target in each.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from pydantic import ValidationError
 from deploycraft import diagnostics as dg
 from deploycraft.artifacts import atomic_write_text, read_status, verify_stage, write_json
 from deploycraft.errors import UserError
-from deploycraft.outputs import check_writable_folder
+from deploycraft.outputs import WRITTEN_BY, check_writable_folder, owned_json
 from deploycraft.progress import log
 from deploycraft.stages.diagnose import DiagnoseConfig, DiagnoseStage, initial_model, recalibration_batches
 
 OUTPUT_RECORD = "diagnose.json"
+WRITER = "deploycraft diagnose"  # diagnose.json's first key says who wrote it (outputs.WRITTEN_BY)
 OUTPUT_FIX = "choose a new or empty folder you can write to with --output-dir (-o)"
 
 
@@ -220,15 +222,37 @@ def _batches(target: Target) -> tuple[dg.Batches, dg.Batches, str, dg.Batches | 
 
 
 def check_output_dir(out: Path) -> None:
-    """Missing, empty, or the output of an earlier `deploycraft diagnose`, and writable: nothing else is
-    overwritten, and nothing measured is lost to a folder that cannot be written."""
-    if out.is_dir() and any(out.iterdir()) and not (out / OUTPUT_RECORD).is_file():
-        raise UserError(
-            f"{out} exists and is not the output of `deploycraft diagnose`",
-            field="--output-dir",
-            fix=OUTPUT_FIX,
-        )
+    """Missing, empty, or the output of an earlier `deploycraft diagnose` (its diagnose.json says so), and
+    writable: nothing else is overwritten, and nothing measured is lost to a folder that cannot be written."""
+    if out.is_dir():
+        try:
+            entries = sorted(p.name for p in out.iterdir())
+        except OSError as exc:
+            raise UserError(
+                f"cannot read {out} ({exc.strerror or exc})", field="--output-dir", fix=OUTPUT_FIX
+            ) from None
+        if entries and not owned_json(out / OUTPUT_RECORD, WRITER, _earlier_record):
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            why = "its diagnose.json was not written by it" if OUTPUT_RECORD in entries else "no diagnose.json"
+            raise UserError(
+                f"{out} is not empty ({shown}) and is not the output of `deploycraft diagnose` ({why}); "
+                "nothing in it is overwritten",
+                field="--output-dir",
+                fix=OUTPUT_FIX,
+            )
     check_writable_folder(out, "--output-dir", OUTPUT_FIX)
+
+
+def _earlier_record(record: dict[str, Any]) -> bool:
+    """diagnose.json as the command wrote it before it was marked (targets, comparison, plots)."""
+    targets, plots = record.get("targets"), record.get("plots")
+    return (
+        set(record) == {"targets", "comparison", "plots"}
+        and isinstance(targets, dict)
+        and isinstance(plots, dict)
+        and bool(targets)
+        and all(isinstance(t, dict) and set(t) == {"source", "settings", "result"} for t in targets.values())
+    )
 
 
 def default_output_dir(paths: list[Path], labels: list[str]) -> Path:
@@ -303,6 +327,7 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
         plots = dg.write_plots(results, out)
         record = {
+            WRITTEN_BY: WRITER,
             "targets": {
                 t.label: {"source": t.source, "settings": t.settings.model_dump(mode="json"), "result": t.result}
                 for t in targets

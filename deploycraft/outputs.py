@@ -1,8 +1,9 @@
 """Output paths the user names on the command line (`diagnose -o`, `bench --json`): checked before the work.
 
-A command that measures for minutes must not lose its results to a path it cannot write at the end.
-``check_writable_folder`` makes sure a folder can be made and written to, by doing it (permissions alone do
-not tell: root may write anywhere but not create a folder in /proc), and leaves nothing behind.
+A command that measures for minutes must not lose its results to a path it cannot write at the end, and
+must not overwrite what the user owns. ``check_writable_folder`` makes sure a folder can be made and
+written to, by doing it (permissions alone do not tell: root may write anywhere but not create a folder in
+/proc), and leaves nothing behind. ``owned_json`` recognises a JSON file deploycraft wrote by its content.
 
 Kept out of artifacts.py: that module is part of every stage's code fingerprint, and these checks have
 nothing to do with a stage's result.
@@ -10,11 +11,18 @@ nothing to do with a stage's result.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 from deploycraft.errors import UserError
+
+# The key every JSON record a command writes into a user-named path starts with: its author, e.g.
+# {"written_by": "deploycraft diagnose", ...}. Recognising a file by it lets a command replace its own
+# earlier output and nothing else.
+WRITTEN_BY = "written_by"
 
 
 def check_writable_folder(folder: Path, field: str, fix: str) -> None:
@@ -46,3 +54,23 @@ def check_writable_folder(folder: Path, field: str, fix: str) -> None:
                 d.rmdir()
             except OSError:
                 pass
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is not one (unreadable, not JSON, not an object)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def owned_json(path: Path, writer: str, legacy: Callable[[dict[str, Any]], bool] | None = None) -> bool:
+    """Whether ``path`` is a JSON record ``writer`` wrote: marked with it, or (files written before the mark)
+    of the shape ``legacy`` recognises."""
+    obj = read_json_object(path)
+    if obj is None:
+        return False
+    if WRITTEN_BY in obj:
+        return obj[WRITTEN_BY] == writer
+    return legacy is not None and legacy(obj)
