@@ -1,5 +1,9 @@
 """`deploycraft bench`: ONNX files timed side by side on every CPU runtime, AOTInductor packages (.pt2) on
-the device they were compiled for (CUDA events on a GPU), and the machine's ceiling."""
+the device they were compiled for (CUDA events on a GPU), and the machine's ceiling.
+
+``--json FILE`` is checked before anything is timed (``check_json_output``): a folder is refused, a missing
+folder above the file is created, and an existing file is replaced only when an earlier `deploycraft bench`
+wrote it (its ``written_by`` says so; files from before the mark are known by their keys)."""
 
 from __future__ import annotations
 
@@ -9,9 +13,48 @@ from pathlib import Path
 import onnx
 import torch
 
+from deploycraft.artifacts import write_json
 from deploycraft.errors import UserError
+from deploycraft.outputs import WRITTEN_BY, check_writable_folder, owned_json
 from deploycraft.runtime import CPU_RUNTIMES, available, cpu_runtimes, onnx_runner
 from deploycraft.runtime.bench import measure, physical_cores
+
+WRITER = "deploycraft bench"
+RESULT_KEYS = {"threads", "runtimes", "input", "results", "ceiling"}  # what bench_onnx returns
+
+
+def check_json_output(path: Path) -> None:
+    """``--json``: a new file (missing folders above it are created) or one an earlier `deploycraft bench`
+    wrote, in a folder that can be written; checked before the timing, so no result is lost to it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder", field="--json", fix=f"give a file name, e.g. {path / 'bench.json'}")
+    if path.exists() or path.is_symlink():
+        if not owned_json(path, WRITER, _earlier_results):
+            raise UserError(
+                f"{path} exists and was not written by `deploycraft bench`; it is not overwritten",
+                field="--json",
+                fix="give a new file name (a JSON file an earlier bench wrote is replaced)",
+            )
+    check_writable_folder(path.parent, "--json", fix="give a file in a folder you can write to")
+
+
+def _earlier_results(obj: dict) -> bool:
+    """A results file bench wrote before it was marked: its keys, threads and runtimes always among them."""
+    return {"threads", "runtimes"} <= set(obj) <= RESULT_KEYS and isinstance(obj["runtimes"], list)
+
+
+def write_results(path: Path, results: dict) -> None:
+    """The results as JSON, marked as bench's own; a failure is one UserError (the timings are printed)."""
+    try:
+        write_json(Path(path), {WRITTEN_BY: WRITER, **results})
+    except OSError as exc:
+        why = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc.strerror or exc)
+        raise UserError(
+            f"cannot write {path} ({why}); the timings are printed above",
+            field="--json",
+            fix="give a file in a folder you can write to",
+        ) from None
 
 
 def _load(path: Path) -> onnx.ModelProto:

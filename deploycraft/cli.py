@@ -241,19 +241,29 @@ def bench(
     threads: int | None = typer.Option(None, help="Intra-op threads (default: physical cores)."),
     repeats: int = typer.Option(100, help="Timed runs per model and batch size."),
     warmup: int = typer.Option(10, help="Untimed runs first."),
-    json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
+    json_out: Path | None = typer.Option(
+        None,
+        "--json",
+        help="Also write the results to this JSON file (a new file, its folder created if missing, or one an "
+        "earlier bench wrote; checked before timing).",
+    ),
 ) -> None:
     """Time ONNX models side by side on every CPU runtime, and AOTInductor packages on the device they were
     compiled for (CUDA events on a GPU); interleaved, ratios are within one run."""
-    from deploycraft.benchmarking import bench_onnx
+    from deploycraft.benchmarking import bench_onnx, check_json_output, write_results
 
     try:
+        if json_out:
+            check_json_output(json_out)
         text, results = bench_onnx(models_ or [], batch, threads, repeats, warmup, runtime or None, peak)
     except UserError as exc:
         _fail(exc)
     typer.echo(text)
     if json_out:
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        try:
+            write_results(json_out, results)
+        except UserError as exc:
+            _fail(exc)
 
 
 def entrypoint() -> None:

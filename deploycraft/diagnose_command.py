@@ -5,8 +5,9 @@ whose records check out, as `inspect` does) or a recipe (its starting model: the
 ``model.weights``). A run folder whose diagnose stage completed is not measured again unless asked: its
 verified result is taken as it is. ``--checkpoint`` adds the gradient flow of training
 checkpoints (a train stage writes ``checkpoint.pt`` after each epoch; with several targets, ``N:PATH`` names
-the target). The output folder gets
-``diagnose.json`` (every figure of every target and the comparisons of `diagnostics.compare`),
+the target). The output folder (``-o``: new, empty, or an earlier output of this command, known by its
+diagnose.json, whose ``written_by`` is ``deploycraft diagnose``; checked writable before anything is
+measured) gets ``diagnose.json`` (every figure of every target and the comparisons of `diagnostics.compare`),
 ``diagnose.md`` and the plots, drawn with every target in each.
 """
 
@@ -24,10 +25,13 @@ from pydantic import ValidationError
 from deploycraft import diagnostics as dg
 from deploycraft.artifacts import atomic_write_text, read_status, verify_stage, write_json
 from deploycraft.errors import UserError
+from deploycraft.outputs import WRITTEN_BY, check_writable_folder, owned_json
 from deploycraft.progress import log
 from deploycraft.stages.diagnose import DiagnoseConfig, DiagnoseStage, initial_model, recalibration_batches
 
 OUTPUT_RECORD = "diagnose.json"
+WRITER = "deploycraft diagnose"  # diagnose.json's first key says who wrote it (outputs.WRITTEN_BY)
+OUTPUT_FIX = "choose a new or empty folder you can write to with --output-dir (-o)"
 
 
 @dataclass
@@ -218,13 +222,37 @@ def _batches(target: Target) -> tuple[dg.Batches, dg.Batches, str, dg.Batches | 
 
 
 def check_output_dir(out: Path) -> None:
-    """Missing, empty, or the output of an earlier `deploycraft diagnose`: nothing else is overwritten."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / OUTPUT_RECORD).is_file())):
-        raise UserError(
-            f"{out} exists and is not the output of `deploycraft diagnose`",
-            field="--output-dir",
-            fix="give a new or empty folder",
-        )
+    """Missing, empty, or the output of an earlier `deploycraft diagnose` (its diagnose.json says so), and
+    writable: nothing else is overwritten, and nothing measured is lost to a folder that cannot be written."""
+    if out.is_dir():
+        try:
+            entries = sorted(p.name for p in out.iterdir())
+        except OSError as exc:
+            raise UserError(
+                f"cannot read {out} ({exc.strerror or exc})", field="--output-dir", fix=OUTPUT_FIX
+            ) from None
+        if entries and not owned_json(out / OUTPUT_RECORD, WRITER, _earlier_record):
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            why = "its diagnose.json was not written by it" if OUTPUT_RECORD in entries else "no diagnose.json"
+            raise UserError(
+                f"{out} is not empty ({shown}) and is not the output of `deploycraft diagnose` ({why}); "
+                "nothing in it is overwritten",
+                field="--output-dir",
+                fix=OUTPUT_FIX,
+            )
+    check_writable_folder(out, "--output-dir", OUTPUT_FIX)
+
+
+def _earlier_record(record: dict[str, Any]) -> bool:
+    """diagnose.json as the command wrote it before it was marked (targets, comparison, plots)."""
+    targets, plots = record.get("targets"), record.get("plots")
+    return (
+        set(record) == {"targets", "comparison", "plots"}
+        and isinstance(targets, dict)
+        and isinstance(plots, dict)
+        and bool(targets)
+        and all(isinstance(t, dict) and set(t) == {"source", "settings", "result"} for t in targets.values())
+    )
 
 
 def default_output_dir(paths: list[Path], labels: list[str]) -> Path:
@@ -246,6 +274,8 @@ def run(
     if not paths:
         raise UserError("no target", field="TARGET", fix="give run folders or recipes")
     by_target = checkpoints_by_target([str(c) for c in checkpoints or []], len(paths))
+    if output_dir is not None:
+        check_output_dir(Path(output_dir))  # before any model is loaded or measured
     targets = [load_target(p, overrides or [], stage, settings, recompute) for p in paths]
     labels: list[str] = []
     for t in targets:  # unique labels: resnet56, resnet56-2, ...
@@ -256,7 +286,8 @@ def run(
         t.label = label
         labels.append(label)
     out = Path(output_dir) if output_dir is not None else default_output_dir(paths, labels)
-    check_output_dir(out)
+    if output_dir is None:
+        check_output_dir(out)
     for index, ckpts in by_target.items():
         targets[index].snapshots = _checkpoint_snapshots(targets[index], ckpts)
     results: dict[str, dict[str, Any]] = {}
@@ -291,21 +322,33 @@ def run(
             t.result["gradient_flow"] = [g for g in old if g["label"] == "init"] + flows
             t.result["gradient_flow"] += [g for g in old if g["label"] != "init"]
         results[t.label] = t.result
-    out.mkdir(parents=True, exist_ok=True)
-    plots = dg.write_plots(results, out)
     comparison = dg.compare(results) if len(results) > 1 else None
-    record = {
-        "targets": {
-            t.label: {"source": t.source, "settings": t.settings.model_dump(mode="json"), "result": t.result}
-            for t in targets
-        },
-        "comparison": comparison,
-        "plots": plots,
-    }
-    write_json(out / OUTPUT_RECORD, record)
-    text = render_markdown(record)
-    atomic_write_text(out / "diagnose.md", text)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        plots = dg.write_plots(results, out)
+        record = {
+            WRITTEN_BY: WRITER,
+            "targets": {
+                t.label: {"source": t.source, "settings": t.settings.model_dump(mode="json"), "result": t.result}
+                for t in targets
+            },
+            "comparison": comparison,
+            "plots": plots,
+        }
+        write_json(out / OUTPUT_RECORD, record)
+        text = render_markdown(record)
+        atomic_write_text(out / "diagnose.md", text)
+    except OSError as exc:  # checked writable before measuring; something changed since
+        raise UserError(
+            f"cannot write the results to {out} ({_why(exc)})",
+            field="--output-dir",
+            fix=f"{OUTPUT_FIX}, and run again",
+        ) from None
     return out, text
+
+
+def _why(exc: OSError) -> str:
+    return f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc.strerror or exc)
 
 
 def render_markdown(record: dict[str, Any]) -> str:

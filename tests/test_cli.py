@@ -105,6 +105,87 @@ def test_bench_compares_onnx_files(tmp_path, tiny_resnet):
     assert set(results) == {f"{a} @onnxruntime", f"{b} @onnxruntime"} and results[f"{a} @onnxruntime"]["4"]["p50"] > 0
 
 
+def _tiny_onnx(tmp_path, model):
+    import torch
+
+    from deploycraft.onnx_io import export_onnx
+    from deploycraft.quant.graph import fold_bn
+
+    path = tmp_path / "m.onnx"
+    meta = {"deploycraft.input": {"channels": 3, "image_size": 16}}
+    export_onnx(fold_bn(model), torch.randn(2, 3, 16, 16), path, metadata=meta)
+    return path
+
+
+def _bench_in_process(*args):
+    """`deploycraft bench` in this process (typer's CliRunner over the real app), so that a test can patch it."""
+    from typer.testing import CliRunner
+
+    from deploycraft.cli import app
+
+    result = CliRunner().invoke(app, ["bench", *map(str, args), "-r", "onnxruntime", "--repeats", "2", "--warmup", "0"])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_bench_json_is_checked_before_timing(tmp_path, tiny_resnet, monkeypatch):
+    from deploycraft import benchmarking
+
+    model = _tiny_onnx(tmp_path, tiny_resnet)
+
+    def timed(*args, **kwargs):
+        raise AssertionError("timed before --json was checked")
+
+    monkeypatch.setattr(benchmarking, "measure", timed)
+    (tmp_path / "recipe.yaml").write_text("mine: 1\n")
+    (tmp_path / "notes.json").write_text('{"threads": 4, "mine": true}\n')  # JSON, but not bench's
+    (tmp_path / "file").write_text("mine")
+    for out, needle in (
+        (tmp_path, f"{tmp_path} is a folder"),
+        (tmp_path / "recipe.yaml", "recipe.yaml exists and was not written by `deploycraft bench`"),
+        (tmp_path / "notes.json", "notes.json exists and was not written by `deploycraft bench`"),
+        (tmp_path / "file" / "x.json", f"{tmp_path / 'file'} is a file"),
+        ("/proc/deploycraft-nope/x.json", "cannot create /proc/deploycraft-nope"),
+    ):
+        code, stdout, stderr = _bench_in_process(model, "--json", out)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+        assert lines[0].startswith("error: --json: ") and needle in lines[0] and "fix:" in lines[0]
+        assert not stdout.strip()
+    assert (tmp_path / "recipe.yaml").read_text() == "mine: 1\n" and "mine" in (tmp_path / "notes.json").read_text()
+
+
+def test_bench_json_makes_its_folder_and_replaces_only_its_own_file(tmp_path, tiny_resnet):
+    model = _tiny_onnx(tmp_path, tiny_resnet)
+    out = tmp_path / "new" / "deep" / "bench.json"
+    code, stdout, stderr = _bench_in_process(model, "--json", out)
+    assert code == 0, stderr
+    first = json.loads(out.read_text())
+    assert first["written_by"] == "deploycraft bench" and set(first["results"]) == {f"{model} @onnxruntime"}
+    code, _, stderr = _bench_in_process(model, "-b", "2", "--json", out)  # its own file: replaced
+    assert code == 0, stderr
+    assert "2" in json.loads(out.read_text())["results"][f"{model} @onnxruntime"]
+    # A file bench wrote before the mark is known by its keys, and replaced too.
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({k: v for k, v in first.items() if k != "written_by"}))
+    code, _, stderr = _bench_in_process(model, "--json", earlier)
+    assert code == 0, stderr
+    assert json.loads(earlier.read_text())["written_by"] == "deploycraft bench"
+
+
+def test_bench_json_write_failure_is_one_line_after_the_timings(tmp_path, tiny_resnet, monkeypatch):
+    from deploycraft import benchmarking
+
+    def refuse(path, obj):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(benchmarking, "write_json", refuse)
+    code, stdout, stderr = _bench_in_process(_tiny_onnx(tmp_path, tiny_resnet), "--json", tmp_path / "b.json")
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in stderr and len(lines) == 1, stderr
+    assert "--json" in lines[0] and "Permission denied" in lines[0] and "printed above" in lines[0]
+    assert "batch 1:" in stdout
+
+
 def test_bench_missing_file_is_a_user_error(tmp_path):
     line = _one_line_error(run_cli("bench", tmp_path / "nope.onnx"))
     assert "does not exist" in line

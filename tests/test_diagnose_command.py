@@ -4,6 +4,9 @@ and one-line errors. The CLI runs in-process (typer's CliRunner over the real ap
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -11,7 +14,7 @@ from typer.testing import CliRunner
 from deploycraft.cli import app
 from deploycraft.pipeline import Pipeline
 from deploycraft.recipe import build_recipe
-from tests.conftest import smoke_recipe, write_recipe
+from tests.conftest import REPO, smoke_recipe, write_recipe
 
 TRAIN = {"type": "train", "epochs": 1, "batch_size": 64, "lr": 0.05, "eval_each_epoch": False}
 SMALL = ["--images", "32", "--train-images", "32", "--batch-size", "16", "--gradient-batches", "1"]
@@ -149,3 +152,73 @@ def test_bad_targets_and_output_folders(run_dir, tmp_path):
     assert code == 2 and "no target 3" in stderr
     code, _, stderr = _invoke("diagnose", tmp_path / "missing.yaml")
     assert code == 2 and "does not exist" in stderr
+
+
+def _one_line(stderr: str, after_progress: bool = False) -> str:
+    """The one error line; after progress lines (the command was under way) it is the last and the only one."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if after_progress:
+        lines = [line for line in lines if line.startswith("error:")] and lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    assert sum(line.startswith("error:") for line in stderr.splitlines()) == 1, stderr
+    return lines[0]
+
+
+def test_a_folder_is_reused_only_when_diagnose_wrote_it(run_dir, tmp_path):
+    """A diagnose.json the user wrote does not make the folder ours: nothing in it is overwritten."""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "diagnose.json").write_text('{"my": "notes"}')
+    (user / "diagnose.md").write_text("mine")
+    code, _, stderr = _invoke("diagnose", run_dir, "-o", user)
+    line = _one_line(stderr)
+    assert code == 2 and "--output-dir" in line and "not written by it" in line and "new or empty folder" in line
+    assert (user / "diagnose.md").read_text() == "mine" and (user / "diagnose.json").read_text() == '{"my": "notes"}'
+    # A folder the command wrote says so in its diagnose.json, and is replaced by the next diagnose.
+    out = tmp_path / "ours"
+    assert _invoke("diagnose", run_dir, "-o", out)[0] == 0
+    assert json.loads((out / "diagnose.json").read_text())["written_by"] == "deploycraft diagnose"
+    assert _invoke("diagnose", run_dir, "-o", out)[0] == 0
+    # The command's outputs from before the mark are recognised by their shape.
+    earlier = tmp_path / "earlier"
+    shutil.copytree(Path(REPO) / "docs" / "results" / "diagnose_highway", earlier)
+    assert "written_by" not in json.loads((earlier / "diagnose.json").read_text())
+    code, _, stderr = _invoke("diagnose", run_dir, "-o", earlier)
+    assert code == 0, stderr
+    assert json.loads((earlier / "diagnose.json").read_text())["written_by"] == "deploycraft diagnose"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_an_unwritable_output_folder_is_refused_before_measuring(run_dir, tmp_path, monkeypatch):
+    from deploycraft import diagnostics
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the output folder was checked")
+
+    monkeypatch.setattr(diagnostics, "diagnose", measured)
+    (tmp_path / "file").write_text("mine")
+    for out, needle in (
+        ("/proc/deploycraft-nope", "cannot create /proc/deploycraft-nope"),
+        (tmp_path / "file" / "sub", "is a file"),
+        (tmp_path / "file", "is a file"),
+    ):
+        code, _, stderr = _invoke("diagnose", run_dir, "--recompute", *SMALL, "-o", out)
+        line = _one_line(stderr)
+        assert code == 2 and "--output-dir" in line and str(out) in line and needle in line
+    assert (tmp_path / "file").read_text() == "mine"
+    # The check leaves nothing behind: the folders it made to test them are gone again.
+    code, _, stderr = _invoke("diagnose", run_dir, "--stage", "prune", "-o", tmp_path / "new" / "deep")
+    assert code == 2 and "--stage" in stderr and not (tmp_path / "new").exists()
+
+
+def test_a_late_write_failure_is_one_line(run_dir, tmp_path, monkeypatch):
+    from deploycraft import diagnostics
+
+    def refuse(results, folder):
+        raise PermissionError(13, "Permission denied", str(folder / "lesion.png"))
+
+    monkeypatch.setattr(diagnostics, "write_plots", refuse)
+    code, _, stderr = _invoke("diagnose", run_dir, "-o", tmp_path / "out")
+    line = _one_line(stderr, after_progress=True)
+    assert code == 2 and "--output-dir" in line and "cannot write the results" in line and "Permission denied" in line
+    assert "lesion.png" in line

@@ -1,0 +1,76 @@
+"""Output paths the user names on the command line (`diagnose -o`, `bench --json`): checked before the work.
+
+A command that measures for minutes must not lose its results to a path it cannot write at the end, and
+must not overwrite what the user owns. ``check_writable_folder`` makes sure a folder can be made and
+written to, by doing it (permissions alone do not tell: root may write anywhere but not create a folder in
+/proc), and leaves nothing behind. ``owned_json`` recognises a JSON file deploycraft wrote by its content.
+
+Kept out of artifacts.py: that module is part of every stage's code fingerprint, and these checks have
+nothing to do with a stage's result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from deploycraft.errors import UserError
+
+# The key every JSON record a command writes into a user-named path starts with: its author, e.g.
+# {"written_by": "deploycraft diagnose", ...}. Recognising a file by it lets a command replace its own
+# earlier output and nothing else.
+WRITTEN_BY = "written_by"
+
+
+def check_writable_folder(folder: Path, field: str, fix: str) -> None:
+    """``folder`` exists or can be created, and a file can be written in it; else one UserError naming
+    ``field``. The folders made for the check and the probe file are removed again."""
+    folder = Path(folder)
+    missing: list[Path] = []
+    existing = folder
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = f"{existing} is a file, so {folder} cannot be created" if missing else f"{folder} is a file"
+        raise UserError(what, field=field, fix=fix)
+    made: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".deploycraft-write-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        verb = "create" if len(made) < len(missing) else "write to"
+        raise UserError(f"cannot {verb} {folder} ({exc.strerror or exc})", field=field, fix=fix) from None
+    finally:
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is not one (unreadable, not JSON, not an object)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def owned_json(path: Path, writer: str, legacy: Callable[[dict[str, Any]], bool] | None = None) -> bool:
+    """Whether ``path`` is a JSON record ``writer`` wrote: marked with it, or (files written before the mark)
+    of the shape ``legacy`` recognises."""
+    obj = read_json_object(path)
+    if obj is None:
+        return False
+    if WRITTEN_BY in obj:
+        return obj[WRITTEN_BY] == writer
+    return legacy is not None and legacy(obj)
