@@ -273,13 +273,6 @@ class RunDir:
                 )
             if entries:
                 status = read_status(root)
-                foreign = _foreign_status(root, status)
-                if foreign:
-                    raise UserError(
-                        f"{root} has a run.json that deploycraft did not write ({foreign})",
-                        field="--output-dir",
-                        fix=fix,
-                    )
                 other = status.get("recipe")
                 if isinstance(other, str) and other != recipe_name:
                     raise UserError(
@@ -326,20 +319,6 @@ class RunDir:
             fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
             self._lock_fh.close()
             self._lock_fh = None
-
-
-RUN_STATES = ("running", "completed", "failed", "interrupted")
-
-
-def _foreign_status(root: Path, status: dict[str, Any]) -> str | None:
-    """Why the run.json in ``root`` is not one deploycraft wrote, or None if it is: a run's status names its
-    recipe and a state. An unreadable run.json (a run killed while writing it) still marks a run folder where
-    the folder has the run's layout (a stages/ folder); anywhere else it is the user's file."""
-    if status.get("status") == "unknown":
-        return None if (root / "stages").is_dir() else f"{status.get('error')}, and no stages/ folder"
-    if not isinstance(status.get("recipe"), str) or status.get("status") not in RUN_STATES:
-        return "no recipe name and run state in it"
-    return None
 
 
 def _lock_held(root: Path) -> bool:

@@ -74,3 +74,31 @@ def owned_json(path: Path, writer: str, legacy: Callable[[dict[str, Any]], bool]
     if WRITTEN_BY in obj:
         return obj[WRITTEN_BY] == writer
     return legacy is not None and legacy(obj)
+
+
+RUN_STATES = ("running", "completed", "failed", "interrupted")
+
+
+def check_run_json(root: Path) -> None:
+    """``run -o``: a folder holding a run.json is a run folder only where deploycraft wrote that file (its
+    status names the recipe and a run state); an unreadable run.json (a run killed while writing it) still
+    marks one where the folder has the run's layout (a stages/ folder). Anywhere else the run.json is the
+    user's, and the folder is refused untouched."""
+    from deploycraft.artifacts import read_status
+
+    root = Path(root)
+    if not (root / "run.json").is_file():
+        return
+    status = read_status(root)
+    if status.get("status") == "unknown":
+        why = None if (root / "stages").is_dir() else f"{status.get('error')}, and no stages/ folder"
+    elif not isinstance(status.get("recipe"), str) or status.get("status") not in RUN_STATES:
+        why = "no recipe name and run state in it"
+    else:
+        why = None
+    if why:
+        raise UserError(
+            f"{root} has a run.json that deploycraft did not write ({why})",
+            field="--output-dir",
+            fix="choose a new or empty folder with --output-dir, or leave it out for artifacts/<name>/<run id>/",
+        )
