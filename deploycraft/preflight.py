@@ -71,6 +71,29 @@ class Preflight:
         model = build_model(cfg, self.in_chans, field, device="cpu")
         reset = getattr(cfg, "reset_classifier", False)
         load_checkpoint(model, Path(cfg.weights), strict=cfg.strict, reset_classifier=reset, field=f"{field}.weights")
+        if not cfg.strict:
+            self._check_overlap(model, Path(cfg.weights), field)
+
+    @staticmethod
+    def _check_overlap(model: nn.Module, path: Path, field: str) -> None:
+        """strict=false loads the keys that match: a checkpoint of which none matches beyond the classifier
+        would leave the model as initialised, and the run would ship an untrained network as loaded."""
+        from deploycraft.models.io import _unwrap, read_checkpoint
+
+        state = _unwrap(read_checkpoint(path, f"{field}.weights"), f"{field}.weights")
+        own = model.state_dict()
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        prefix = next((n + "." for n, m in model.named_modules() if m is head), None) if head is not None else None
+        body = [k for k in own if not (prefix and k.startswith(prefix)) and own[k].is_floating_point()]
+        loaded = [k for k in body if k in state and tuple(state[k].shape) == tuple(own[k].shape)]
+        if body and not loaded:
+            shown = ", ".join(list(state)[:3]) + (", ..." if len(state) > 3 else "")
+            raise UserError(
+                f"none of the checkpoint's {len(state)} key(s) ({shown}) matches a weight of {type(model).__name__} "
+                f"outside its classifier: {field}.strict=false would leave the model untrained",
+                field=f"{field}.weights",
+                fix=f"check {field}.arch and the checkpoint (its keys must name the model's layers)",
+            )
 
     def data_classes(self) -> int | None:
         d = self.recipe.data

@@ -165,6 +165,19 @@ def test_bad_checkpoint(tmp_path, case):
     _both(tmp_path, _checkpoint(tmp_path, obj), "model.weights", needle)
 
 
+def test_a_non_strict_checkpoint_that_matches_nothing_is_refused(tmp_path):
+    """strict=false loads what matches; where nothing but the classifier would, the run would ship an untrained
+    model as loaded."""
+    raw = _checkpoint(tmp_path, {"foo.weight": torch.zeros(3, 3), "fc.weight": _state()["fc.weight"]})
+    raw["model"]["strict"] = False
+    _both(tmp_path, raw, "model.weights", "none of the checkpoint's 2 key(s)", "untrained")
+    # a partial match still loads (the point of strict=false)
+    partial = {k: v for k, v in _state().items() if k.startswith(("conv1", "bn1", "layer1"))}
+    raw = _checkpoint(tmp_path, {**partial, "extra.weight": torch.zeros(2)})
+    raw["model"]["strict"] = False
+    assert run_cli("validate", write_recipe(tmp_path / "p.yaml", raw)).returncode == 0
+
+
 def test_directory_as_checkpoint_and_recipe(tmp_path):
     raw = smoke_recipe(model={"arch": "resnet20", "weights": str(tmp_path)})
     _both(tmp_path, raw, "model.weights", "is a directory")
