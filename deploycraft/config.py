@@ -96,8 +96,9 @@ class DataConfig(Strict):
     )
     root: FilePath | None = Field(
         None,
-        description="fashion-mnist: folder with the four .gz files (default: the Debian package folder, "
-        "$DEPLOYCRAFT_DATA, the user cache, else download). imagefolder: the folder that holds the splits.",
+        description="fashion-mnist: the folder with the four .gz files, used alone (it is an error if they are "
+        "missing or damaged there); default: $DEPLOYCRAFT_DATA/fashion-mnist, the Debian package folder, the user "
+        "cache, else download. imagefolder: the folder that holds the splits.",
     )
     train_split: str = Field("train", description="imagefolder: sub-folder used for training and calibration.")
     val_split: str = Field("val", description="imagefolder: sub-folder used for held-out evaluation.")

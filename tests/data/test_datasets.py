@@ -51,6 +51,53 @@ def test_missing_dataset_gives_one_clear_error(tmp_path, monkeypatch):
         fashion_mnist.locate(tmp_path, download=False)
 
 
+def test_explicit_root_is_used_alone(tmp_path, monkeypatch):
+    """A data.root without the files is an error even where a default folder has them."""
+    default = tmp_path / "default"
+    default.mkdir()
+    for name in fashion_mnist.FILES:
+        (default / name).write_bytes(b"complete-looking default")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", default)
+    monkeypatch.delenv("DEPLOYCRAFT_DATA", raising=False)
+    root = tmp_path / "mine"
+    root.mkdir()
+    assert fashion_mnist.candidate_dirs(root) == [root]
+    for download in (False, True):
+        with pytest.raises(UserError, match="lacks") as info:
+            fashion_mnist.locate(root, download=download)
+        assert info.value.field == "data.root" and str(root) in info.value.message
+
+
+def _fake_gz(folder, name, data: bytes):
+    with gzip.open(folder / name, "wb") as fh:
+        fh.write(data)
+
+
+@pytest.mark.parametrize(
+    "write, needle",
+    [
+        (lambda p, n: (p / n).write_bytes(b"junk"), "is not a gzip file"),
+        (lambda p, n: (p / n).write_bytes(b"\x1f\x8b junk after the magic"), "cannot be read as gzip"),
+        (lambda p, n: _fake_gz(p, n, b"\x00" * 100), "does not hold the IDX data"),
+        (lambda p, n: _fake_gz(p, n, fashion_mnist.IDX_HEADERS[n][1] + b"\x00" * 100), "truncated or altered"),
+    ],
+)
+def test_damaged_files_in_root_are_caught_before_reading(tmp_path, write, needle):
+    for name in fashion_mnist.FILES:
+        write(tmp_path, name)
+    with pytest.raises(UserError, match=needle) as info:
+        fashion_mnist.locate(tmp_path, download=False)
+    assert info.value.field == "data.root" and "train-images-idx3-ubyte.gz" in info.value.message
+
+
+def test_undecompressable_file_is_a_user_error_when_read(tmp_path):
+    for name in fashion_mnist.FILES:
+        (tmp_path / name).write_bytes(b"junk")
+    with pytest.raises(UserError, match="cannot be decompressed") as info:
+        fashion_mnist.load_split(tmp_path, "test")
+    assert info.value.field == "data.root"
+
+
 def test_download_failure_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian")
     monkeypatch.setattr(fashion_mnist, "MIRROR", "http://127.0.0.1:9/")  # nothing listens on the discard port

@@ -171,6 +171,19 @@ def test_directory_as_checkpoint_and_recipe(tmp_path):
     one_line_error(run_cli("validate", tmp_path), "is a directory")
 
 
+@pytest.mark.parametrize("content, needle", [(None, "lacks"), (b"junk", "is not a gzip file")])
+def test_fashion_mnist_root_is_used_or_an_error(tmp_path, content, needle):
+    """An explicit data.root never falls back to the installed copy, and junk there is caught by validate."""
+    from deploycraft.data import fashion_mnist
+
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for name in fashion_mnist.FILES if content is not None else ():
+        (root / name).write_bytes(content)
+    raw = smoke_recipe(data={"dataset": "fashion-mnist", "root": str(root), "download": False, "channels": 1})
+    _both(tmp_path, raw, "data.root", str(root), needle)
+
+
 def test_fewer_classes_than_the_data(tmp_path):
     _both(tmp_path, smoke_recipe(model={"arch": "resnet20", "num_classes": 5}), "model.num_classes", "10 classes")
 
