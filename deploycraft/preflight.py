@@ -99,6 +99,10 @@ class Preflight:
             if self.network or not d.download or d.root is not None:
                 fashion_mnist.locate(d.root, d.download)
             # else: validate does not download; the run will, or say why it cannot
+        if d.dataset == "imagefolder" and (Path(d.root) / d.train_split).is_dir():
+            from deploycraft.data.imagefolder import check_split_classes
+
+            check_split_classes(Path(d.root) / d.train_split, Path(d.root) / d.val_split)
         if d.calibration is not None:
             from deploycraft.data import load_calibration_file
 

@@ -115,7 +115,7 @@ def make_imagefolder(root, classes=("cat", "dog"), per_class=6, size=20, splits=
         for k, name in enumerate(classes):
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                base = np.full((size, size + 4, 3), 60 + 120 * k, dtype=np.uint8)
+                base = np.full((size, size + 4, 3), (60 + 120 * k) % 216, dtype=np.uint8)
                 noise = rng.integers(0, 40, base.shape, dtype=np.uint8)
                 Image.fromarray(base + noise).save(root / split / name / f"{i}.png")
     return root
@@ -132,6 +132,20 @@ def test_imagefolder_module(tmp_path):
     assert images.shape == (4, 3, 16, 16) and "training split" in provenance
     batches = list(dm.train_epoch(4, epoch=0, augment=None))
     assert sum(len(b[1]) for b in batches) == 12
+
+
+def test_held_out_classes_the_training_split_lacks_are_an_error(tmp_path):
+    make_imagefolder(tmp_path, classes=("a", "b", "c"), per_class=2, splits=("train",))
+    make_imagefolder(tmp_path, classes=("a", "b", "c", "d", "z"), per_class=2, splits=("val",))
+    with pytest.raises(UserError) as info:
+        DataModule(DataConfig(dataset="imagefolder", root=tmp_path, image_size=16), seed=0)
+    assert info.value.field == "data.val_split"
+    assert str(tmp_path / "val") in info.value.message and "(d, z)" in info.value.message
+    # a held-out split lacking a training class is fine: the labels still follow the training split
+    make_imagefolder(tmp_path / "fewer", classes=("a", "b", "c"), per_class=2, splits=("train",))
+    make_imagefolder(tmp_path / "fewer", classes=("a", "c"), per_class=2, splits=("val",))
+    dm = DataModule(DataConfig(dataset="imagefolder", root=tmp_path / "fewer", image_size=16), seed=0)
+    assert dm.num_val == 4 and sorted(set(dm.val.labels.tolist())) == [0, 2]
 
 
 def test_broken_image_is_a_user_error(tmp_path):

@@ -184,6 +184,18 @@ def test_fashion_mnist_root_is_used_or_an_error(tmp_path, content, needle):
     _both(tmp_path, raw, "data.root", str(root), needle)
 
 
+@pytest.mark.parametrize("extra", ["d", "z"])
+def test_held_out_class_missing_from_training(tmp_path, extra):
+    """val/ with a class train/ lacks (or a misspelt one) is refused, not silently left out of the evaluation."""
+    from tests.data.test_datasets import make_imagefolder
+
+    root = tmp_path / "data"
+    make_imagefolder(root, classes=("a", "b", "c"), per_class=2, splits=("train",))
+    make_imagefolder(root, classes=("a", "b", "c", extra), per_class=2, splits=("val",))
+    raw = smoke_recipe(model={"arch": "resnet20", "num_classes": 3}, data={"dataset": "imagefolder", "root": str(root)})
+    _both(tmp_path, raw, "data.val_split", str(root / "val"), f"({extra})")
+
+
 def test_fewer_classes_than_the_data(tmp_path):
     _both(tmp_path, smoke_recipe(model={"arch": "resnet20", "num_classes": 5}), "model.num_classes", "10 classes")
 
