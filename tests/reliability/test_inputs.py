@@ -196,6 +196,22 @@ def test_held_out_class_missing_from_training(tmp_path, extra):
     _both(tmp_path, raw, "data.val_split", str(root / "val"), f"({extra})")
 
 
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("model.in_chans=1", ("model.in_chans", "data.channels is 3")),
+        ("model.kwargs.num_classes=5", ("model.kwargs", "model.num_classes")),
+        ("seed=18446744073709551616", ("seed", "less than or equal to 4294967295")),
+    ],
+)
+def test_overrides_that_used_to_fail_in_train(tmp_path, override, needles):
+    """Values that validate accepted but the train stage crashed on (rc 1): refused before anything runs."""
+    path = write_recipe(tmp_path / "r.yaml", smoke_recipe())
+    a = one_line_error(run_cli("validate", path, "--set", override), *needles)
+    assert a == one_line_error(run_cli("run", path, "--set", override, "-o", tmp_path / "run"), *needles)
+    assert not (tmp_path / "run").exists()
+
+
 def test_fewer_classes_than_the_data(tmp_path):
     _both(tmp_path, smoke_recipe(model={"arch": "resnet20", "num_classes": 5}), "model.num_classes", "10 classes")
 
