@@ -72,6 +72,18 @@ class Preflight:
         reset = getattr(cfg, "reset_classifier", False)
         load_checkpoint(model, Path(cfg.weights), strict=cfg.strict, reset_classifier=reset, field=f"{field}.weights")
 
+    @cached_property
+    def removable_blocks(self) -> int | None:
+        """At most how many residual blocks the recipe's model can lose (prune's remove_blocks): counted on
+        the meta-device build, without values; None where the architecture cannot be probed there."""
+        from deploycraft.pruning import removable_blocks
+
+        d = self.recipe.data
+        try:
+            return len(removable_blocks(self.model, (self.in_chans, d.image_size, d.image_size), structural=True))
+        except Exception:  # noqa: BLE001 - an op without a meta kernel: the prune stage counts them itself
+            return None
+
     def data_classes(self) -> int | None:
         d = self.recipe.data
         if d.dataset in ("fashion-mnist", "synthetic"):

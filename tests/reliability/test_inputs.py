@@ -212,6 +212,16 @@ def test_overrides_that_used_to_fail_in_train(tmp_path, override, needles):
     assert not (tmp_path / "run").exists()
 
 
+def test_remove_blocks_beyond_the_model(tmp_path):
+    """Found by validate from the recipe's model (resnet20: 7 removable blocks), not after training."""
+    raw = smoke_recipe()
+    raw["stages"].insert(1, {"type": "prune", "channel_ratio": 0.0, "remove_blocks": 100})
+    _both(tmp_path, raw, "stages.1.remove_blocks", "only 7 residual blocks", "use at most 7")
+    raw["stages"][1]["remove_blocks"] = 7
+    proc = run_cli("validate", write_recipe(tmp_path / "ok.yaml", raw))
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_fewer_classes_than_the_data(tmp_path):
     _both(tmp_path, smoke_recipe(model={"arch": "resnet20", "num_classes": 5}), "model.num_classes", "10 classes")
 
