@@ -45,7 +45,12 @@ class ModelConfig(Strict):
         description="Registered architecture, e.g. resnet50 or resnet20; `deploycraft models` lists them."
     )
     num_classes: int = Field(10, ge=1, description="Number of output classes of the classifier.")
-    in_chans: int | None = Field(None, ge=1, description="Input channels of the first conv; default: data.channels.")
+    in_chans: int | None = Field(
+        None,
+        ge=1,
+        description="Input channels of the first conv; default: data.channels, the only value allowed (the data "
+        "gives the model data.channels channels; a checkpoint's first conv is adapted between 1 and 3 on loading).",
+    )
     weights: FilePath | None = Field(
         None,
         description="Checkpoint to start from instead of random init: a state dict in torchvision's key "
@@ -61,7 +66,7 @@ class ModelConfig(Strict):
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra constructor arguments of the architecture, e.g. {shortcut: A} or "
-        "{final_survival_prob: 0.8}.",
+        "{final_survival_prob: 0.8}; not the section's own fields (num_classes, in_chans: set those beside kwargs).",
     )
 
     @field_validator("arch")
@@ -73,6 +78,21 @@ class ModelConfig(Strict):
             model_info(v)
         except UserError as exc:
             raise FieldError(exc.message, exc.fix) from None
+        return v
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_model_fields_in_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        clash = [k for k in v if k in cls.model_fields]
+        if clash:
+            one = len(clash) == 1
+            raise FieldError(
+                f"{', '.join(clash)} {'is a field' if one else 'are fields'} of this model section itself, not "
+                f"{'an extra constructor argument' if one else 'extra constructor arguments'} (in kwargs "
+                f"{'it' if one else 'they'} would silently override the section's value)",
+                fix=f"remove {', '.join(clash)} from kwargs and set {'it' if one else 'them'} beside kwargs, "
+                f"e.g. model.{clash[0]}",
+            )
         return v
 
     @field_validator("weights")
@@ -96,8 +116,9 @@ class DataConfig(Strict):
     )
     root: FilePath | None = Field(
         None,
-        description="fashion-mnist: folder with the four .gz files (default: the Debian package folder, "
-        "$DEPLOYCRAFT_DATA, the user cache, else download). imagefolder: the folder that holds the splits.",
+        description="fashion-mnist: the folder with the four .gz files, used alone (it is an error if they are "
+        "missing or damaged there); default: $DEPLOYCRAFT_DATA/fashion-mnist, the Debian package folder, the user "
+        "cache, else download. imagefolder: the folder that holds the splits.",
     )
     train_split: str = Field("train", description="imagefolder: sub-folder used for training and calibration.")
     val_split: str = Field("val", description="imagefolder: sub-folder used for held-out evaluation.")

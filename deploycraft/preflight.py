@@ -95,6 +95,18 @@ class Preflight:
                 fix=f"check {field}.arch and the checkpoint (its keys must name the model's layers)",
             )
 
+    @cached_property
+    def removable_blocks(self) -> int | None:
+        """At most how many residual blocks the recipe's model can lose (prune's remove_blocks): counted on
+        the meta-device build, without values; None where the architecture cannot be probed there."""
+        from deploycraft.pruning import removable_blocks
+
+        d = self.recipe.data
+        try:
+            return len(removable_blocks(self.model, (self.in_chans, d.image_size, d.image_size), structural=True))
+        except Exception:  # noqa: BLE001 - an op without a meta kernel: the prune stage counts them itself
+            return None
+
     def data_classes(self) -> int | None:
         d = self.recipe.data
         if d.dataset in ("fashion-mnist", "synthetic"):
@@ -122,6 +134,10 @@ class Preflight:
             if self.network or not d.download or d.root is not None:
                 fashion_mnist.locate(d.root, d.download)
             # else: validate does not download; the run will, or say why it cannot
+        if d.dataset == "imagefolder" and (Path(d.root) / d.train_split).is_dir():
+            from deploycraft.data.imagefolder import check_split_classes
+
+            check_split_classes(Path(d.root) / d.train_split, Path(d.root) / d.val_split)
         if d.calibration is not None:
             from deploycraft.data import load_calibration_file
 

@@ -50,11 +50,14 @@ def importance(name: str):
 # --- depth: whole residual blocks ------------------------------------------------------------------
 
 
-def removable_blocks(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+def removable_blocks(model: nn.Module, input_shape: tuple[int, ...], structural: bool = False) -> dict[str, int]:
     """Blocks that compute act(x + f(x)) with an identity skip and keep the shape, where dropping f is exact
     apart from f itself: the skip is the block's own input, and for a ReLU after the add the input is
     already non-negative (post-activation ResNets), so what remains of the block is the identity.
-    Returns each block's input size (elements per image), the cost proxy for choosing among them."""
+    Returns each block's input size (elements per image), the cost proxy for choosing among them.
+
+    ``structural``: skip the non-negativity test, the one that needs values, so that a model on the meta
+    device can be probed: the blocks returned are then a superset of the removable ones (preflight's bound)."""
     from deploycraft.models.layers import ResidualAdd
 
     owners = {
@@ -76,7 +79,7 @@ def removable_blocks(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
         def post(_m, args, out, state=state):
             x = args[0]
             state["same_shape"] = out.shape == x.shape
-            state["nonneg"] = bool((x >= 0).all())
+            state["nonneg"] = structural or bool((x >= 0).all())
             state["activations"] = x[0].numel()
 
         handles += [
@@ -88,7 +91,8 @@ def removable_blocks(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
         was = model.training
         model.eval()
         with torch.no_grad():
-            model(torch.rand(2, *input_shape))
+            param = next(model.parameters(), None)
+            model(torch.rand(2, *input_shape, device=param.device if param is not None else None))
         model.train(was)
     finally:
         for h in handles:

@@ -38,7 +38,13 @@ class Recipe(Strict):
         description="Recipe name; names the run folder artifacts/<name>/<run id>/.",
     )
     description: str = Field("", description="Free text, copied into the report.")
-    seed: int = Field(0, description="Seed of model init, data order, augmentation and subsets.")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed of model init, data order, augmentation and subsets (0 to 2^32 - 1: the generators "
+        "are seeded with multiples of it, which must stay within torch's 64-bit seeds).",
+    )
     threads: int | None = Field(
         None,
         ge=1,
@@ -63,6 +69,18 @@ class Recipe(Strict):
         "recipe's batch sizes, and ship the fastest inside verify's accuracy budget.",
     )
     stages: list[StageUnion] = Field(min_length=1, description="The stages, run in this order.")
+
+    @model_validator(mode="after")
+    def _check_channels(self) -> Recipe:
+        m, channels = self.model, self.data.channels
+        if m.in_chans is not None and m.in_chans != channels:
+            raise UserError(
+                f"is {m.in_chans} but data.channels is {channels}: the data gives the model {channels}-channel images",
+                field="model.in_chans",
+                fix="remove model.in_chans (it follows data.channels)"
+                + (f", or set data.channels: {m.in_chans}" if m.in_chans in (1, 3) else ""),
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_chain(self) -> Recipe:

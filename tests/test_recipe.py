@@ -57,6 +57,36 @@ def test_missing_imagefolder(tmp_path):
     assert err.field == "data.root"
 
 
+@pytest.mark.parametrize("in_chans, channels", [(3, 1), (1, 3), (4, 3)])
+def test_model_in_chans_must_match_the_data(in_chans, channels):
+    err = _error(smoke_recipe(model={"arch": "resnet20", "in_chans": in_chans}, data={"channels": channels}))
+    assert err.field == "model.in_chans" and f"data.channels is {channels}" in err.message
+    assert build_recipe(smoke_recipe(model={"arch": "resnet20", "in_chans": channels}, data={"channels": channels}))
+
+
+def test_teacher_in_chans_must_match_the_data(tmp_path):
+    weights = tmp_path / "t.pt"
+    weights.write_bytes(b"x")
+    raw = smoke_recipe(data={"channels": 1})
+    teacher = {"arch": "resnet20", "weights": str(weights), "in_chans": 3}
+    raw["stages"].insert(1, {"type": "distill", "teacher": teacher})
+    err = _error(raw)
+    assert err.field == "stages.1.teacher.in_chans" and "data.channels is 1" in err.message
+
+
+@pytest.mark.parametrize("key", ["num_classes", "in_chans", "weights"])
+def test_model_fields_are_refused_in_kwargs(key):
+    err = _error(smoke_recipe(model={"arch": "resnet20", "kwargs": {key: 5, "shortcut": "A"}}))
+    assert err.field == "model.kwargs" and key in err.message and f"model.{key}" in err.fix
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_seed_is_bounded(seed):
+    err = _error(smoke_recipe(seed=seed))
+    assert err.field == "seed"
+    assert build_recipe(smoke_recipe(seed=2**32 - 1)).seed == 2**32 - 1
+
+
 def test_stage_order():
     raw = smoke_recipe()
     raw["stages"] = [raw["stages"][1], raw["stages"][0]]

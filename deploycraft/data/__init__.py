@@ -115,11 +115,13 @@ class DataModule:
             self.class_names = [f"class{i}" for i in range(10)]
             self.val_name = "generated"
         else:
-            from deploycraft.data.imagefolder import ImageFolderSource
+            from deploycraft.data.imagefolder import ImageFolderSource, check_split_classes
 
             root = Path(cfg.root)
             self.location = str(root)
             train_dir = root / cfg.train_split
+            if train_dir.is_dir():
+                check_split_classes(train_dir, root / cfg.val_split)
             self.train = (
                 ImageFolderSource(train_dir, cfg.image_size, cfg.crop_pct, field="data.train_split")
                 if train_dir.is_dir()

@@ -1,9 +1,11 @@
 """Fashion-MNIST (Xiao et al. 2017): the built-in default dataset.
 
-Looked up, in order, in the recipe's ``data.root``, ``$DEPLOYCRAFT_DATA/fashion-mnist``, the Debian
-package's folder (``apt-get install dataset-fashion-mnist``) and the user cache; downloaded from the
-official mirror into the cache when none has it and downloads are allowed. Every file is checked
-against the sha256 of its decompressed content (recompressed copies, as Debian ships, still match).
+A recipe's ``data.root`` is the one place looked in: it must hold the four files. Without it they are
+looked up, in order, in ``$DEPLOYCRAFT_DATA/fashion-mnist``, the Debian package's folder
+(``apt-get install dataset-fashion-mnist``) and the user cache, and downloaded from the official mirror
+into the cache when none has them and downloads are allowed. The folder found is checked cheaply
+(gzip header, decompressed size, IDX header) before anything runs; every file is checked against the
+sha256 of its decompressed content when it is read (recompressed copies, as Debian ships, still match).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import struct
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,14 @@ FILES = {
     "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
+# Each file's decompressed size and the start of its IDX header (magic number, dimensions): what
+# `check_headers` compares without decompressing a whole file.
+IDX_HEADERS = {
+    "train-images-idx3-ubyte.gz": (47_040_016, struct.pack(">IIII", 0x803, 60_000, 28, 28)),
+    "train-labels-idx1-ubyte.gz": (60_008, struct.pack(">II", 0x801, 60_000)),
+    "t10k-images-idx3-ubyte.gz": (7_840_016, struct.pack(">IIII", 0x803, 10_000, 28, 28)),
+    "t10k-labels-idx1-ubyte.gz": (10_008, struct.pack(">II", 0x801, 10_000)),
+}
 MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -41,9 +52,10 @@ def cache_dir() -> Path:
 
 
 def candidate_dirs(root: Path | None) -> list[Path]:
-    dirs: list[Path] = []
+    """Where the files are looked for: the recipe's data.root alone when it is set, else the defaults."""
     if root is not None:
-        dirs.append(Path(root))
+        return [Path(root)]
+    dirs: list[Path] = []
     if os.environ.get("DEPLOYCRAFT_DATA"):
         dirs.append(Path(os.environ["DEPLOYCRAFT_DATA"]) / "fashion-mnist")
     dirs += [DEBIAN_DIR, cache_dir()]
@@ -62,15 +74,18 @@ def locate(root: Path | None = None, download: bool = True) -> Path:
             field="data.root",
             fix="point data.root at a folder with the four Fashion-MNIST .gz files, or remove it to use the defaults",
         )
+    field = "data.root" if root is not None else "data"
     for d in candidate_dirs(root):
         if _complete(d):
+            check_headers(d, field)
             return d
     if root is not None:
         missing = [f for f in FILES if not (Path(root) / f).is_file()]
         raise UserError(
             f"{root} lacks {', '.join(missing)}",
             field="data.root",
-            fix="put the four Fashion-MNIST .gz files there, or remove data.root to use the defaults",
+            fix="put the four Fashion-MNIST .gz files there, or remove data.root to use the installed copy "
+            "or the download",
         )
     if download:
         try:
@@ -102,9 +117,53 @@ def _download(dest: Path) -> Path:
     return dest
 
 
+def _header_problem(path: Path, name: str) -> str | None:
+    """What is wrong with the file at a glance (gzip magic, decompressed size, IDX header), or None."""
+    size, header = IDX_HEADERS[name]
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+            if magic != b"\x1f\x8b":
+                return "is not a gzip file"
+            fh.seek(-4, os.SEEK_END)
+            (isize,) = struct.unpack("<I", fh.read(4))
+        with gzip.open(path, "rb") as fh:
+            start = fh.read(len(header))
+    except (OSError, EOFError, zlib.error, struct.error) as exc:
+        return f"cannot be read as gzip ({exc.__class__.__name__}: {exc})"
+    if start != header:
+        return f"does not hold the IDX data of {name}"
+    if isize != size:
+        return f"is truncated or altered (it decompresses to {isize:,} bytes, {name} has {size:,})"
+    return None
+
+
+def check_headers(folder: Path, field: str = "data.root") -> None:
+    """The four files in ``folder`` look like Fashion-MNIST (cheap: no full decompression); else one error."""
+    for name in FILES:
+        problem = _header_problem(folder / name, name)
+        if problem is not None:
+            raise UserError(
+                f"{folder / name} {problem}",
+                field=field,
+                fix="replace it with an intact copy of the official file, or remove data.root to use the defaults"
+                if field == "data.root"
+                else "replace it with an intact copy of the official file (Debian's folder: apt-get install "
+                "--reinstall dataset-fashion-mnist; the cache: delete it to download again)",
+            )
+
+
 def check_file(path: Path, digest: str, name: str) -> bytes:
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(
+            f"{path} cannot be decompressed ({exc.__class__.__name__}: {exc})",
+            field="data.root",
+            fix="replace it with an intact copy of the official file "
+            "(apt-get install --reinstall dataset-fashion-mnist)",
+        ) from None
     if hashlib.sha256(raw).hexdigest() != digest:
         raise UserError(
             f"{path} is not the official {name} (checksum mismatch)",

@@ -22,6 +22,19 @@ def find_classes(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def check_split_classes(train_dir: Path, val_dir: Path) -> None:
+    """Every class folder of the held-out split is a class of the training split: labels follow the
+    training split, so a class it lacks (or a misspelt folder) would be dropped from the evaluation."""
+    extra = sorted(set(find_classes(val_dir)) - set(find_classes(train_dir)))
+    if extra:
+        shown = ", ".join(extra[:10]) + (f", ... ({len(extra)} in all)" if len(extra) > 10 else "")
+        raise UserError(
+            f"{val_dir} has class folders that {train_dir} lacks ({shown}): their images would not be evaluated",
+            field="data.val_split",
+            fix="rename them to the training split's class names, remove them, or add them to the training split",
+        )
+
+
 class ImageFolderSource(Dataset):
     def __init__(
         self,

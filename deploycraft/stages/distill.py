@@ -109,6 +109,14 @@ class DistillStage(Stage):
                 field=f"stages.{index}.teacher",
                 fix="add a prune stage before distill, or set stages.distill.teacher to a trained checkpoint",
             )
+        channels = recipe.data.channels
+        if cfg.teacher is not None and cfg.teacher.in_chans not in (None, channels):
+            raise UserError(
+                f"is {cfg.teacher.in_chans} but data.channels is {channels}: the teacher is fed the same "
+                f"{channels}-channel images as the student",
+                field=f"stages.{index}.teacher.in_chans",
+                fix="remove it (it follows data.channels; the checkpoint's first conv is adapted on loading)",
+            )
         if cfg.teacher is not None and cfg.teacher.num_classes != recipe.model.num_classes:
             raise UserError(
                 f"the teacher has {cfg.teacher.num_classes} classes, the student {recipe.model.num_classes}",

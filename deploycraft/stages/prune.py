@@ -265,6 +265,21 @@ class PruneStage(Stage):
     reads = ("device", "target")
     config: PruneConfig
 
+    @classmethod
+    def preflight(cls, pre, index: int) -> None:
+        cfg = pre.recipe.stages[index]
+        if not cfg.enabled or cfg.remove_blocks == 0:
+            return
+        most = pre.removable_blocks
+        if most is not None and cfg.remove_blocks > most:
+            raise UserError(
+                f"is {cfg.remove_blocks} but {pre.recipe.model.arch} has only {most} residual blocks with an identity "
+                "shortcut (the only ones that can go)",
+                field=f"stages.{index}.remove_blocks",
+                fix=f"use at most {most}"
+                + (" (0: channel pruning only)" if most else ": set 0 (channel pruning only)"),
+            )
+
     def run(self, ctx, workdir: Path) -> StageOutput:
         cfg = self.config
         data = ctx.data

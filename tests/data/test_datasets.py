@@ -51,6 +51,53 @@ def test_missing_dataset_gives_one_clear_error(tmp_path, monkeypatch):
         fashion_mnist.locate(tmp_path, download=False)
 
 
+def test_explicit_root_is_used_alone(tmp_path, monkeypatch):
+    """A data.root without the files is an error even where a default folder has them."""
+    default = tmp_path / "default"
+    default.mkdir()
+    for name in fashion_mnist.FILES:
+        (default / name).write_bytes(b"complete-looking default")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", default)
+    monkeypatch.delenv("DEPLOYCRAFT_DATA", raising=False)
+    root = tmp_path / "mine"
+    root.mkdir()
+    assert fashion_mnist.candidate_dirs(root) == [root]
+    for download in (False, True):
+        with pytest.raises(UserError, match="lacks") as info:
+            fashion_mnist.locate(root, download=download)
+        assert info.value.field == "data.root" and str(root) in info.value.message
+
+
+def _fake_gz(folder, name, data: bytes):
+    with gzip.open(folder / name, "wb") as fh:
+        fh.write(data)
+
+
+@pytest.mark.parametrize(
+    "write, needle",
+    [
+        (lambda p, n: (p / n).write_bytes(b"junk"), "is not a gzip file"),
+        (lambda p, n: (p / n).write_bytes(b"\x1f\x8b junk after the magic"), "cannot be read as gzip"),
+        (lambda p, n: _fake_gz(p, n, b"\x00" * 100), "does not hold the IDX data"),
+        (lambda p, n: _fake_gz(p, n, fashion_mnist.IDX_HEADERS[n][1] + b"\x00" * 100), "truncated or altered"),
+    ],
+)
+def test_damaged_files_in_root_are_caught_before_reading(tmp_path, write, needle):
+    for name in fashion_mnist.FILES:
+        write(tmp_path, name)
+    with pytest.raises(UserError, match=needle) as info:
+        fashion_mnist.locate(tmp_path, download=False)
+    assert info.value.field == "data.root" and "train-images-idx3-ubyte.gz" in info.value.message
+
+
+def test_undecompressable_file_is_a_user_error_when_read(tmp_path):
+    for name in fashion_mnist.FILES:
+        (tmp_path / name).write_bytes(b"junk")
+    with pytest.raises(UserError, match="cannot be decompressed") as info:
+        fashion_mnist.load_split(tmp_path, "test")
+    assert info.value.field == "data.root"
+
+
 def test_download_failure_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian")
     monkeypatch.setattr(fashion_mnist, "MIRROR", "http://127.0.0.1:9/")  # nothing listens on the discard port
@@ -68,7 +115,7 @@ def make_imagefolder(root, classes=("cat", "dog"), per_class=6, size=20, splits=
         for k, name in enumerate(classes):
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                base = np.full((size, size + 4, 3), 60 + 120 * k, dtype=np.uint8)
+                base = np.full((size, size + 4, 3), (60 + 120 * k) % 216, dtype=np.uint8)
                 noise = rng.integers(0, 40, base.shape, dtype=np.uint8)
                 Image.fromarray(base + noise).save(root / split / name / f"{i}.png")
     return root
@@ -85,6 +132,20 @@ def test_imagefolder_module(tmp_path):
     assert images.shape == (4, 3, 16, 16) and "training split" in provenance
     batches = list(dm.train_epoch(4, epoch=0, augment=None))
     assert sum(len(b[1]) for b in batches) == 12
+
+
+def test_held_out_classes_the_training_split_lacks_are_an_error(tmp_path):
+    make_imagefolder(tmp_path, classes=("a", "b", "c"), per_class=2, splits=("train",))
+    make_imagefolder(tmp_path, classes=("a", "b", "c", "d", "z"), per_class=2, splits=("val",))
+    with pytest.raises(UserError) as info:
+        DataModule(DataConfig(dataset="imagefolder", root=tmp_path, image_size=16), seed=0)
+    assert info.value.field == "data.val_split"
+    assert str(tmp_path / "val") in info.value.message and "(d, z)" in info.value.message
+    # a held-out split lacking a training class is fine: the labels still follow the training split
+    make_imagefolder(tmp_path / "fewer", classes=("a", "b", "c"), per_class=2, splits=("train",))
+    make_imagefolder(tmp_path / "fewer", classes=("a", "c"), per_class=2, splits=("val",))
+    dm = DataModule(DataConfig(dataset="imagefolder", root=tmp_path / "fewer", image_size=16), seed=0)
+    assert dm.num_val == 4 and sorted(set(dm.val.labels.tolist())) == [0, 2]
 
 
 def test_broken_image_is_a_user_error(tmp_path):

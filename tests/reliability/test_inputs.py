@@ -184,6 +184,57 @@ def test_directory_as_checkpoint_and_recipe(tmp_path):
     one_line_error(run_cli("validate", tmp_path), "is a directory")
 
 
+@pytest.mark.parametrize("content, needle", [(None, "lacks"), (b"junk", "is not a gzip file")])
+def test_fashion_mnist_root_is_used_or_an_error(tmp_path, content, needle):
+    """An explicit data.root never falls back to the installed copy, and junk there is caught by validate."""
+    from deploycraft.data import fashion_mnist
+
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for name in fashion_mnist.FILES if content is not None else ():
+        (root / name).write_bytes(content)
+    raw = smoke_recipe(data={"dataset": "fashion-mnist", "root": str(root), "download": False, "channels": 1})
+    _both(tmp_path, raw, "data.root", str(root), needle)
+
+
+@pytest.mark.parametrize("extra", ["d", "z"])
+def test_held_out_class_missing_from_training(tmp_path, extra):
+    """val/ with a class train/ lacks (or a misspelt one) is refused, not silently left out of the evaluation."""
+    from tests.data.test_datasets import make_imagefolder
+
+    root = tmp_path / "data"
+    make_imagefolder(root, classes=("a", "b", "c"), per_class=2, splits=("train",))
+    make_imagefolder(root, classes=("a", "b", "c", extra), per_class=2, splits=("val",))
+    raw = smoke_recipe(model={"arch": "resnet20", "num_classes": 3}, data={"dataset": "imagefolder", "root": str(root)})
+    _both(tmp_path, raw, "data.val_split", str(root / "val"), f"({extra})")
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("model.in_chans=1", ("model.in_chans", "data.channels is 3")),
+        ("model.kwargs.num_classes=5", ("model.kwargs", "model.num_classes")),
+        ("seed=18446744073709551616", ("seed", "less than or equal to 4294967295")),
+    ],
+)
+def test_overrides_that_used_to_fail_in_train(tmp_path, override, needles):
+    """Values that validate accepted but the train stage crashed on (rc 1): refused before anything runs."""
+    path = write_recipe(tmp_path / "r.yaml", smoke_recipe())
+    a = one_line_error(run_cli("validate", path, "--set", override), *needles)
+    assert a == one_line_error(run_cli("run", path, "--set", override, "-o", tmp_path / "run"), *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_remove_blocks_beyond_the_model(tmp_path):
+    """Found by validate from the recipe's model (resnet20: 7 removable blocks), not after training."""
+    raw = smoke_recipe()
+    raw["stages"].insert(1, {"type": "prune", "channel_ratio": 0.0, "remove_blocks": 100})
+    _both(tmp_path, raw, "stages.1.remove_blocks", "only 7 residual blocks", "use at most 7")
+    raw["stages"][1]["remove_blocks"] = 7
+    proc = run_cli("validate", write_recipe(tmp_path / "ok.yaml", raw))
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_fewer_classes_than_the_data(tmp_path):
     _both(tmp_path, smoke_recipe(model={"arch": "resnet20", "num_classes": 5}), "model.num_classes", "10 classes")
 
