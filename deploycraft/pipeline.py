@@ -45,21 +45,26 @@ def default_run_dir(recipe: Recipe, base: Path = DEFAULT_BASE) -> Path:
 
 
 def data_fingerprint(recipe: Recipe) -> dict[str, Any]:
-    """What identifies the data beyond its config: file digests, or the ImageFolder's file list."""
+    """What identifies the data beyond its config: file digests, or the ImageFolder's file list; and the
+    content of a calibration file the recipe names (its path alone would let a file rewritten in place keep
+    the old INT8 files)."""
     d = recipe.data
+    calibration = {}
+    if d.calibration is not None and Path(d.calibration).is_file():
+        calibration = {"calibration": af.sha256_file(Path(d.calibration))}
     if d.dataset == "fashion-mnist":
         from deploycraft.data.fashion_mnist import FILES
 
-        return {"fashion-mnist": FILES}
+        return {"fashion-mnist": FILES, **calibration}
     if d.dataset == "imagefolder":
-        out = {}
+        out = dict(calibration)
         for split in (d.train_split, d.val_split):
             folder = Path(d.root) / split
             if folder.is_dir():
                 files = sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
                 out[split] = af.sha256_json(files)
         return out
-    return {"synthetic": True}
+    return {"synthetic": True, **calibration}
 
 
 def stage_code(type_: str) -> dict[str, Any]:

@@ -260,3 +260,21 @@ def test_killed_training_resumes_with_identical_result(tmp_path):
     assert [h["val_top1"] for h in hist] == [h["val_top1"] for h in ref_hist]
     assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in ref_hist]
     assert all(torch.equal(ref_w[k], w[k]) for k in ref_w)
+
+
+def test_a_calibration_file_rewritten_in_place_changes_the_data_fingerprint(tmp_path):
+    """The stages' cache keys hold the calibration file's content, not only its path: a file rewritten in
+    place re-runs quantize instead of keeping the INT8 files calibrated on the old images."""
+    import numpy as np
+
+    from deploycraft.pipeline import data_fingerprint
+
+    path = tmp_path / "calib.npz"
+    raw = smoke_recipe(data={"calibration": str(path)})
+    np.savez(path, images=np.zeros((4, 3, 16, 16), np.uint8), labels=np.zeros(4, np.int64))
+    first = data_fingerprint(build_recipe(raw))
+    np.savez(path, images=np.zeros((4, 3, 16, 16), np.uint8), labels=np.zeros(4, np.int64))
+    assert data_fingerprint(build_recipe(raw)) == first  # the same content, written again
+    np.savez(path, images=np.ones((4, 3, 16, 16), np.uint8), labels=np.zeros(4, np.int64))
+    assert data_fingerprint(build_recipe(raw)) != first
+    assert "calibration" not in data_fingerprint(build_recipe(smoke_recipe()))
