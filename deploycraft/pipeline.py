@@ -67,6 +67,22 @@ def data_fingerprint(recipe: Recipe) -> dict[str, Any]:
     return {"synthetic": True, **calibration}
 
 
+def _disk_full(exc: BaseException) -> str | None:
+    """The words for an error that means the disk (or the user's quota) is full, else None: an OSError of
+    that kind anywhere in the exception's chain (torch.save reports it as a RuntimeError without one)."""
+    import errno
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc.strerror or "no space left on device"
+        if isinstance(exc, RuntimeError) and "file write failed" in str(exc):
+            return "a file could not be written (no space left on the device?)"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def stage_code(type_: str) -> dict[str, Any]:
     """The fingerprint of what a stage runs: its module and the run context (data, model loading)."""
     return fingerprint(STAGES[type_].__module__, "deploycraft.context")
@@ -175,16 +191,28 @@ class Pipeline:
                 status["status"] = "failed"
             if other is None:
                 status["error"] = exc.one_line() if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            if other is None and not isinstance(exc, (UserError, KeyboardInterrupt)):
+            full = _disk_full(exc)
+            if other is None and not isinstance(exc, (UserError, KeyboardInterrupt)) and full is None:
                 status["traceback"] = traceback.format_exc()
                 log(status["traceback"].rstrip(), to_console=False, markup=False)
-            af.write_json(run.root / "run.json", status)
+            try:
+                af.write_json(run.root / "run.json", status)
+            except OSError:
+                if full is None:
+                    raise
             run.unlock()
             set_log_file(None)
             if other is not None:
                 raise PeerFailure(other) from exc
             if isinstance(exc, (UserError, KeyboardInterrupt, GateFailure)):
                 raise
+            if full is not None:  # the machine's state, not a bug: the run resumes once there is room
+                raise UserError(
+                    f"stage {self._current}: {full} while writing to {run.root}",
+                    field="--output-dir",
+                    fix="free space there (or choose another --output-dir) and run the same command again: it "
+                    "resumes from the last completed stage",
+                ) from None
             raise StageFailure(self._current, exc, run.root) from exc
         status["status"] = "failed" if gate_failures else "completed"
         status["finished"] = time.time()

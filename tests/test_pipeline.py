@@ -167,6 +167,28 @@ def test_failed_stage_resumes_from_last_completed(tmp_path, monkeypatch):
     assert calls == [1]
 
 
+def test_a_full_disk_is_one_user_error_and_the_run_resumes(tmp_path, monkeypatch):
+    import errno
+
+    from deploycraft.errors import UserError
+
+    out = tmp_path / "run"
+
+    def full(self, ctx, workdir):
+        raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "model_fp32.onnx"))
+
+    monkeypatch.setattr(STAGES["export"], "run", full)
+    with pytest.raises(UserError, match="stage export: No space left on device while writing to") as info:
+        _run(smoke_recipe(), out)
+    assert info.value.exit_code == 2 and "resumes from the last completed stage" in info.value.one_line()
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "failed" and "traceback" not in status
+    monkeypatch.undo()
+    _run(smoke_recipe(), out)
+    stages = {s["type"]: s["cached"] for s in json.loads((out / "run.json").read_text())["stages"]}
+    assert stages == {"init": True, "train": True, "quantize": True, "export": False, "verify": False}
+
+
 def test_failure_text_that_looks_like_markup_is_recorded(tmp_path, monkeypatch):
     """gloo's "[/path/pair.cc:537] Connection closed by peer" is no closing tag: run.json and log.txt get it."""
 
