@@ -157,6 +157,20 @@ def test_inspect_names_damage_without_crashing(completed):
     assert proc.stdout.count("DAMAGED") == 3
 
 
+def test_inspect_checks_deploy_against_the_manifest(completed):
+    run, _ = completed
+    proc = run_cli("inspect", run)
+    assert proc.returncode == 0 and "deploy/model_int8.onnx" in proc.stdout
+    assert "DAMAGED" not in proc.stdout and "NOT SHIPPED" not in proc.stdout
+    _flip_bit(run / "deploy" / "model_int8.onnx")
+    (run / "deploy" / "notes.txt").write_text("mine\n")
+    proc = run_cli("inspect", run)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if "deploy/model_int8.onnx" in x)
+    assert "DAMAGED: differs from manifest.json" in line
+    assert "NOT SHIPPED" in next(x for x in proc.stdout.splitlines() if "deploy/notes.txt" in x)
+
+
 def test_garbage_run_json(completed):
     run, recipe = completed
     (run / "run.json").write_text("\x00\x01 not json")
