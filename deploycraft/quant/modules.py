@@ -204,19 +204,27 @@ FLOAT32_INTEGERS = 2**24
 DIGIT = 16  # the conv input's integers are split into base-16 digits for the float32 conv
 
 
+def _float32_conv(x: torch.Tensor, w: torch.Tensor, *args) -> torch.Tensor:
+    """F.conv2d in float32 without NNPACK, which torch picks for batches of 16 or more where oneDNN is off or
+    missing, and whose Winograd and FFT kernels do not sum integers exactly."""
+    with torch.backends.nnpack.flags(enabled=False):
+        return F.conv2d(x.float(), w.float(), None, *args)
+
+
 @functools.lru_cache(maxsize=8)
-def _float32_conv_exact(precision: str) -> bool:
+def _float32_conv_exact(settings: tuple) -> bool:
     """Whether this torch sums a float32 conv of small integers exactly (no accumulation in reduced precision, no
-    Winograd or FFT transforms): checked once per float32 precision setting, on a 3x3 and a 1x1 conv whose
-    sums reach 2^23 (``integer_conv2d`` stays below 2^24)."""
-    del precision  # the cache key: torch.set_float32_matmul_precision can allow bf16 in oneDNN
+    Winograd or FFT transforms): checked once per setting that picks the kernels (``settings``: the float32
+    precision, whether oneDNN is on), on a 3x3 and a 1x1 conv of a batch of 32 whose sums reach 2^23
+    (``integer_conv2d`` stays below 2^24)."""
+    del settings  # the cache key
     g = torch.Generator().manual_seed(0)
     for cin, k in ((512, 3), (4096, 1)):
-        x = torch.randint(-DIGIT, DIGIT, (2, cin, 6, 6), generator=g).double()
-        w = torch.randint(-128, 128, (64, cin, k, k), generator=g).double()
+        x = torch.randint(-DIGIT, DIGIT, (32, cin, 6, 6), generator=g).double()
+        w = torch.randint(-128, 128, (16, cin, k, k), generator=g).double()
         x[0], w[0] = -DIGIT, -128  # output channel 0 of image 0: sums of the largest terms, all of one sign
         exact = F.conv2d(x, w, padding=k // 2)
-        if not torch.equal(F.conv2d(x.float(), w.float(), padding=k // 2).double(), exact):
+        if not torch.equal(_float32_conv(x, w, 1, k // 2).double(), exact):
             return False
     return True
 
@@ -239,13 +247,12 @@ def integer_conv2d(n: torch.Tensor, w: torch.Tensor, stride, padding, dilation, 
     inputs per output at 8 bits) or this torch's float32 conv is not exact, the conv runs in float64."""
     nmax = float(n.abs().amax()) if n.numel() else 0.0
     wmax = float(w.abs().amax()) if w.numel() else 0.0
-    if not digits_fit_float32(nmax, wmax, w[0].numel()) or not _float32_conv_exact(
-        torch.get_float32_matmul_precision()
-    ):
+    settings = (torch.get_float32_matmul_precision(), torch.backends.mkldnn.enabled)
+    if not digits_fit_float32(nmax, wmax, w[0].numel()) or not _float32_conv_exact(settings):
         return F.conv2d(n, w.double(), None, stride, padding, dilation, groups)
     lo = torch.remainder(n, DIGIT)
     hi = (n - lo) / DIGIT  # exact: n - lo is a multiple of 16
-    y = F.conv2d(torch.cat([hi, lo]).float(), w.float(), None, stride, padding, dilation, groups).double()
+    y = _float32_conv(torch.cat([hi, lo]), w, stride, padding, dilation, groups).double()
     b = n.shape[0]
     return y[:b] * DIGIT + y[b:]
 

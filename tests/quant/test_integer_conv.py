@@ -110,3 +110,14 @@ def test_an_input_off_the_grid_takes_the_plain_conv():
     assert m.integer_forward(on_grid + 1e-3) is None  # not integers x step: the forward falls back
     with torch.no_grad():
         assert torch.allclose(m(on_grid + 1e-3), m._conv_forward(on_grid + 1e-3, m.weight, m.bias))
+
+
+def test_exact_without_onednn_where_torch_would_take_nnpack():
+    """With oneDNN off, torch runs float32 convs of 16 or more images through NNPACK (Winograd, FFT), whose
+    sums of integers are not exact; integer_conv2d keeps NNPACK out (found by review: sums off by up to 28)."""
+    g = torch.Generator().manual_seed(2)
+    n = torch.randint(-255, 256, (32, 256, 8, 8), generator=g).double()
+    w = torch.randint(-128, 128, (64, 256, 3, 3), generator=g).float()
+    with torch.backends.mkldnn.flags(enabled=False):
+        got = integer_conv2d(n, w, 1, 1, 1, 1)
+    assert torch.equal(got, F.conv2d(n, w.double(), None, 1, 1, 1, 1))
