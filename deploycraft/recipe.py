@@ -40,10 +40,10 @@ class Recipe(Strict):
     description: str = Field("", description="Free text, copied into the report.")
     seed: int = Field(
         0,
-        ge=0,
-        le=2**32 - 1,
-        description="Seed of model init, data order, augmentation and subsets (0 to 2^32 - 1: the generators "
-        "are seeded with multiples of it, which must stay within torch's 64-bit seeds).",
+        ge=-(2**40),
+        le=2**40,
+        description="Seed of model init, data order, augmentation and subsets (-2^40 to 2^40: the generators "
+        "are seeded with multiples of it, up to 100,003 times, which must stay within torch's 64-bit seeds).",
     )
     threads: int | None = Field(
         None,

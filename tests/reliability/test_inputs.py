@@ -214,7 +214,7 @@ def test_held_out_class_missing_from_training(tmp_path, extra):
     [
         ("model.in_chans=1", ("model.in_chans", "data.channels is 3")),
         ("model.kwargs.num_classes=5", ("model.kwargs", "model.num_classes")),
-        ("seed=18446744073709551616", ("seed", "less than or equal to 4294967295")),
+        ("seed=18446744073709551616", ("seed", "less than or equal to 1099511627776")),
     ],
 )
 def test_overrides_that_used_to_fail_in_train(tmp_path, override, needles):
