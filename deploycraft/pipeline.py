@@ -45,26 +45,29 @@ def default_run_dir(recipe: Recipe, base: Path = DEFAULT_BASE) -> Path:
 
 
 def data_fingerprint(recipe: Recipe) -> dict[str, Any]:
-    """What identifies the data beyond its config: file digests, or the ImageFolder's file list; and the
-    content of a calibration file the recipe names (its path alone would let a file rewritten in place keep
-    the old INT8 files)."""
+    """What identifies the data beyond its config: file digests, or the ImageFolder's file list."""
     d = recipe.data
-    calibration = {}
-    if d.calibration is not None and Path(d.calibration).is_file():
-        calibration = {"calibration": af.sha256_file(Path(d.calibration))}
     if d.dataset == "fashion-mnist":
         from deploycraft.data.fashion_mnist import FILES
 
-        return {"fashion-mnist": FILES, **calibration}
+        return {"fashion-mnist": FILES}
     if d.dataset == "imagefolder":
-        out = dict(calibration)
+        out = {}
         for split in (d.train_split, d.val_split):
             folder = Path(d.root) / split
             if folder.is_dir():
                 files = sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
                 out[split] = af.sha256_json(files)
         return out
-    return {"synthetic": True, **calibration}
+    return {"synthetic": True}
+
+
+def calibration_digest(recipe: Recipe) -> str | None:
+    """The content of the calibration file the recipe names (None: none named). It joins the cache key of the
+    stages that read it (``reads_calibration``), so that a file rewritten in place re-runs them, and only
+    them: its path alone would keep the old INT8 files."""
+    path = recipe.data.calibration
+    return af.sha256_file(Path(path)) if path is not None and Path(path).is_file() else None
 
 
 def _disk_full(exc: BaseException) -> str | None:
@@ -79,7 +82,7 @@ def _disk_full(exc: BaseException) -> str | None:
             return exc.strerror or "no space left on device"
         if isinstance(exc, RuntimeError) and "file write failed" in str(exc):
             return "a file could not be written (no space left on the device?)"
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None
 
 
@@ -163,13 +166,26 @@ class Pipeline:
             "backend": world.backend,
             "stages": [],
         }
-        written = {
-            "recipe.yaml": af.atomic_write_text(
-                run.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
-            )
-        }
-        af.write_json(run.root / "run.json", status)
-        log(f"[bold]deploycraft run[/] {self.recipe.name} -> {run.root}")
+        try:
+            written = {
+                "recipe.yaml": af.atomic_write_text(
+                    run.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
+                )
+            }
+            af.write_json(run.root / "run.json", status)
+            log(f"[bold]deploycraft run[/] {self.recipe.name} -> {run.root}")
+        except OSError as exc:
+            full = _disk_full(exc)
+            run.unlock()
+            set_log_file(None)
+            if full is None:
+                raise
+            raise UserError(
+                f"{full} while writing to {run.root}",
+                field="--output-dir",
+                fix="free space there, or choose "
+                "another --output-dir, and run the same command again (it resumes from the last completed stage)",
+            ) from None
         if world.parallel:
             log(f"data-parallel: {world.size} process(es), {world.backend}; rank 0 writes this folder")
         if previous.get("status") == "interrupted":
@@ -312,6 +328,7 @@ class Pipeline:
             if r.model.weights is not None:
                 model["weights_sha256"] = af.sha256_file(Path(r.model.weights))
             previous = af.sha256_json({**base, "model": model, "in_chans": ctx.in_chans})
+            calibration = calibration_digest(r)
         records = []
         steps: list[tuple[str, Any]] = [("init", None)] + [(s.type, s) for s in r.stages]
         for index, (type_, cfg) in enumerate(steps):
@@ -322,15 +339,16 @@ class Pipeline:
             decision = None
             if main:
                 code = stage_code(type_)
-                key = af.sha256_json(
-                    {
-                        **base,
-                        "previous": previous,
-                        "stage": cfg.model_dump(mode="json") if cfg is not None else None,
-                        "reads": self._reads(type_),
-                        "code": code["sha256"],
-                    }
-                )
+                fields = {
+                    **base,
+                    "previous": previous,
+                    "stage": cfg.model_dump(mode="json") if cfg is not None else None,
+                    "reads": self._reads(type_),
+                    "code": code["sha256"],
+                }
+                if calibration is not None and STAGES[type_].reads_calibration:
+                    fields["calibration_sha256"] = calibration
+                key = af.sha256_json(fields)
                 stage_dir = self.run.stage_dir(index, type_, key)
                 decision = {"dir": stage_dir.name, "record": self._reuse(type_, stage_dir, key)}
             decision = world.publish(decision)

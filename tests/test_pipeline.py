@@ -284,19 +284,23 @@ def test_killed_training_resumes_with_identical_result(tmp_path):
     assert all(torch.equal(ref_w[k], w[k]) for k in ref_w)
 
 
-def test_a_calibration_file_rewritten_in_place_changes_the_data_fingerprint(tmp_path):
-    """The stages' cache keys hold the calibration file's content, not only its path: a file rewritten in
-    place re-runs quantize instead of keeping the INT8 files calibrated on the old images."""
+def test_a_calibration_file_rewritten_in_place_reruns_the_stages_that_read_it(tmp_path):
+    """The cache keys of the stages that read the calibration images (quantize, verify) hold the named
+    file's content, not only its path: a file rewritten in place re-runs them, and only them."""
     import numpy as np
 
-    from deploycraft.pipeline import data_fingerprint
+    from deploycraft.pipeline import calibration_digest
 
     path = tmp_path / "calib.npz"
     raw = smoke_recipe(data={"calibration": str(path)})
-    np.savez(path, images=np.zeros((4, 3, 16, 16), np.uint8), labels=np.zeros(4, np.int64))
-    first = data_fingerprint(build_recipe(raw))
-    np.savez(path, images=np.zeros((4, 3, 16, 16), np.uint8), labels=np.zeros(4, np.int64))
-    assert data_fingerprint(build_recipe(raw)) == first  # the same content, written again
-    np.savez(path, images=np.ones((4, 3, 16, 16), np.uint8), labels=np.zeros(4, np.int64))
-    assert data_fingerprint(build_recipe(raw)) != first
-    assert "calibration" not in data_fingerprint(build_recipe(smoke_recipe()))
+    np.savez(path, images=np.zeros((16, 3, 16, 16), np.uint8), labels=np.zeros(16, np.int64))
+    first = calibration_digest(build_recipe(raw))
+    assert first is not None and calibration_digest(build_recipe(smoke_recipe())) is None
+    out = tmp_path / "run"
+    _run(raw, out)
+    np.savez(path, images=np.full((16, 3, 16, 16), 200, np.uint8), labels=np.zeros(16, np.int64))
+    assert calibration_digest(build_recipe(raw)) != first
+    _run(raw, out)
+    stages = {s["type"]: s["cached"] for s in json.loads((out / "run.json").read_text())["stages"]}
+    assert stages == {"init": True, "train": True, "quantize": False, "export": False, "verify": False}
+    assert [s.reads_calibration for s in (STAGES["train"], STAGES["quantize"], STAGES["prune"])] == [False, True, True]

@@ -6,6 +6,7 @@ A stage is a class registered by ``@register_stage`` with
   is the union of every registered stage's config, so a new stage needs no edit to the recipe code;
 - ``rank``: where it may stand in the chain (stages of equal rank may come in either order);
 - ``reads``: the top-level recipe fields its result depends on (they join its cache key);
+- ``reads_calibration``: whether it reads the calibration images (the file's content joins its cache key);
 - ``check(recipe, index)``: rules about the recipe as a whole, run by ``validate`` and ``run`` alike;
 - ``preflight(pre, index)``: checks that need files or the built model, also before anything runs;
 - ``run(ctx, workdir) -> StageOutput``: the work, reading the current model and deployables from the
@@ -50,6 +51,8 @@ class Stage:
     report_order: ClassVar[int] = 100
     # Top-level recipe fields the stage's result depends on; they join its cache key.
     reads: ClassVar[tuple[str, ...]] = ()
+    # Reads the calibration images (data.calibration): the named file's content joins its cache key.
+    reads_calibration: ClassVar[bool] = False
     # Internal stages (the starting model) are not recipe entries.
     internal: ClassVar[bool] = False
     # Run on every rank of a data-parallel launch (torchrun) rather than on rank 0 alone.

@@ -263,6 +263,7 @@ class PruneStage(Stage):
     rank = 1
     report_order = 2
     reads = ("device", "target")
+    reads_calibration = True
     config: PruneConfig
 
     @classmethod

@@ -655,6 +655,7 @@ class QuantizeStage(Stage):
     rank = 3
     report_order = 4
     reads = ("device", "target")  # QAT trains on the recipe's device
+    reads_calibration = True
     config: QuantizeConfig
 
     @classmethod

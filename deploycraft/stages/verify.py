@@ -354,6 +354,7 @@ class VerifyStage(Stage):
     rank = 5
     report_order = 1
     reads = ("device", "target")
+    reads_calibration = True
     config: VerifyConfig
 
     @classmethod
