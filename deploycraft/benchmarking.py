@@ -40,8 +40,15 @@ def check_json_output(path: Path) -> None:
 
 
 def _earlier_results(obj: dict) -> bool:
-    """A results file bench wrote before it was marked: its keys, threads and runtimes always among them."""
-    return {"threads", "runtimes"} <= set(obj) <= RESULT_KEYS and isinstance(obj["runtimes"], list)
+    """A results file bench wrote before it was marked: only its keys, threads among them, and runtimes or
+    results (the earliest versions wrote no runtimes list)."""
+    keys = set(obj)
+    return (
+        "threads" in keys
+        and bool(keys & {"runtimes", "results"})
+        and keys <= RESULT_KEYS
+        and isinstance(obj.get("runtimes", []), list)
+    )
 
 
 def write_results(path: Path, results: dict) -> None:

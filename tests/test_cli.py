@@ -170,6 +170,10 @@ def test_bench_json_makes_its_folder_and_replaces_only_its_own_file(tmp_path, ti
     code, _, stderr = _bench_in_process(model, "--json", earlier)
     assert code == 0, stderr
     assert json.loads(earlier.read_text())["written_by"] == "deploycraft bench"
+    # the earliest bench wrote no runtimes list
+    earlier.write_text(json.dumps({k: first[k] for k in ("threads", "input", "results") if k in first}))
+    code, _, stderr = _bench_in_process(model, "--json", earlier)
+    assert code == 0, stderr
 
 
 def test_bench_json_write_failure_is_one_line_after_the_timings(tmp_path, tiny_resnet, monkeypatch):
