@@ -68,7 +68,7 @@ def run(
 ) -> None:
     """Run every stage of RECIPE; a re-run resumes from the last completed stage. Under `torchrun
     --nproc-per-node N -m deploycraft run RECIPE` training and distillation run data-parallel on N processes."""
-    from deploycraft.distributed import PeerFailure, interruptible, launch
+    from deploycraft.distributed import PeerFailure, Terminated, interruptible, launch
     from deploycraft.pipeline import Pipeline
     from deploycraft.recipe import load_recipe
 
@@ -90,10 +90,11 @@ def run(
         except StageFailure as exc:
             _say(world, "error: ", f"{exc} — fix: run the same command again to resume; if it fails again, report it")
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
             if world.is_main and world.failure() is None:
-                typer.echo("interrupted: run the same command again to resume from the last completed stage", err=True)
-            raise typer.Exit(130) from None
+                typer.echo(f"{what}: run the same command again to resume from the last completed stage", err=True)
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
         if world.is_main:
             _summary(pipeline.run.root)
 

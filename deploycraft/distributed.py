@@ -22,6 +22,7 @@ import io
 import json
 import os
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -328,7 +329,16 @@ def launch() -> Iterator[World]:
     """The world of this process: joined through the launcher's store when torchrun started it, else one
     process. The process group itself is created by ``World.start`` once the recipe names the device."""
     if not launched():
-        yield World()
+        # alone, a SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C too: run.json says interrupted
+        # (only the main thread may set a handler; elsewhere SIGTERM keeps its default)
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+        try:
+            yield World()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+            _signals["received"] = False
         return
     import torch.distributed as dist
 

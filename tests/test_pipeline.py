@@ -284,6 +284,38 @@ def test_killed_training_resumes_with_identical_result(tmp_path):
     assert all(torch.equal(ref_w[k], w[k]) for k in ref_w)
 
 
+def test_sigterm_during_training_is_an_interruption_and_resumes(tmp_path):
+    """SIGTERM (a scheduler's stop) on a run alone: exit 143 with the "terminated" line, run.json says
+    interrupted (not "running"), and the same command resumes after the last epoch checkpoint."""
+    path = write_recipe(tmp_path / "r.yaml", KILL_RECIPE)
+    out = tmp_path / "run"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "deploycraft", "run", str(path), "--output-dir", str(out)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    ckpt = None
+    while time.time() < deadline and child.poll() is None:
+        found = list((out / "stages").glob("*-train-*/checkpoint.pt")) if (out / "stages").is_dir() else []
+        if found and torch.load(found[0], weights_only=True)["epoch"] >= 1:
+            ckpt = found[0]
+            break
+        time.sleep(0.2)
+    assert ckpt is not None and child.poll() is None, "training finished before it could be stopped"
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 143, stderr
+    assert "terminated (SIGTERM): run the same command again" in stderr and "Traceback" not in stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    proc = run_cli("run", path, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming train after epoch" in proc.stderr
+
+
 def test_a_calibration_file_rewritten_in_place_reruns_the_stages_that_read_it(tmp_path):
     """The cache keys of the stages that read the calibration images (quantize, verify) hold the named
     file's content, not only its path: a file rewritten in place re-runs them, and only them."""
