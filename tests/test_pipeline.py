@@ -248,29 +248,33 @@ def _train_result(out):
     return record["output"]["metrics"]["history"], weights
 
 
+def _run_until_first_epoch(path, out, stderr):
+    """`deploycraft run` in a child process, returned once its training has checkpointed its first epoch
+    (with that checkpoint), still running."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "deploycraft", "run", str(path), "--output-dir", str(out)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        found = list((out / "stages").glob("*-train-*/checkpoint.pt")) if (out / "stages").is_dir() else []
+        if found and torch.load(found[0], weights_only=True)["epoch"] >= 1:
+            return child, found[0]
+        time.sleep(0.2)
+    raise AssertionError("training finished before it could be stopped")
+
+
 def test_killed_training_resumes_with_identical_result(tmp_path):
     """SIGKILL after the first epoch checkpoint; the same command resumes and ends bit-identical."""
     path = write_recipe(tmp_path / "r.yaml", KILL_RECIPE)
     ref_out, out = tmp_path / "a" / "run", tmp_path / "b" / "run"  # separate parents: no sibling reuse
     proc = run_cli("run", path, "--output-dir", ref_out)
     assert proc.returncode == 0, proc.stderr
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen(
-        [sys.executable, "-m", "deploycraft", "run", str(path), "--output-dir", str(out)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    ckpt = None
-    while time.time() < deadline and child.poll() is None:
-        found = list((out / "stages").glob("*-train-*/checkpoint.pt")) if (out / "stages").is_dir() else []
-        if found and torch.load(found[0], weights_only=True)["epoch"] >= 1:
-            ckpt = found[0]
-            break
-        time.sleep(0.2)
-    assert ckpt is not None and child.poll() is None, "training finished before it could be killed"
+    child, ckpt = _run_until_first_epoch(path, out, subprocess.DEVNULL)
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (ckpt.parent / "stage.json").exists()
@@ -289,25 +293,11 @@ def test_sigterm_during_training_is_an_interruption_and_resumes(tmp_path):
     interrupted (not "running"), and the same command resumes after the last epoch checkpoint."""
     path = write_recipe(tmp_path / "r.yaml", KILL_RECIPE)
     out = tmp_path / "run"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "deploycraft", "run", str(path), "--output-dir", str(out)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300
-    ckpt = None
-    while time.time() < deadline and child.poll() is None:
-        found = list((out / "stages").glob("*-train-*/checkpoint.pt")) if (out / "stages").is_dir() else []
-        if found and torch.load(found[0], weights_only=True)["epoch"] >= 1:
-            ckpt = found[0]
-            break
-        time.sleep(0.2)
-    assert ckpt is not None and child.poll() is None, "training finished before it could be stopped"
-    child.send_signal(signal.SIGTERM)
-    _, stderr = child.communicate(timeout=120)
+    with open(tmp_path / "stderr.txt", "w") as log:  # a file, not a pipe nobody reads while it trains
+        child, _ = _run_until_first_epoch(path, out, log)
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=120)
+    stderr = (tmp_path / "stderr.txt").read_text()
     assert child.returncode == 143, stderr
     assert "terminated (SIGTERM): run the same command again" in stderr and "Traceback" not in stderr
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
