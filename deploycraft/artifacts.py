@@ -83,6 +83,15 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def manifest_files(root: Path) -> dict[str, dict[str, Any]] | None:
+    """The run folder's manifest.json entries by path, or None where it cannot be read."""
+    try:
+        files = read_json(Path(root) / "manifest.json")["files"]
+        return {f["path"]: f for f in files if isinstance(f, dict) and isinstance(f.get("path"), str)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path in the same folder that replaces ``path`` only if the block succeeds."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deploycraft.artifacts import read_status, sha256_file, verify_stage
+from deploycraft.artifacts import manifest_files, read_status, sha256_file, verify_stage
 from deploycraft.errors import UserError
 
 
@@ -67,7 +67,7 @@ def describe(run_dir: Path) -> str:
     deploy = run_dir / "deploy"
     if deploy.is_dir():
         lines.append("deployables:")
-        listed = _manifest_files(run_dir)
+        listed = manifest_files(run_dir)
         for f in sorted(p for p in deploy.rglob("*") if p.is_file() or p.is_symlink()):
             rel = f.relative_to(run_dir).as_posix()
             entry = listed.get(rel) if listed is not None else None
@@ -82,17 +82,6 @@ def describe(run_dir: Path) -> str:
             size = f"{f.stat().st_size / 1e6:.2f} MB" if f.is_file() else "link"
             lines.append(f"  {rel}  ({size}){'  ' + state if state else ''}")
     return "\n".join(lines)
-
-
-def _manifest_files(run_dir: Path) -> dict[str, dict] | None:
-    """manifest.json's files by path, or None where it cannot be read."""
-    import json
-
-    try:
-        files = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["files"]
-        return {f["path"]: f for f in files if isinstance(f, dict) and isinstance(f.get("path"), str)}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _model_lines(models: list[tuple[str, Path]], size: int, in_chans: int) -> list[str]:

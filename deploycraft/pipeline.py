@@ -86,6 +86,16 @@ def _disk_full(exc: BaseException) -> str | None:
     return None
 
 
+def _disk_full_error(full: str, root: Path, where: str = "") -> UserError:
+    """The machine's state, not a bug: one line, and the same command resumes once there is room."""
+    return UserError(
+        f"{where}{full} while writing to {root}",
+        field="--output-dir",
+        fix="free space there (or choose another --output-dir) and run the same command again: it resumes "
+        "from the last completed stage",
+    )
+
+
 def stage_code(type_: str) -> dict[str, Any]:
     """The fingerprint of what a stage runs: its module and the run context (data, model loading)."""
     return fingerprint(STAGES[type_].__module__, "deploycraft.context")
@@ -180,12 +190,7 @@ class Pipeline:
             set_log_file(None)
             if full is None:
                 raise
-            raise UserError(
-                f"{full} while writing to {run.root}",
-                field="--output-dir",
-                fix="free space there, or choose "
-                "another --output-dir, and run the same command again (it resumes from the last completed stage)",
-            ) from None
+            raise _disk_full_error(full, run.root) from None
         if world.parallel:
             log(f"data-parallel: {world.size} process(es), {world.backend}; rank 0 writes this folder")
         if previous.get("status") == "interrupted":
@@ -223,12 +228,7 @@ class Pipeline:
             if isinstance(exc, (UserError, KeyboardInterrupt, GateFailure)):
                 raise
             if full is not None:  # the machine's state, not a bug: the run resumes once there is room
-                raise UserError(
-                    f"stage {self._current}: {full} while writing to {run.root}",
-                    field="--output-dir",
-                    fix="free space there (or choose another --output-dir) and run the same command again: it "
-                    "resumes from the last completed stage",
-                ) from None
+                raise _disk_full_error(full, run.root, f"stage {self._current}: ") from None
             raise StageFailure(self._current, exc, run.root) from exc
         status["status"] = "failed" if gate_failures else "completed"
         status["finished"] = time.time()
@@ -496,10 +496,7 @@ class Pipeline:
         deploy = self.run.deploy
         if not deploy.exists():
             return
-        try:
-            listed = {f["path"]: f for f in af.read_json(self.run.root / "manifest.json")["files"]}
-        except (OSError, ValueError, KeyError, TypeError):
-            listed = {}
+        listed = af.manifest_files(self.run.root) or {}
         changed = []
         for p in sorted(deploy.rglob("*")):
             if p.is_dir():
