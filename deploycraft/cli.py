@@ -72,12 +72,16 @@ def run(
     from deploycraft.pipeline import Pipeline
     from deploycraft.recipe import load_recipe
 
+    finished = False
     with launch() as world:
         try:
             r = load_recipe(recipe, set_ or [])
             pipeline = Pipeline(r, output_dir, source=str(recipe), world=world)
             with interruptible():
                 pipeline.execute()
+            finished = True
+            if world.is_main:
+                _summary(pipeline.run.root)
         except PeerFailure:
             world.linger()  # another rank failed first and said so; the launcher stops this one
             raise typer.Exit(1) from None
@@ -93,10 +97,11 @@ def run(
         except KeyboardInterrupt as exc:
             what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
             if world.is_main and world.failure() is None:
-                typer.echo(f"{what}: run the same command again to resume from the last completed stage", err=True)
+                if finished:  # while the summary was printed: the run itself is complete
+                    typer.echo(f"{what} after the run completed: its results are in {pipeline.run.root}", err=True)
+                else:
+                    typer.echo(f"{what}: run the same command again to resume from the last completed stage", err=True)
             raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
-        if world.is_main:
-            _summary(pipeline.run.root)
 
 
 def _summary(run_dir: Path) -> None:

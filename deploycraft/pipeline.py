@@ -200,8 +200,29 @@ class Pipeline:
         try:
             records = self._run_stages(ctx, status)
             gate_failures, files = self._finish(ctx, records)
+            # the run's own records, last: a Ctrl-C while they are written leaves run.json "interrupted" and
+            # the same command finishes them (every stage reused)
+            status["status"] = "failed" if gate_failures else "completed"
+            status["finished"] = time.time()
+            if gate_failures:
+                status["error"] = "; ".join(gate_failures)
+            files.update(written)
+            files["run.json"] = af.write_json(run.root / "run.json", status)
+            files["log.txt"] = af.file_entry(run.root / "log.txt")
+            write_manifest(
+                run,
+                {
+                    "recipe": self.recipe.name,
+                    "status": status["status"],
+                    "world_size": world.size,
+                    "stages": status["stages"],
+                    "input": input_spec(self.recipe.data).to_dict(),
+                },
+                files,
+            )
         except BaseException as exc:
             disarm()
+            status.pop("finished", None)
             other = world.failure()  # another rank failed first: this exception follows from that
             if other is not None:
                 status["status"] = "failed"
@@ -230,24 +251,6 @@ class Pipeline:
             if full is not None:  # the machine's state, not a bug: the run resumes once there is room
                 raise _disk_full_error(full, run.root, f"stage {self._current}: ") from None
             raise StageFailure(self._current, exc, run.root) from exc
-        status["status"] = "failed" if gate_failures else "completed"
-        status["finished"] = time.time()
-        if gate_failures:
-            status["error"] = "; ".join(gate_failures)
-        files.update(written)
-        files["run.json"] = af.write_json(run.root / "run.json", status)
-        files["log.txt"] = af.file_entry(run.root / "log.txt")
-        write_manifest(
-            run,
-            {
-                "recipe": self.recipe.name,
-                "status": status["status"],
-                "world_size": world.size,
-                "stages": status["stages"],
-                "input": input_spec(self.recipe.data).to_dict(),
-            },
-            files,
-        )
         run.unlock()
         set_log_file(None)
         world.publish(status["status"])  # the other ranks end with rank 0

@@ -189,6 +189,37 @@ def test_a_full_disk_is_one_user_error_and_the_run_resumes(tmp_path, monkeypatch
     assert stages == {"init": True, "train": True, "quantize": True, "export": False, "verify": False}
 
 
+def test_ctrl_c_while_the_run_writes_its_own_records_resumes(tmp_path, monkeypatch):
+    """A Ctrl-C after the last stage, while run.json and the manifest are written: one line, exit 130,
+    run.json "interrupted", and the same command finishes the run without running any stage again."""
+    from typer.testing import CliRunner
+
+    import deploycraft.pipeline as pipeline_module
+    from deploycraft.cli import app
+
+    recipe = write_recipe(tmp_path / "r.yaml", smoke_recipe())
+    out = tmp_path / "run"
+    real = pipeline_module.write_manifest
+
+    def ctrl_c(run, meta, files):
+        if meta["status"] == "completed":
+            raise KeyboardInterrupt
+        return real(run, meta, files)
+
+    monkeypatch.setattr(pipeline_module, "write_manifest", ctrl_c)
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(out)])
+    assert result.exit_code == 130, result.output
+    assert "interrupted: run the same command again to resume" in result.output
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert "finished" not in json.loads((out / "run.json").read_text())
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "completed" and all(s["cached"] for s in status["stages"])
+    assert run_cli("inspect", out).returncode == 0
+
+
 def test_failure_text_that_looks_like_markup_is_recorded(tmp_path, monkeypatch):
     """gloo's "[/path/pair.cc:537] Connection closed by peer" is no closing tag: run.json and log.txt get it."""
 
