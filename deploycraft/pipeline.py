@@ -45,7 +45,10 @@ def default_run_dir(recipe: Recipe, base: Path = DEFAULT_BASE) -> Path:
 
 
 def data_fingerprint(recipe: Recipe) -> dict[str, Any]:
-    """What identifies the data beyond its config: file digests, or the ImageFolder's file list."""
+    """What identifies the data beyond its config: file digests, or the ImageFolder's file list with each
+    file's size and modification time (reading every image of a large folder at each run would cost minutes;
+    an image replaced in place gets a new time unless the copy preserved it, and a copied folder re-runs
+    the stages that read it rather than trusting it)."""
     d = recipe.data
     if d.dataset == "fashion-mnist":
         from deploycraft.data.fashion_mnist import FILES
@@ -56,7 +59,11 @@ def data_fingerprint(recipe: Recipe) -> dict[str, Any]:
         for split in (d.train_split, d.val_split):
             folder = Path(d.root) / split
             if folder.is_dir():
-                files = sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+                files = sorted(
+                    (str(p.relative_to(folder)), st.st_size, st.st_mtime_ns)
+                    for p in folder.rglob("*")
+                    if p.is_file() and (st := p.stat())
+                )
                 out[split] = af.sha256_json(files)
         return out
     return {"synthetic": True}

@@ -148,6 +148,28 @@ def test_held_out_classes_the_training_split_lacks_are_an_error(tmp_path):
     assert dm.num_val == 4 and sorted(set(dm.val.labels.tolist())) == [0, 2]
 
 
+def test_an_image_replaced_in_place_changes_the_data_fingerprint(tmp_path):
+    """The stages' cache key sees an image rewritten with other content of the same size (a new mtime)."""
+    import os
+
+    from deploycraft.pipeline import data_fingerprint
+    from deploycraft.recipe import build_recipe
+    from tests.conftest import smoke_recipe
+
+    make_imagefolder(tmp_path)
+    recipe = build_recipe(smoke_recipe(data={"dataset": "imagefolder", "root": str(tmp_path), "image_size": 16}))
+    before = data_fingerprint(recipe)
+    assert set(before) == {"train", "val"} and data_fingerprint(recipe) == before
+    image = tmp_path / "train" / "dog" / "3.png"
+    other = tmp_path / "train" / "cat" / "3.png"
+    st = image.stat()
+    data = other.read_bytes()[: st.st_size].ljust(st.st_size, b"\0")
+    image.write_bytes(data)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    after = data_fingerprint(recipe)
+    assert image.stat().st_size == st.st_size and after["train"] != before["train"] and after["val"] == before["val"]
+
+
 def test_broken_image_is_a_user_error(tmp_path):
     make_imagefolder(tmp_path)
     (tmp_path / "val" / "cat" / "broken.png").write_bytes(b"not a png")
