@@ -14,6 +14,8 @@ measured) gets ``diagnose.json`` (every figure of every target and the compariso
 from __future__ import annotations
 
 import copy
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,28 +325,44 @@ def run(
             t.result["gradient_flow"] += [g for g in old if g["label"] != "init"]
         results[t.label] = t.result
     comparison = dg.compare(results) if len(results) > 1 else None
+    record = {
+        WRITTEN_BY: WRITER,
+        "targets": {
+            t.label: {"source": t.source, "settings": t.settings.model_dump(mode="json"), "result": t.result}
+            for t in targets
+        },
+        "comparison": comparison,
+        "plots": {},
+    }
     try:
         out.mkdir(parents=True, exist_ok=True)
-        plots = dg.write_plots(results, out)
-        record = {
-            WRITTEN_BY: WRITER,
-            "targets": {
-                t.label: {"source": t.source, "settings": t.settings.model_dump(mode="json"), "result": t.result}
-                for t in targets
-            },
-            "comparison": comparison,
-            "plots": plots,
-        }
+        record["plots"] = dg.write_plots(results, out)
         write_json(out / OUTPUT_RECORD, record)
         text = render_markdown(record)
         atomic_write_text(out / "diagnose.md", text)
     except OSError as exc:  # checked writable before measuring; something changed since
+        kept = _keep_elsewhere(record)
         raise UserError(
-            f"cannot write the results to {out} ({_why(exc)})",
+            f"cannot write the results to {out} ({_why(exc)})"
+            + (f"; the measurements are kept in {kept}" if kept else "; the measurements could not be kept"),
             field="--output-dir",
             fix=f"{OUTPUT_FIX}, and run again",
         ) from None
     return out, text
+
+
+def _keep_elsewhere(record: dict[str, Any]) -> Path | None:
+    """Minutes of measurements are not dropped because the output folder failed late: the record goes to a
+    new file in the system's temporary folder (a full disk may refuse it too)."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix="deploycraft-diagnose-", suffix=".json")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record, fh, indent=2, default=str)
+        return Path(name)
+    except OSError:
+        return None
 
 
 def _why(exc: OSError) -> str:

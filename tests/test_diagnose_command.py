@@ -222,3 +222,10 @@ def test_a_late_write_failure_is_one_line(run_dir, tmp_path, monkeypatch):
     line = _one_line(stderr, after_progress=True)
     assert code == 2 and "--output-dir" in line and "cannot write the results" in line and "Permission denied" in line
     assert "lesion.png" in line
+    # the measurements are not lost: the record went to a file the line names
+    kept = Path(line.split("the measurements are kept in ")[1].split(" ")[0].rstrip(";,"))
+    try:
+        record = json.loads(kept.read_text())
+        assert record["targets"] and all(t["result"] for t in record["targets"].values())
+    finally:
+        kept.unlink()
