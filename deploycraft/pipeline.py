@@ -77,6 +77,27 @@ def calibration_digest(recipe: Recipe) -> str | None:
     return af.sha256_file(Path(path)) if path is not None and Path(path).is_file() else None
 
 
+def config_file_digests(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """The content of every file a stage's settings name (a distillation teacher's checkpoint, say), by field
+    path: it joins the stage's cache key, so that a file rewritten in place re-runs the stage (its path alone
+    would keep the old result). Empty for settings that name no file, so their keys do not change."""
+    from pydantic import BaseModel
+
+    out: dict[str, str] = {}
+    if isinstance(cfg, BaseModel):
+        for name in type(cfg).model_fields:
+            out.update(config_file_digests(getattr(cfg, name), f"{prefix}.{name}" if prefix else name))
+    elif isinstance(cfg, (list, tuple)):
+        for i, value in enumerate(cfg):
+            out.update(config_file_digests(value, f"{prefix}.{i}"))
+    elif isinstance(cfg, dict):
+        for key, value in cfg.items():
+            out.update(config_file_digests(value, f"{prefix}.{key}"))
+    elif isinstance(cfg, Path) and cfg.is_file():
+        out[prefix] = af.sha256_file(cfg)
+    return out
+
+
 def _disk_full(exc: BaseException) -> str | None:
     """The words for an error that means the disk (or the user's quota) is full, else None: an OSError of
     that kind anywhere in the exception's chain (torch.save reports it as a RuntimeError without one)."""
@@ -358,6 +379,8 @@ class Pipeline:
                 }
                 if calibration is not None and STAGES[type_].reads_calibration:
                     fields["calibration_sha256"] = calibration
+                if cfg is not None and (files := config_file_digests(cfg)):
+                    fields["files_sha256"] = files
                 key = af.sha256_json(fields)
                 stage_dir = self.run.stage_dir(index, type_, key)
                 decision = {"dir": stage_dir.name, "record": self._reuse(type_, stage_dir, key)}

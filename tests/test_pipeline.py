@@ -220,6 +220,33 @@ def test_ctrl_c_while_the_run_writes_its_own_records_resumes(tmp_path, monkeypat
     assert run_cli("inspect", out).returncode == 0
 
 
+def test_a_teacher_checkpoint_rewritten_in_place_reruns_distill(tmp_path):
+    """The content of a file a stage's settings name joins its key: the same path with other weights is
+    another teacher (the review's case: a run reused the old distillation after the file changed)."""
+    from deploycraft.models import create_model
+
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(1)
+    torch.save(create_model("resnet20", num_classes=10).state_dict(), teacher)
+    raw = smoke_recipe()
+    raw["stages"] = [
+        raw["stages"][0],
+        {"type": "distill", "epochs": 1, "batch_size": 64, "teacher": {"arch": "resnet20", "weights": str(teacher)}},
+    ]
+    out = tmp_path / "run"
+
+    def cached():
+        return {s["type"]: s["cached"] for s in json.loads((out / "run.json").read_text())["stages"]}
+
+    _run(raw, out)
+    _run(raw, out)
+    assert cached() == {"init": True, "train": True, "distill": True}
+    torch.manual_seed(2)
+    torch.save(create_model("resnet20", num_classes=10).state_dict(), teacher)
+    _run(raw, out)
+    assert cached() == {"init": True, "train": True, "distill": False}
+
+
 def test_failure_text_that_looks_like_markup_is_recorded(tmp_path, monkeypatch):
     """gloo's "[/path/pair.cc:537] Connection closed by peer" is no closing tag: run.json and log.txt get it."""
 
