@@ -50,6 +50,30 @@ def test_openvino_runs_the_fp32_file_like_onnx_runtime(tmp_path, tiny_resnet):
 
 
 @needs_openvino
+def test_ctrl_c_after_openvino_models_are_released_is_a_keyboard_interrupt(tmp_path, tiny_resnet):
+    """OpenVINO's CPU plugin left the thread an alternate signal stack whose memory it had freed once two
+    models were released in the order they were made: the next SIGINT or SIGTERM killed the process with
+    SIGSEGV (as after verify). Here, in a child process, it must raise KeyboardInterrupt."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.onnx"
+    build_deployable(tiny_resnet, "fp32", path, torch.randn(2, 3, 16, 16))
+    code = (
+        "import gc, os, signal, sys, numpy as np\n"
+        "from deploycraft.runtime.openvino import OvRunner\n"
+        "a = OvRunner(sys.argv[1], threads=1); b = OvRunner(sys.argv[1], threads=1)\n"
+        "a(np.zeros((1, 3, 16, 16), np.float32)); del a; gc.collect(); del b; gc.collect()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT); signal.pause()\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "interrupted", (proc.returncode, proc.stderr[-500:])
+
+
+@needs_openvino
 @pytest.mark.parametrize("target", ["onnxruntime-cpu", "openvino-cpu"])
 def test_every_conv_runs_in_int8_on_its_runtime(tmp_path, tiny_resnet, target):
     path = tmp_path / "q.onnx"

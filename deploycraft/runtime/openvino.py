@@ -8,12 +8,49 @@ AVX-512 BF16): an "FP32" model is then not FP32. Every runner here says its prec
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 INT8 = ("u8", "i8")
+
+
+class _SignalStack(ctypes.Structure):  # Linux's stack_t
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+
+SS_DISABLE = 2  # Linux
+
+
+@contextmanager
+def own_signal_stack() -> Iterator[None]:
+    """The calling thread keeps its own alternate signal stack across the block.
+
+    OpenVINO's CPU plugin gives the thread that compiles a model an alternate signal stack of its own and,
+    when that model is released, puts back the one it found, last in first out: with two models released
+    in the order they were made, the thread is left with a stack whose memory is already freed. Python's
+    handlers run on that stack (SA_ONSTACK), so the next Ctrl-C or SIGTERM killed the process with SIGSEGV
+    (exit 139, run.json left "running", nothing said) instead of raising KeyboardInterrupt. The stack the
+    thread had before a compile is put back right after it: nothing of OpenVINO's is left to be freed."""
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    before = _SignalStack()
+    if libc is None or libc.sigaltstack(None, ctypes.byref(before)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        now = _SignalStack()
+        libc.sigaltstack(None, ctypes.byref(now))
+        if (now.sp, now.flags, now.size) != (before.sp, before.flags, before.size):
+            if before.flags & SS_DISABLE:
+                before = _SignalStack(None, SS_DISABLE, 0)
+            libc.sigaltstack(ctypes.byref(before), None)
 
 
 def core():
@@ -30,8 +67,9 @@ def compile_model(path: Path, threads: int | None = None, precision: str = "f32"
         config["INFERENCE_NUM_THREADS"] = threads
     if pinning is not None:
         config["ENABLE_CPU_PINNING"] = pinning
-    c = core()
-    return c.compile_model(c.read_model(str(path)), "CPU", config)
+    with own_signal_stack():
+        c = core()
+        return c.compile_model(c.read_model(str(path)), "CPU", config)
 
 
 class OvRunner:
