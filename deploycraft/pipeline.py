@@ -435,11 +435,13 @@ class Pipeline:
             files[f"{prefix}/{af.STAGE_RECORD}"] = af.file_entry(stage_dir / af.STAGE_RECORD)
         gates = (ctx.results.get("verify") or {}).get("gates", [])
         failures = [f"gate {g['name']} failed: {g['detail']}" for g in gates if not g["passed"]]
-        if failures:
+        unverified = "verify" not in ctx.results
+        if failures or unverified:
             # nothing unverified ships: deploy/ stays empty (an earlier run's, which this recipe no longer
             # produces, is retired as always); every file stays where its stage wrote it
             self._retire_deploy()
-            log("[yellow]nothing shipped: a verify gate failed, so deploy/ is left out; the files are under stages/[/]")
+            why = "a verify gate failed" if failures else "the recipe has no verify stage (add one to ship)"
+            log(f"[yellow]nothing shipped: {why}, so deploy/ is left out; the files are under stages/[/]")
             report, written = write_report(ctx, shipped=False)
             files.update(written)
             return failures, files

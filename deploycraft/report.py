@@ -224,7 +224,8 @@ def build_report(ctx) -> dict[str, Any]:
     report = {
         "recipe": recipe.name,
         "description": recipe.description,
-        "status": "passed" if all(g["passed"] for g in gates) else "failed",
+        # passed: verify measured every deployable and every gate held; a run without verify proves nothing
+        "status": "not verified" if verify is None else "passed" if all(g["passed"] for g in gates) else "failed",
         "run_dir": str(ctx.run.root),
         "input": input_spec(recipe.data).to_dict(),
         "dataset": recipe.data.dataset,
@@ -263,7 +264,8 @@ def _md_header(report: dict[str, Any]) -> list[str]:
         lines += [report["description"], ""]
     lines += [f"**Status: {report['status']}** · run folder `{report['run_dir']}`", ""]
     if report.get("shipped") is False:
-        lines += ["**Nothing shipped**: a gate failed, so `deploy/` is left out; the files are under `stages/`.", ""]
+        why = "the recipe has no verify stage" if report["status"] == "not verified" else "a gate failed"
+        lines += [f"**Nothing shipped**: {why}, so `deploy/` is left out; the files are under `stages/`.", ""]
     lines += [
         f"Hardware: {hw.get('cpu_model', '?')} ({hw.get('logical_cpus')} logical CPUs; "
         f"flags {', '.join(hw.get('cpu_flags', [])) or '—'}); GPUs: "

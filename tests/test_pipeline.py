@@ -247,6 +247,21 @@ def test_a_teacher_checkpoint_rewritten_in_place_reruns_distill(tmp_path):
     assert cached() == {"init": True, "train": True, "distill": False}
 
 
+def test_a_recipe_without_verify_ships_nothing(tmp_path):
+    """Nothing unverified ships: without a verify stage the run completes, its files stay under stages/,
+    deploy/ is left out, and the report says "not verified" rather than "passed"."""
+    raw = smoke_recipe()
+    raw["stages"] = raw["stages"][:3]  # train, quantize, export
+    out = tmp_path / "run"
+    _run(raw, out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "not verified" and report["shipped"] is False
+    assert not (out / "deploy").exists()
+    assert "the recipe has no verify stage" in (out / "report.md").read_text()
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    assert run_cli("inspect", out).returncode == 0
+
+
 def test_failure_text_that_looks_like_markup_is_recorded(tmp_path, monkeypatch):
     """gloo's "[/path/pair.cc:537] Connection closed by peer" is no closing tag: run.json and log.txt get it."""
 
