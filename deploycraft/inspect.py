@@ -65,9 +65,17 @@ def describe(run_dir: Path) -> str:
     if models and image_size:
         lines += _model_lines(models, image_size, in_chans or 3)
     deploy = run_dir / "deploy"
+    listed = manifest_files(run_dir)
+    shipped = sorted(rel for rel in (listed or {}) if rel.startswith("deploy/"))
+    if shipped and not deploy.is_dir():
+        lines.append(
+            f"deployables: deploy/ is MISSING ({len(shipped)} files in manifest.json; a re-run ships them again)"
+        )
     if deploy.is_dir():
         lines.append("deployables:")
-        listed = manifest_files(run_dir)
+        for rel in shipped:
+            if not (run_dir / rel).is_file() and not (run_dir / rel).is_symlink():
+                lines.append(f"  {rel}  MISSING: in manifest.json, not in deploy/ (a re-run ships it again)")
         for f in sorted(p for p in deploy.rglob("*") if p.is_file() or p.is_symlink()):
             rel = f.relative_to(run_dir).as_posix()
             entry = listed.get(rel) if listed is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import onnx
@@ -169,6 +170,18 @@ def test_inspect_checks_deploy_against_the_manifest(completed):
     line = next(x for x in proc.stdout.splitlines() if "deploy/model_int8.onnx" in x)
     assert "DAMAGED: differs from manifest.json" in line
     assert "NOT SHIPPED" in next(x for x in proc.stdout.splitlines() if "deploy/notes.txt" in x)
+
+
+def test_inspect_names_shipped_files_that_are_gone(completed):
+    run, _ = completed
+    (run / "deploy" / "model_int8.onnx").unlink()
+    proc = run_cli("inspect", run)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if "deploy/model_int8.onnx" in x)
+    assert "MISSING" in line
+    shutil.rmtree(run / "deploy")
+    proc = run_cli("inspect", run)
+    assert proc.returncode == 0 and "deploy/ is MISSING" in proc.stdout
 
 
 def test_garbage_run_json(completed):
