@@ -15,7 +15,7 @@ import torch
 
 from deploycraft.artifacts import write_json
 from deploycraft.errors import UserError
-from deploycraft.outputs import WRITTEN_BY, check_writable_folder, owned_json
+from deploycraft.outputs import WRITTEN_BY, check_outside_runs, check_writable_folder, owned_json
 from deploycraft.runtime import CPU_RUNTIMES, available, cpu_runtimes, onnx_runner
 from deploycraft.runtime.bench import measure, physical_cores
 
@@ -29,6 +29,7 @@ def check_json_output(path: Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder", field="--json", fix=f"give a file name, e.g. {path / 'bench.json'}")
+    check_outside_runs(path, "--json", "give a file outside the deploy/ and stages/ of every run folder")
     if path.exists() or path.is_symlink():
         if not owned_json(path, WRITER, _earlier_results):
             raise UserError(

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from deploycraft import diagnostics as dg
 from deploycraft.artifacts import atomic_write_text, read_status, verify_stage, write_json
 from deploycraft.errors import UserError
-from deploycraft.outputs import WRITTEN_BY, check_writable_folder, owned_json
+from deploycraft.outputs import WRITTEN_BY, check_outside_runs, check_writable_folder, owned_json
 from deploycraft.progress import log
 from deploycraft.stages.diagnose import DiagnoseConfig, DiagnoseStage, initial_model, recalibration_batches
 
@@ -226,6 +226,7 @@ def _batches(target: Target) -> tuple[dg.Batches, dg.Batches, str, dg.Batches | 
 def check_output_dir(out: Path) -> None:
     """Missing, empty, or the output of an earlier `deploycraft diagnose` (its diagnose.json says so), and
     writable: nothing else is overwritten, and nothing measured is lost to a folder that cannot be written."""
+    check_outside_runs(out, "--output-dir", OUTPUT_FIX)
     if out.is_dir():
         try:
             entries = sorted(p.name for p in out.iterdir())

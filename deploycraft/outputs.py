@@ -1,4 +1,5 @@
-"""Output paths the user names on the command line (`diagnose -o`, `bench --json`): checked before the work.
+"""Output paths the user names on the command line (`run -o`, `diagnose -o`, `bench --json`): checked before
+the work.
 
 A command that measures for minutes must not lose its results to a path it cannot write at the end, and
 must not overwrite what the user owns. ``check_writable_folder`` makes sure a folder can be made and
@@ -77,6 +78,34 @@ def owned_json(path: Path, writer: str, legacy: Callable[[dict[str, Any]], bool]
 
 
 RUN_STATES = ("running", "completed", "failed", "interrupted")
+
+
+def _is_run_folder(root: Path) -> bool:
+    """A folder deploycraft ran in: its run.json names a recipe and a run state, beside a stages/ folder."""
+    from deploycraft.artifacts import read_status
+
+    if not (root / "run.json").is_file() or not (root / "stages").is_dir():
+        return False
+    status = read_status(root)
+    return isinstance(status.get("recipe"), str) and status.get("status") in (*RUN_STATES, "unknown")
+
+
+MANAGED = ("deploy", "stages", ".deploy-new")  # a run folder's own subfolders (and deploy.kept-*)
+
+
+def check_outside_runs(path: Path, field: str, fix: str) -> None:
+    """An output path must not lie inside a run folder's deploy/ or stages/ (or a kept deploy/): the run
+    checks those against its records and manifest, and moves aside what it did not write there. Elsewhere in
+    a run folder is fine (`diagnose RUN_DIR` writes RUN_DIR/diagnose/ by default)."""
+    path = Path(path).absolute()
+    for parent in path.parents:
+        top = path.relative_to(parent).parts[0]
+        if (top in MANAGED or top.startswith("deploy.kept-")) and _is_run_folder(parent):
+            raise UserError(
+                f"{path} is inside {top}/ of the run folder {parent}, which deploycraft manages",
+                field=field,
+                fix=fix,
+            )
 
 
 def check_run_json(root: Path) -> None:

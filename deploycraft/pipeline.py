@@ -32,7 +32,7 @@ from deploycraft.distributed import PeerFailure, World, disarm
 from deploycraft.errors import GateFailure, StageFailure, UserError
 from deploycraft.fingerprint import fingerprint
 from deploycraft.machine import hardware, versions
-from deploycraft.outputs import check_run_json
+from deploycraft.outputs import check_outside_runs, check_run_json
 from deploycraft.progress import log, set_log_file
 from deploycraft.recipe import Recipe
 from deploycraft.stages import STAGES, StageOutput
@@ -181,6 +181,11 @@ class Pipeline:
         from deploycraft.preflight import Preflight
 
         Preflight(self.recipe, network=True).run()
+        check_outside_runs(
+            self.run.root,
+            "--output-dir",
+            "choose a folder outside the deploy/ and stages/ of every run folder with --output-dir, or leave it out",
+        )
         check_run_json(self.run.root)  # before check_usable, which trusts a run.json
         self.run.check_usable(self.recipe.name)
 

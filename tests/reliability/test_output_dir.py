@@ -95,3 +95,15 @@ def test_a_run_folder_with_an_unreadable_run_json_resumes(completed):
     proc = run_cli("run", recipe, "-o", run)
     assert proc.returncode == 0, proc.stderr
     assert '"completed"' in (run / "run.json").read_text()
+
+
+def test_outputs_inside_a_run_folders_deploy_or_stages_are_refused(completed, tmp_path):
+    """`run -o`, `diagnose -o` and `bench --json` inside another run's deploy/ or stages/ would put files
+    there that its next run moves aside and `inspect` calls not shipped: refused before any work."""
+    run, recipe = completed
+    before = snapshot(run)
+    one_line_error(run_cli("run", recipe, "-o", run / "deploy" / "nested"), "--output-dir", "inside deploy/")
+    one_line_error(run_cli("diagnose", run, "-o", run / "stages" / "diag"), "--output-dir", "inside stages/")
+    onnx = next((run / "deploy").glob("*.onnx"))
+    one_line_error(run_cli("bench", onnx, "--json", run / "deploy" / "b.json"), "--json", "inside deploy/")
+    assert snapshot(run) == before
