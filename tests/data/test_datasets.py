@@ -193,3 +193,29 @@ def test_shipped_calibration_file_is_what_its_provenance_says():
     train_x, train_y = fashion_mnist.load_split(fashion_mnist.locate(), "train")
     assert torch.equal(indices, class_balanced_indices(train_y, 512, seed=0))
     assert torch.equal(images, train_x[indices]) and torch.equal(labels, train_y[indices])
+
+
+@pytest.mark.parametrize(
+    "val_split, how",
+    [
+        ("train", "is also the training split"),
+        ("train/.", "is also the training split"),
+        ("../data/train", "is also the training split"),
+        ("link", "is also the training split"),
+        ("absolute", "is also the training split"),
+        ("train/cat", "lies inside the training split"),
+        (".", "holds the training split"),
+    ],
+)
+def test_held_out_split_that_is_the_training_split_is_refused(tmp_path, val_split, how):
+    """However it is spelt, a held-out split that is (or overlaps) the training split would measure the gates and
+    the shipped top-1 on training images."""
+    root = make_imagefolder(tmp_path / "data", per_class=1)
+    (root / "link").symlink_to(root / "train")
+    if val_split == "absolute":
+        val_split = str((root / "train").resolve())
+    with pytest.raises(UserError) as info:
+        DataConfig(dataset="imagefolder", root=root, val_split=val_split)
+    assert info.value.field == "data.val_split" and how in info.value.message
+    assert "training images" in info.value.message
+    DataConfig(dataset="imagefolder", root=root, val_split="val")  # apart: fine
