@@ -35,6 +35,24 @@ def check_split_classes(train_dir: Path, val_dir: Path) -> None:
         )
 
 
+def to_8bit(im):
+    """A greyscale image of 16- or 32-bit integers as 8-bit "L", scaled by the value range of its mode (16-bit: the
+    top 8 bits); others unchanged. Pillow's ``convert`` clips such values at 255, which turns a 16-bit image white.
+
+    Pillow holds 16-bit PGM/PPM values (scaled to 0..65535) in mode "I", as older versions did 16-bit PNGs: those
+    count as 16-bit; any other "I" image (a 32-bit TIFF) as 32-bit signed, negative values black."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16"):
+        bits = 16
+    elif im.mode == "I":
+        bits = 16 if im.format in ("PNG", "PPM") else 31
+    else:
+        return im
+    values = np.asarray(im).astype(np.int64)
+    return Image.fromarray((np.clip(values, 0, None) >> (bits - 8)).astype(np.uint8))
+
+
 class ImageFolderSource(Dataset):
     def __init__(
         self,
@@ -87,7 +105,7 @@ class ImageFolderSource(Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                im = to_8bit(im).convert("RGB")
                 w, h = im.size
                 scale = self.resize_to / min(w, h)
                 im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)

@@ -219,3 +219,32 @@ def test_held_out_split_that_is_the_training_split_is_refused(tmp_path, val_spli
     assert info.value.field == "data.val_split" and how in info.value.message
     assert "training images" in info.value.message
     DataConfig(dataset="imagefolder", root=root, val_split="val")  # apart: fine
+
+
+@pytest.mark.parametrize("form", ["png16", "pgm16", "tiff32"])
+def test_high_bit_depth_images_decode_like_their_8bit_originals(tmp_path, form):
+    """A 16-bit (or 32-bit integer) grey image gives the pixels of its 8-bit original (within 1): Pillow's convert
+    alone clips such values at 255 and turns the image white."""
+    from PIL import Image
+
+    from deploycraft.data.imagefolder import ImageFolderSource
+
+    make_imagefolder(tmp_path / "eight", per_class=2, splits=("val",))
+    for src in sorted((tmp_path / "eight").rglob("*.png")):
+        grey = np.asarray(Image.open(src).convert("L"))
+        Image.fromarray(grey).save(src)  # the 8-bit original
+        dst = (tmp_path / "deep" / src.relative_to(tmp_path / "eight")).with_suffix(
+            {"png16": ".png", "pgm16": ".pgm", "tiff32": ".tif"}[form]
+        )
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if form == "tiff32":
+            Image.fromarray(grey.astype(np.int32) << 23).save(dst)
+        else:
+            Image.fromarray(grey.astype(np.uint16) * 257).save(dst)
+    eight = ImageFolderSource(tmp_path / "eight" / "val", image_size=16)
+    deep = ImageFolderSource(tmp_path / "deep" / "val", image_size=16)
+    assert Image.open(deep.samples[0][0]).mode in ("I;16", "I")
+    assert len(deep) == len(eight) == 4
+    for i in range(len(eight)):
+        a, b = eight[i][0].int(), deep[i][0].int()
+        assert a.float().mean() > 20 and (a - b).abs().max() <= 1, (i, a.float().mean(), b.float().mean())
