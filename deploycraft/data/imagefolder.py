@@ -90,6 +90,7 @@ class ImageFolderSource(Dataset):
                 fix="add images under <split>/<class name>/",
             )
         self.folder = folder
+        self.field = field
         self.samples = samples
         self.labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         self.image_size = image_size
@@ -100,21 +101,40 @@ class ImageFolderSource(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         path, label = self.samples[i]
-        try:
-            with Image.open(path) as im:
-                im = to_8bit(im).convert("RGB")
-                w, h = im.size
-                scale = self.resize_to / min(w, h)
-                im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
-                w, h = im.size
-                left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
-                im = im.crop((left, top, left + self.image_size, top + self.image_size))
-                arr = np.asarray(im, dtype=np.uint8).copy()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(
-                f"cannot decode image {path}: {exc}", field="data.root", fix="remove or replace the broken file"
-            ) from exc
+        with decode(path, self.field) as im:
+            w, h = im.size
+            scale = self.resize_to / min(w, h)
+            im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+            w, h = im.size
+            left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
+            im = im.crop((left, top, left + self.image_size, top + self.image_size))
+            arr = np.asarray(im, dtype=np.uint8).copy()
         return torch.from_numpy(arr).permute(2, 0, 1), label
+
+
+def decode(path: Path, field: str):
+    """The image at ``path`` as 8-bit RGB (a Pillow image), every way it can fail to decode one UserError that names
+    the file: not an image, truncated, damaged, or over Pillow's decompression-bomb limit (left in place)."""
+    import struct
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return to_8bit(im).convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise UserError(
+            f"image {path} is too large to decode ({exc})",
+            field=field,
+            fix="shrink it (it is resized to data.image_size anyway; a few thousand pixels a side is plenty) or "
+            "remove it",
+        ) from None
+    except (OSError, SyntaxError, EOFError, ValueError, struct.error) as exc:  # Pillow's ways to fail on a bad file
+        raise UserError(
+            f"cannot decode image {path}: {exc or exc.__class__.__name__}",
+            field=field,
+            fix="remove or replace the broken file",
+        ) from None

@@ -178,6 +178,20 @@ def test_broken_image_is_a_user_error(tmp_path):
         list(dm.val_batches(32))
 
 
+def test_image_over_the_decompression_bomb_limit_is_a_user_error(tmp_path, monkeypatch):
+    """Pillow refuses an image of too many pixels (DecompressionBombError, not an OSError): one line that names the
+    file and what to do, not an internal error; the limit itself stays."""
+    from PIL import Image
+
+    make_imagefolder(tmp_path)
+    dm = DataModule(DataConfig(dataset="imagefolder", root=tmp_path, image_size=16), seed=0)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 20x24 images: over twice the limit, as 14000x14000 is
+    with pytest.raises(UserError) as info:
+        next(dm.train_epoch(4, epoch=0, augment=None))
+    assert info.value.field == "data.train_split" and "too large to decode" in info.value.message
+    assert str(tmp_path / "train") in info.value.message and "shrink it" in info.value.fix
+
+
 def test_class_balanced_indices():
     labels = torch.arange(100) % 4
     idx = class_balanced_indices(labels, 10, seed=0)
