@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from deploycraft.data import fashion_mnist
 from deploycraft.data.transforms import Augment, draw_augment, input_spec, prepare_batch
@@ -36,6 +36,37 @@ class TensorSource:
         return self.images[idx], self.labels[idx]
 
 
+class _Carried(Dataset):
+    """A dataset whose UserError (a broken image) is handed on as an item instead of raised: from a DataLoader
+    worker, torch re-raises an exception as its type built from the worker's formatted traceback, which turns the
+    one line (message, field, fix) into a flattened traceback. A UserError pickles with its fields intact."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except UserError as exc:
+            return exc
+
+
+def _collate(items: list):
+    failed = next((x for x in items if isinstance(x, UserError)), None)
+    return failed if failed is not None else default_collate(items)
+
+
+def _load(dataset: Dataset, **kwargs) -> Iterator:
+    """A DataLoader's batches over ``dataset``; a UserError of any item, in this process or a worker, raised as is."""
+    for batch in DataLoader(_Carried(dataset), collate_fn=_collate, **kwargs):
+        if isinstance(batch, UserError):
+            raise batch
+        yield batch
+
+
 def _batches(
     source, order: torch.Tensor, batch_size: int, num_workers: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -43,8 +74,7 @@ def _batches(
         for i in range(0, len(order), batch_size):
             yield source.get(order[i : i + batch_size])
         return
-    loader = DataLoader(Subset(source, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    yield from loader
+    yield from _load(Subset(source, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
 def _to(images: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
@@ -60,7 +90,7 @@ def _batch_list(
             yield source.get(idx)
         return
     nonempty = [b.tolist() for b in batches if len(b)]
-    loaded = iter(DataLoader(source, batch_sampler=nonempty, num_workers=num_workers)) if nonempty else iter(())
+    loaded = _load(source, batch_sampler=nonempty, num_workers=num_workers) if nonempty else iter(())
     for idx in batches:
         if len(idx):
             yield next(loaded)

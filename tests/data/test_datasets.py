@@ -178,6 +178,22 @@ def test_broken_image_is_a_user_error(tmp_path):
         list(dm.val_batches(32))
 
 
+def test_broken_image_in_a_worker_process_is_the_same_one_line(tmp_path):
+    """With data.num_workers, a UserError raised in a DataLoader worker reaches the user as it was (message, field,
+    fix), not as torch's flattened worker traceback ("Caught UserError in DataLoader worker process 0...")."""
+    make_imagefolder(tmp_path)
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png")
+    errors = []
+    for workers in (0, 1):
+        dm = DataModule(DataConfig(dataset="imagefolder", root=tmp_path, image_size=16, num_workers=workers), seed=0)
+        for shard in (None, (0, 1)):  # one process's batches, a data-parallel rank's
+            with pytest.raises(UserError) as info:
+                list(dm.train_epoch(4, 0, None, shard=shard))
+            errors.append(info.value.one_line())
+    assert len(set(errors)) == 1 and "Traceback" not in errors[0], errors
+    assert errors[0].startswith("data.train_split: cannot decode image") and "broken.png" in errors[0]
+
+
 def test_image_over_the_decompression_bomb_limit_is_a_user_error(tmp_path, monkeypatch):
     """Pillow refuses an image of too many pixels (DecompressionBombError, not an OSError): one line that names the
     file and what to do, not an internal error; the limit itself stays."""
