@@ -22,6 +22,9 @@ from deploycraft.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CALIBRATION = REPO_ROOT / "calibration" / "fashion-mnist-train-512.npz"
+# The smallest calibration image side: data.image_size's lower bound. Below it (an empty image, one pixel) the
+# resize to the model's input has nothing to sample.
+MIN_CALIBRATION_SIZE = 8
 
 
 @dataclass
@@ -310,6 +313,14 @@ def load_calibration_file(path: Path, field: str = "data.calibration") -> tuple[
             field=field,
             fix="save NCHW images with 1 (grey) or 3 (RGB) channels"
             + (": images.transpose(0, 3, 1, 2)" if nhwc else ""),
+        )
+    if min(images.shape[2:]) < MIN_CALIBRATION_SIZE:
+        raise UserError(
+            f"{path}: the images are {images.shape[3]}x{images.shape[2]} pixels, too small to calibrate on (under "
+            f"{MIN_CALIBRATION_SIZE} pixels a side)",
+            field=field,
+            fix=f"save calibration images of at least {MIN_CALIBRATION_SIZE}x{MIN_CALIBRATION_SIZE} pixels, "
+            "best at data.image_size",
         )
     if labels.ndim != 1 or len(labels) != len(images):
         raise UserError(

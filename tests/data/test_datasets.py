@@ -278,3 +278,17 @@ def test_high_bit_depth_images_decode_like_their_8bit_originals(tmp_path, form):
     for i in range(len(eight)):
         a, b = eight[i][0].int(), deep[i][0].int()
         assert a.float().mean() > 20 and (a - b).abs().max() <= 1, (i, a.float().mean(), b.float().mean())
+
+
+@pytest.mark.parametrize("h, w", [(0, 0), (1, 1), (7, 32), (32, 4)])
+def test_calibration_images_too_small_are_refused(tmp_path, h, w):
+    """Empty or few-pixel calibration images passed with a "will be resized" warning, then failed the quantize
+    stage as an internal error."""
+    path = tmp_path / "cal.npz"
+    np.savez(path, images=np.zeros((4, 3, h, w), np.uint8), labels=np.zeros(4, np.int64))
+    with pytest.raises(UserError) as info:
+        load_calibration_file(path)
+    assert info.value.field == "data.calibration" and str(path) in info.value.message
+    assert f"{w}x{h} pixels" in info.value.message and "at least 8x8" in info.value.fix
+    np.savez(path, images=np.zeros((4, 3, 8, 8), np.uint8), labels=np.zeros(4, np.int64))
+    assert load_calibration_file(path)[0].shape == (4, 3, 8, 8)

@@ -93,6 +93,10 @@ CALIBRATION = {
         lambda p: np.savez(p, images=np.zeros((4, 2, 16, 16), np.uint8), labels=np.zeros(4, np.int64)),
         "2 channels",
     ),
+    "empty_images": (
+        lambda p: np.savez(p, images=np.zeros((8, 3, 0, 0), np.uint8), labels=np.zeros(8, np.int64)),
+        "the images are 0x0 pixels",
+    ),
     "nhwc": (
         lambda p: np.savez(p, images=np.zeros((4, 16, 16, 3), np.uint8), labels=np.zeros(4, np.int64)),
         "looks like NHWC",
