@@ -406,3 +406,22 @@ def test_an_evaluation_that_fails_after_the_last_epoch_loses_no_training(tmp_pat
     timeless = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert timeless(hist) == timeless(ref_hist)
     assert all(torch.equal(ref_w[k], w[k]) for k in ref_w)
+
+
+def test_a_broken_held_out_image_is_named_before_training(tmp_path, monkeypatch):
+    """The train stage decodes every held-out image before its first epoch: a broken one costs no training."""
+    from deploycraft.errors import UserError
+    from tests.data.test_datasets import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "data", per_class=3)
+    (root / "val" / "dog" / "broken.png").write_bytes((root / "val" / "dog" / "0.png").read_bytes()[:60])
+    raw = smoke_recipe(
+        model={"arch": "resnet20", "num_classes": 2},
+        data={"dataset": "imagefolder", "root": str(root), "train_subset": None, "val_subset": None},
+        stages=TRAIN_ONLY["stages"],
+    )
+    trained = _count_train_epochs(monkeypatch)
+    with pytest.raises(UserError) as info:
+        _run(raw, tmp_path / "run")
+    assert info.value.field == "data.val_split" and str(root / "val" / "dog" / "broken.png") in info.value.message
+    assert trained == [] and not list((tmp_path / "run" / "stages").glob("*-train-*/checkpoint.pt"))

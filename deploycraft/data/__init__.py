@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from deploycraft.data import fashion_mnist
 from deploycraft.data.transforms import Augment, draw_augment, input_spec, prepare_batch
 from deploycraft.errors import UserError
+from deploycraft.progress import bar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CALIBRATION = REPO_ROOT / "calibration" / "fashion-mnist-train-512.npz"
@@ -247,6 +248,22 @@ class DataModule:
         batches = [self.val_index[i : i + batch_size] for i in range(0, len(self.val_index), batch_size)]
         for images, labels in _batch_list(self.val, batches[rank::world_size], self.cfg.num_workers):
             yield prepare_batch(_to(images, device), self.spec), labels
+
+    def check_held_out(self, shard: tuple[int, int] | None = None, label: str = "train") -> None:
+        """Decode every held-out image once, cheaply (``imagefolder.DecodeCheck``), so that a broken one is named
+        before training spends time, not at the first evaluation; with ``shard=(rank, world_size)`` this rank's
+        share. In-memory sources have nothing to check."""
+        from deploycraft.data.imagefolder import DecodeCheck, ImageFolderSource
+
+        if not isinstance(self.val, ImageFolderSource):
+            return
+        index = self.val_index if shard is None else self.val_index[shard[0] :: shard[1]]
+        batch_size = 64
+        with bar(f"{label}: checking the held-out images", math.ceil(len(index) / batch_size)) as b:
+            for _ in _load(
+                Subset(DecodeCheck(self.val), index.tolist()), batch_size=batch_size, num_workers=self.cfg.num_workers
+            ):
+                b.advance()
 
     def num_val_batches(self, batch_size: int, shard: tuple[int, int] | None = None) -> int:
         steps = math.ceil(self.num_val / batch_size)

@@ -477,6 +477,8 @@ class TrainStage(Stage):
             return StageOutput(metrics={"epochs": 0, "note": "epochs: 0 keeps the loaded weights"})
         model = ctx.load_shared_model()
         data = ctx.data
+        # every held-out image decodes: a broken one is named now, not by the first evaluation after an epoch's work
+        data.check_held_out(ctx.world.shard)
         history = train_epochs(model, data, cfg, workdir, ctx.recipe.seed, device=ctx.device, world=ctx.world)
         if not ctx.world.is_main:
             return StageOutput()  # rank 0 writes the stage; its output is the stage's

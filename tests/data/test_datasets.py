@@ -292,3 +292,25 @@ def test_calibration_images_too_small_are_refused(tmp_path, h, w):
     assert f"{w}x{h} pixels" in info.value.message and "at least 8x8" in info.value.fix
     np.savez(path, images=np.zeros((4, 3, 8, 8), np.uint8), labels=np.zeros(4, np.int64))
     assert load_calibration_file(path)[0].shape == (4, 3, 8, 8)
+
+
+def test_check_held_out_decodes_every_held_out_image(tmp_path):
+    """The train stage's check before its first epoch: each held-out image decoded once (a JPEG at reduced scale,
+    which still reads all of it), a truncated one named."""
+    from PIL import Image
+
+    make_imagefolder(tmp_path, per_class=2)
+    for png in sorted((tmp_path / "val").rglob("*.png")):
+        Image.open(png).resize((200, 160)).save(png.with_suffix(".jpg"), quality=90)
+        png.unlink()
+    cfg = DataConfig(dataset="imagefolder", root=tmp_path, image_size=16)
+    DataModule(cfg, seed=0).check_held_out()
+    jpeg = tmp_path / "val" / "dog" / "1.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    dm = DataModule(cfg, seed=0)
+    with pytest.raises(UserError) as info:
+        dm.check_held_out()
+    assert (
+        info.value.field == "data.val_split" and str(jpeg) in info.value.message and "truncated" in info.value.message
+    )
+    dm.check_held_out(shard=(0, 2))  # rank 0 of two checks images 0 and 2; the broken one (3) is rank 1's
