@@ -22,6 +22,15 @@ def find_classes(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def empty_classes(folder: Path) -> list[str]:
+    """The class folders of a split that hold no image: each still counts as a class (a label index)."""
+    return [
+        name
+        for name in find_classes(folder)
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in (folder / name).rglob("*"))
+    ]
+
+
 def check_split_classes(train_dir: Path, val_dir: Path) -> None:
     """Every class folder of the held-out split is a class of the training split: labels follow the
     training split, so a class it lacks (or a misspelt folder) would be dropped from the evaluation."""

@@ -314,3 +314,22 @@ def test_check_held_out_decodes_every_held_out_image(tmp_path):
         info.value.field == "data.val_split" and str(jpeg) in info.value.message and "truncated" in info.value.message
     )
     dm.check_held_out(shard=(0, 2))  # rank 0 of two checks images 0 and 2; the broken one (3) is rank 1's
+
+
+def test_an_empty_class_folder_is_named_when_the_classes_do_not_fit(tmp_path):
+    """An empty class folder still counts as a class: the error names it, not only "the data has 3 classes"."""
+    from deploycraft.preflight import Preflight
+    from deploycraft.recipe import build_recipe
+    from tests.conftest import smoke_recipe
+
+    make_imagefolder(tmp_path, per_class=1)
+    (tmp_path / "train" / "zempty" / "notes").mkdir(parents=True)
+    (tmp_path / "train" / "zempty" / "notes" / "readme.txt").write_text("not an image")
+    raw = smoke_recipe(
+        model={"arch": "resnet20", "num_classes": 2}, data={"dataset": "imagefolder", "root": str(tmp_path)}
+    )
+    with pytest.raises(UserError) as info:
+        Preflight(build_recipe(raw)).check_classes()
+    assert info.value.field == "model.num_classes" and "the data has 3 classes" in info.value.message
+    assert f"{tmp_path / 'train' / 'zempty'} holds no images" in info.value.message
+    assert info.value.fix.startswith("remove the empty class folder(s), or set model.num_classes: 3")
