@@ -176,6 +176,7 @@ class DataConfig(Strict):
                     field="data.val_split",
                     fix="name the held-out sub-folder of data.root (ImageNet: val)",
                 )
+            self._check_splits_apart()
         if self.calibration is not None and Path(self.calibration).is_dir():
             raise UserError(
                 f"calibration file {self.calibration} is a directory",
@@ -189,6 +190,29 @@ class DataConfig(Strict):
                 fix="give an .npz file with `images` and `labels`, or null for the default",
             )
         return self
+
+    def _check_splits_apart(self) -> None:
+        """The held-out split is not the training split, nor inside it, nor holding it (however the paths are
+        spelt: `train`, `train/.`, an absolute path, a link): the gates and the shipped top-1 would be measured
+        on images the model was trained on."""
+        train_dir, val_dir = Path(self.root) / self.train_split, Path(self.root) / self.val_split
+        if not train_dir.is_dir():
+            return  # no training split (a run without a train stage): nothing to overlap
+        train, val = train_dir.resolve(), val_dir.resolve()
+        if train == val:
+            how = "is also the training split" + ("" if val_dir == train_dir else f" {train_dir}")
+        elif train in val.parents:
+            how = f"lies inside the training split {train_dir}"
+        elif val in train.parents:
+            how = f"holds the training split {train_dir}"
+        else:
+            return
+        raise UserError(
+            f"{val_dir} {how}: the held-out accuracy (the gates, the shipped top-1) would be "
+            "measured on training images",
+            field="data.val_split",
+            fix="name a held-out sub-folder of data.root apart from data.train_split (ImageNet: val)",
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -107,22 +107,37 @@ class Preflight:
         except Exception:  # noqa: BLE001 - an op without a meta kernel: the prune stage counts them itself
             return None
 
+    def _class_split(self) -> Path:
+        """The ImageFolder split whose class folders are the labels: the training split, else the held-out one."""
+        d = self.recipe.data
+        return Path(d.root) / (d.train_split if (Path(d.root) / d.train_split).is_dir() else d.val_split)
+
     def data_classes(self) -> int | None:
         d = self.recipe.data
         if d.dataset in ("fashion-mnist", "synthetic"):
             return 10
         from deploycraft.data.imagefolder import find_classes
 
-        split = Path(d.root) / (d.train_split if (Path(d.root) / d.train_split).is_dir() else d.val_split)
-        return len(find_classes(split))
+        return len(find_classes(self._class_split()))
 
     def check_classes(self) -> None:
         n = self.data_classes()
         if n is not None and self.recipe.model.num_classes < n:
+            empty = ""
+            if self.recipe.data.dataset == "imagefolder":
+                from deploycraft.data.imagefolder import empty_classes
+
+                split = self._class_split()
+                folders = [str(split / name) for name in empty_classes(split)]
+                if folders:
+                    shown = ", ".join(folders[:5]) + (f", ... ({len(folders)} in all)" if len(folders) > 5 else "")
+                    verb = "holds" if len(folders) == 1 else "hold"
+                    empty = f": {split} has {n} class folders and {shown} {verb} no images"
             raise UserError(
-                f"is {self.recipe.model.num_classes} but the data has {n} classes",
+                f"is {self.recipe.model.num_classes} but the data has {n} classes{empty}",
                 field="model.num_classes",
-                fix=f"set model.num_classes: {n}"
+                fix=("remove the empty class folder(s), or " if empty else "")
+                + f"set model.num_classes: {n}"
                 + (" (and model.reset_classifier: true for a checkpoint)" if self.recipe.model.weights else ""),
             )
 

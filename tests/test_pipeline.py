@@ -399,3 +399,71 @@ def test_a_calibration_file_rewritten_in_place_reruns_the_stages_that_read_it(tm
     stages = {s["type"]: s["cached"] for s in json.loads((out / "run.json").read_text())["stages"]}
     assert stages == {"init": True, "train": True, "quantize": False, "export": False, "verify": False}
     assert [s.reads_calibration for s in (STAGES["train"], STAGES["quantize"], STAGES["prune"])] == [False, True, True]
+
+
+TRAIN_ONLY = smoke_recipe(
+    data={"train_subset": 128, "val_subset": 64},
+    stages=[{"type": "train", "epochs": 3, "batch_size": 64, "lr": 0.05, "eval_each_epoch": False}],
+)
+
+
+def _count_train_epochs(monkeypatch) -> list[int]:
+    from deploycraft.data import DataModule
+
+    epochs: list[int] = []
+    real = DataModule.train_epoch
+
+    def counted(self, batch_size, epoch, *args, **kwargs):
+        epochs.append(epoch)
+        return real(self, batch_size, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(DataModule, "train_epoch", counted)
+    return epochs
+
+
+def test_an_evaluation_that_fails_after_the_last_epoch_loses_no_training(tmp_path, monkeypatch):
+    """The epoch's checkpoint is written before its evaluation: when that fails (a broken held-out image) the
+    re-run resumes after the last epoch, evaluates, and ends as an uninterrupted run, training nothing again."""
+    from deploycraft.errors import UserError
+    from deploycraft.stages import train as train_module
+
+    _run(TRAIN_ONLY, tmp_path / "a" / "run")
+    ref_hist, ref_w = _train_result(tmp_path / "a" / "run")
+    assert "val_top1" in ref_hist[-1] and "val_top1" not in ref_hist[0]
+
+    def broken(*args, **kwargs):
+        raise UserError("cannot decode image val/x.png", field="data.val_split")
+
+    out = tmp_path / "b" / "run"
+    monkeypatch.setattr(train_module, "top1", broken)
+    with pytest.raises(UserError, match="cannot decode"):
+        _run(TRAIN_ONLY, out)
+    (ckpt,) = (out / "stages").glob("*-train-*/checkpoint.pt")
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 3
+    monkeypatch.undo()
+    trained = _count_train_epochs(monkeypatch)
+    _run(TRAIN_ONLY, out)
+    assert trained == []
+    hist, w = _train_result(out)
+    timeless = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert timeless(hist) == timeless(ref_hist)
+    assert all(torch.equal(ref_w[k], w[k]) for k in ref_w)
+
+
+def test_a_broken_held_out_image_is_named_before_training(tmp_path, monkeypatch):
+    """The train stage decodes every held-out image before its first epoch: a broken one costs no training."""
+    from deploycraft.errors import UserError
+    from tests.data.test_datasets import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "data", per_class=3)
+    (root / "val" / "dog" / "broken.png").write_bytes((root / "val" / "dog" / "0.png").read_bytes()[:60])
+    raw = smoke_recipe(
+        model={"arch": "resnet20", "num_classes": 2},
+        data={"dataset": "imagefolder", "root": str(root), "train_subset": None, "val_subset": None},
+        stages=TRAIN_ONLY["stages"],
+    )
+    trained = _count_train_epochs(monkeypatch)
+    with pytest.raises(UserError) as info:
+        _run(raw, tmp_path / "run")
+    assert info.value.field == "data.val_split" and str(root / "val" / "dog" / "broken.png") in info.value.message
+    assert trained == [] and not list((tmp_path / "run" / "stages").glob("*-train-*/checkpoint.pt"))

@@ -14,14 +14,18 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from deploycraft.data import fashion_mnist
 from deploycraft.data.transforms import Augment, draw_augment, input_spec, prepare_batch
 from deploycraft.errors import UserError
+from deploycraft.progress import bar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CALIBRATION = REPO_ROOT / "calibration" / "fashion-mnist-train-512.npz"
+# The smallest calibration image side: data.image_size's lower bound. Below it (an empty image, one pixel) the
+# resize to the model's input has nothing to sample.
+MIN_CALIBRATION_SIZE = 8
 
 
 @dataclass
@@ -36,6 +40,37 @@ class TensorSource:
         return self.images[idx], self.labels[idx]
 
 
+class _Carried(Dataset):
+    """A dataset whose UserError (a broken image) is handed on as an item instead of raised: from a DataLoader
+    worker, torch re-raises an exception as its type built from the worker's formatted traceback, which turns the
+    one line (message, field, fix) into a flattened traceback. A UserError pickles with its fields intact."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except UserError as exc:
+            return exc
+
+
+def _collate(items: list):
+    failed = next((x for x in items if isinstance(x, UserError)), None)
+    return failed if failed is not None else default_collate(items)
+
+
+def _load(dataset: Dataset, **kwargs) -> Iterator:
+    """A DataLoader's batches over ``dataset``; a UserError of any item, in this process or a worker, raised as is."""
+    for batch in DataLoader(_Carried(dataset), collate_fn=_collate, **kwargs):
+        if isinstance(batch, UserError):
+            raise batch
+        yield batch
+
+
 def _batches(
     source, order: torch.Tensor, batch_size: int, num_workers: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -43,8 +78,7 @@ def _batches(
         for i in range(0, len(order), batch_size):
             yield source.get(order[i : i + batch_size])
         return
-    loader = DataLoader(Subset(source, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    yield from loader
+    yield from _load(Subset(source, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
 def _to(images: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
@@ -60,7 +94,7 @@ def _batch_list(
             yield source.get(idx)
         return
     nonempty = [b.tolist() for b in batches if len(b)]
-    loaded = iter(DataLoader(source, batch_sampler=nonempty, num_workers=num_workers)) if nonempty else iter(())
+    loaded = _load(source, batch_sampler=nonempty, num_workers=num_workers) if nonempty else iter(())
     for idx in batches:
         if len(idx):
             yield next(loaded)
@@ -215,6 +249,22 @@ class DataModule:
         for images, labels in _batch_list(self.val, batches[rank::world_size], self.cfg.num_workers):
             yield prepare_batch(_to(images, device), self.spec), labels
 
+    def check_held_out(self, shard: tuple[int, int] | None = None, label: str = "train") -> None:
+        """Decode every held-out image once, cheaply (``imagefolder.DecodeCheck``), so that a broken one is named
+        before training spends time, not at the first evaluation; with ``shard=(rank, world_size)`` this rank's
+        share. In-memory sources have nothing to check."""
+        from deploycraft.data.imagefolder import DecodeCheck, ImageFolderSource
+
+        if not isinstance(self.val, ImageFolderSource):
+            return
+        index = self.val_index if shard is None else self.val_index[shard[0] :: shard[1]]
+        batch_size = 64
+        with bar(f"{label}: checking the held-out images", math.ceil(len(index) / batch_size)) as b:
+            for _ in _load(
+                Subset(DecodeCheck(self.val), index.tolist()), batch_size=batch_size, num_workers=self.cfg.num_workers
+            ):
+                b.advance()
+
     def num_val_batches(self, batch_size: int, shard: tuple[int, int] | None = None) -> int:
         steps = math.ceil(self.num_val / batch_size)
         return steps if shard is None else len(range(shard[0], steps, shard[1]))
@@ -280,6 +330,14 @@ def load_calibration_file(path: Path, field: str = "data.calibration") -> tuple[
             field=field,
             fix="save NCHW images with 1 (grey) or 3 (RGB) channels"
             + (": images.transpose(0, 3, 1, 2)" if nhwc else ""),
+        )
+    if min(images.shape[2:]) < MIN_CALIBRATION_SIZE:
+        raise UserError(
+            f"{path}: the images are {images.shape[3]}x{images.shape[2]} pixels, too small to calibrate on (under "
+            f"{MIN_CALIBRATION_SIZE} pixels a side)",
+            field=field,
+            fix=f"save calibration images of at least {MIN_CALIBRATION_SIZE}x{MIN_CALIBRATION_SIZE} pixels, "
+            "best at data.image_size",
         )
     if labels.ndim != 1 or len(labels) != len(images):
         raise UserError(

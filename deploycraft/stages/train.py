@@ -326,7 +326,37 @@ def train_epochs(
     lr_scale = state.get("lr_scale", 1.0) if state is not None else 1.0
     restarts_used = state.get("restarts_used", 0) if state is not None else 0
     watch = DivergenceWatch(state.get("watch") if state is not None else None)
+
+    def checkpoint_state(epoch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "extra": extra.state_dict() if extra is not None else {},
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "history": history,
+            "world_size": world.size,
+            "lr_scale": lr_scale,
+            "restarts_used": restarts_used,
+            "watch": watch.state(),
+        }
+
+    def evaluated(epoch: int) -> bool:
+        """Whether the history record of ``epoch`` (1-based) has a held-out top-1."""
+        return cfg.eval_each_epoch or epoch == cfg.epochs
+
+    def evaluate(record: dict) -> None:
+        record["val_top1"] = top1(
+            torch_predictor(model, device), data, 256, f"{label} eval", world, device=batch_device
+        )
+
     with sync_batchnorm(model, sync_bn):
+        if history and "val_top1" not in history[-1] and evaluated(start):
+            # the checkpoint is written before the epoch's evaluation: one that failed or was cut short is done now
+            evaluate(history[-1])
+            log(
+                f"  {label} epoch {start}/{cfg.epochs}: val top-1 {history[-1]['val_top1']:.4f} (evaluated on resuming)"
+            )
         net = world.wrap(model, device)
         for epoch in range(start, cfg.epochs):
             restarts: list[dict] = []
@@ -393,11 +423,11 @@ def train_epochs(
                 record["loss_ran_away"] = ran_away
             if amp != "off" or channels_last:
                 record.update(amp=amp, channels_last=channels_last)
-            if cfg.eval_each_epoch or epoch + 1 == cfg.epochs:
-                record["val_top1"] = top1(
-                    torch_predictor(model, device), data, 256, f"{label} eval", world, device=batch_device
-                )
             history.append(record)
+            if world.is_main:  # before the evaluation: one that fails (a broken held-out image) loses no training
+                save_epoch_checkpoint(ckpt_path, checkpoint_state(epoch + 1))
+            if evaluated(epoch + 1):
+                evaluate(record)
             log(
                 f"  {label} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, "
                 f"train top-1 {record['train_top1']:.4f}"
@@ -407,22 +437,6 @@ def train_epochs(
                 + (f", learning rate x{lr_scale:g}" if lr_scale != 1.0 else "")
                 + ")"
             )
-            if world.is_main:
-                save_epoch_checkpoint(
-                    ckpt_path,
-                    {
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "extra": extra.state_dict() if extra is not None else {},
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "history": history,
-                        "world_size": world.size,
-                        "lr_scale": lr_scale,
-                        "restarts_used": restarts_used,
-                        "watch": watch.state(),
-                    },
-                )
     model.to("cpu")  # pruning, export and saving work on CPU copies
     if extra is not None:
         extra.to("cpu")
@@ -463,6 +477,8 @@ class TrainStage(Stage):
             return StageOutput(metrics={"epochs": 0, "note": "epochs: 0 keeps the loaded weights"})
         model = ctx.load_shared_model()
         data = ctx.data
+        # every held-out image decodes: a broken one is named now, not by the first evaluation after an epoch's work
+        data.check_held_out(ctx.world.shard)
         history = train_epochs(model, data, cfg, workdir, ctx.recipe.seed, device=ctx.device, world=ctx.world)
         if not ctx.world.is_main:
             return StageOutput()  # rank 0 writes the stage; its output is the stage's

@@ -178,6 +178,36 @@ def test_broken_image_is_a_user_error(tmp_path):
         list(dm.val_batches(32))
 
 
+def test_broken_image_in_a_worker_process_is_the_same_one_line(tmp_path):
+    """With data.num_workers, a UserError raised in a DataLoader worker reaches the user as it was (message, field,
+    fix), not as torch's flattened worker traceback ("Caught UserError in DataLoader worker process 0...")."""
+    make_imagefolder(tmp_path)
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png")
+    errors = []
+    for workers in (0, 1):
+        dm = DataModule(DataConfig(dataset="imagefolder", root=tmp_path, image_size=16, num_workers=workers), seed=0)
+        for shard in (None, (0, 1)):  # one process's batches, a data-parallel rank's
+            with pytest.raises(UserError) as info:
+                list(dm.train_epoch(4, 0, None, shard=shard))
+            errors.append(info.value.one_line())
+    assert len(set(errors)) == 1 and "Traceback" not in errors[0], errors
+    assert errors[0].startswith("data.train_split: cannot decode image") and "broken.png" in errors[0]
+
+
+def test_image_over_the_decompression_bomb_limit_is_a_user_error(tmp_path, monkeypatch):
+    """Pillow refuses an image of too many pixels (DecompressionBombError, not an OSError): one line that names the
+    file and what to do, not an internal error; the limit itself stays."""
+    from PIL import Image
+
+    make_imagefolder(tmp_path)
+    dm = DataModule(DataConfig(dataset="imagefolder", root=tmp_path, image_size=16), seed=0)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 20x24 images: over twice the limit, as 14000x14000 is
+    with pytest.raises(UserError) as info:
+        next(dm.train_epoch(4, epoch=0, augment=None))
+    assert info.value.field == "data.train_split" and "too large to decode" in info.value.message
+    assert str(tmp_path / "train") in info.value.message and "shrink it" in info.value.fix
+
+
 def test_class_balanced_indices():
     labels = torch.arange(100) % 4
     idx = class_balanced_indices(labels, 10, seed=0)
@@ -193,3 +223,113 @@ def test_shipped_calibration_file_is_what_its_provenance_says():
     train_x, train_y = fashion_mnist.load_split(fashion_mnist.locate(), "train")
     assert torch.equal(indices, class_balanced_indices(train_y, 512, seed=0))
     assert torch.equal(images, train_x[indices]) and torch.equal(labels, train_y[indices])
+
+
+@pytest.mark.parametrize(
+    "val_split, how",
+    [
+        ("train", "is also the training split"),
+        ("train/.", "is also the training split"),
+        ("../data/train", "is also the training split"),
+        ("link", "is also the training split"),
+        ("absolute", "is also the training split"),
+        ("train/cat", "lies inside the training split"),
+        (".", "holds the training split"),
+    ],
+)
+def test_held_out_split_that_is_the_training_split_is_refused(tmp_path, val_split, how):
+    """However it is spelt, a held-out split that is (or overlaps) the training split would measure the gates and
+    the shipped top-1 on training images."""
+    root = make_imagefolder(tmp_path / "data", per_class=1)
+    (root / "link").symlink_to(root / "train")
+    if val_split == "absolute":
+        val_split = str((root / "train").resolve())
+    with pytest.raises(UserError) as info:
+        DataConfig(dataset="imagefolder", root=root, val_split=val_split)
+    assert info.value.field == "data.val_split" and how in info.value.message
+    assert "training images" in info.value.message
+    DataConfig(dataset="imagefolder", root=root, val_split="val")  # apart: fine
+
+
+@pytest.mark.parametrize("form", ["png16", "pgm16", "tiff32"])
+def test_high_bit_depth_images_decode_like_their_8bit_originals(tmp_path, form):
+    """A 16-bit (or 32-bit integer) grey image gives the pixels of its 8-bit original (within 1): Pillow's convert
+    alone clips such values at 255 and turns the image white."""
+    from PIL import Image
+
+    from deploycraft.data.imagefolder import ImageFolderSource
+
+    make_imagefolder(tmp_path / "eight", per_class=2, splits=("val",))
+    for src in sorted((tmp_path / "eight").rglob("*.png")):
+        grey = np.asarray(Image.open(src).convert("L"))
+        Image.fromarray(grey).save(src)  # the 8-bit original
+        dst = (tmp_path / "deep" / src.relative_to(tmp_path / "eight")).with_suffix(
+            {"png16": ".png", "pgm16": ".pgm", "tiff32": ".tif"}[form]
+        )
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if form == "tiff32":
+            Image.fromarray(grey.astype(np.int32) << 23).save(dst)
+        else:
+            Image.fromarray(grey.astype(np.uint16) * 257).save(dst)
+    eight = ImageFolderSource(tmp_path / "eight" / "val", image_size=16)
+    deep = ImageFolderSource(tmp_path / "deep" / "val", image_size=16)
+    assert Image.open(deep.samples[0][0]).mode in ("I;16", "I")
+    assert len(deep) == len(eight) == 4
+    for i in range(len(eight)):
+        a, b = eight[i][0].int(), deep[i][0].int()
+        assert a.float().mean() > 20 and (a - b).abs().max() <= 1, (i, a.float().mean(), b.float().mean())
+
+
+@pytest.mark.parametrize("h, w", [(0, 0), (1, 1), (7, 32), (32, 4)])
+def test_calibration_images_too_small_are_refused(tmp_path, h, w):
+    """Empty or few-pixel calibration images passed with a "will be resized" warning, then failed the quantize
+    stage as an internal error."""
+    path = tmp_path / "cal.npz"
+    np.savez(path, images=np.zeros((4, 3, h, w), np.uint8), labels=np.zeros(4, np.int64))
+    with pytest.raises(UserError) as info:
+        load_calibration_file(path)
+    assert info.value.field == "data.calibration" and str(path) in info.value.message
+    assert f"{w}x{h} pixels" in info.value.message and "at least 8x8" in info.value.fix
+    np.savez(path, images=np.zeros((4, 3, 8, 8), np.uint8), labels=np.zeros(4, np.int64))
+    assert load_calibration_file(path)[0].shape == (4, 3, 8, 8)
+
+
+def test_check_held_out_decodes_every_held_out_image(tmp_path):
+    """The train stage's check before its first epoch: each held-out image decoded once (a JPEG at reduced scale,
+    which still reads all of it), a truncated one named."""
+    from PIL import Image
+
+    make_imagefolder(tmp_path, per_class=2)
+    for png in sorted((tmp_path / "val").rglob("*.png")):
+        Image.open(png).resize((200, 160)).save(png.with_suffix(".jpg"), quality=90)
+        png.unlink()
+    cfg = DataConfig(dataset="imagefolder", root=tmp_path, image_size=16)
+    DataModule(cfg, seed=0).check_held_out()
+    jpeg = tmp_path / "val" / "dog" / "1.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    dm = DataModule(cfg, seed=0)
+    with pytest.raises(UserError) as info:
+        dm.check_held_out()
+    assert (
+        info.value.field == "data.val_split" and str(jpeg) in info.value.message and "truncated" in info.value.message
+    )
+    dm.check_held_out(shard=(0, 2))  # rank 0 of two checks images 0 and 2; the broken one (3) is rank 1's
+
+
+def test_an_empty_class_folder_is_named_when_the_classes_do_not_fit(tmp_path):
+    """An empty class folder still counts as a class: the error names it, not only "the data has 3 classes"."""
+    from deploycraft.preflight import Preflight
+    from deploycraft.recipe import build_recipe
+    from tests.conftest import smoke_recipe
+
+    make_imagefolder(tmp_path, per_class=1)
+    (tmp_path / "train" / "zempty" / "notes").mkdir(parents=True)
+    (tmp_path / "train" / "zempty" / "notes" / "readme.txt").write_text("not an image")
+    raw = smoke_recipe(
+        model={"arch": "resnet20", "num_classes": 2}, data={"dataset": "imagefolder", "root": str(tmp_path)}
+    )
+    with pytest.raises(UserError) as info:
+        Preflight(build_recipe(raw)).check_classes()
+    assert info.value.field == "model.num_classes" and "the data has 3 classes" in info.value.message
+    assert f"{tmp_path / 'train' / 'zempty'} holds no images" in info.value.message
+    assert info.value.fix.startswith("remove the empty class folder(s), or set model.num_classes: 3")

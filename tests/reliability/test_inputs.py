@@ -93,6 +93,10 @@ CALIBRATION = {
         lambda p: np.savez(p, images=np.zeros((4, 2, 16, 16), np.uint8), labels=np.zeros(4, np.int64)),
         "2 channels",
     ),
+    "empty_images": (
+        lambda p: np.savez(p, images=np.zeros((8, 3, 0, 0), np.uint8), labels=np.zeros(8, np.int64)),
+        "the images are 0x0 pixels",
+    ),
     "nhwc": (
         lambda p: np.savez(p, images=np.zeros((4, 16, 16, 3), np.uint8), labels=np.zeros(4, np.int64)),
         "looks like NHWC",
@@ -207,6 +211,22 @@ def test_held_out_class_missing_from_training(tmp_path, extra):
     make_imagefolder(root, classes=("a", "b", "c", extra), per_class=2, splits=("val",))
     raw = smoke_recipe(model={"arch": "resnet20", "num_classes": 3}, data={"dataset": "imagefolder", "root": str(root)})
     _both(tmp_path, raw, "data.val_split", str(root / "val"), f"({extra})")
+
+
+def test_held_out_split_that_is_the_training_split(tmp_path):
+    """`--set data.val_split=train` used to be accepted: the gates and the shipped top-1 measured on training
+    images."""
+    from tests.data.test_datasets import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "data", classes=("a", "b", "c"), per_class=2)
+    raw = smoke_recipe(model={"arch": "resnet20", "num_classes": 3}, data={"dataset": "imagefolder", "root": str(root)})
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    needles = ("data.val_split", "is also the training split", "training images")
+    a = one_line_error(run_cli("validate", path, "--set", "data.val_split=train/."), *needles)
+    assert a == one_line_error(
+        run_cli("run", path, "--set", "data.val_split=train/.", "-o", tmp_path / "run"), *needles
+    )
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
