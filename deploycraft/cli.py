@@ -126,15 +126,31 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML."), set_: List
 
 
 @app.command()
-def schema(output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file.")) -> None:
+def schema(
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Write to this file (a new file, its folder created if missing, or one an earlier `schema -o` wrote).",
+    ),
+) -> None:
     """Print the recipe's JSON Schema (every field, its type, default and description)."""
-    from deploycraft.recipe import json_schema
+    from deploycraft.artifacts import atomic_write_text
+    from deploycraft.outputs import check_output_file, write_error
+    from deploycraft.recipe import is_schema_file, json_schema
 
     text = json.dumps(json_schema(), indent=2)
-    if output:
-        output.write_text(text + "\n")
-    else:
+    if not output:
         typer.echo(text)
+        return
+    try:
+        check_output_file(output, "--output", "deploycraft schema", is_schema_file, example="recipe.schema.json")
+        try:
+            atomic_write_text(output, text + "\n")
+        except OSError as exc:
+            raise write_error(output, exc, "--output") from None
+    except UserError as exc:
+        _fail(exc)
 
 
 @app.command()

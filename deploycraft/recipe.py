@@ -405,3 +405,19 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def json_schema() -> dict:
     return Recipe.model_json_schema()
+
+
+def is_schema_file(path: Path) -> bool:
+    """Whether ``path`` holds a recipe JSON Schema as `deploycraft schema -o` writes it, of this version or an
+    earlier one: an object titled Recipe, with its definitions under $defs and a stages property. `schema -o`
+    replaces such a file and nothing else."""
+    from deploycraft.outputs import read_json_object
+
+    obj = read_json_object(path)
+    return (
+        obj is not None
+        and obj.get("title") == "Recipe"
+        and isinstance(obj.get("$defs"), dict)
+        and isinstance(obj.get("properties"), dict)
+        and "stages" in obj["properties"]
+    )

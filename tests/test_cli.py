@@ -72,6 +72,40 @@ def test_validate_and_schema(tmp_path):
     assert "stages" in schema["properties"]
 
 
+def _schema_in_process(*args):
+    from typer.testing import CliRunner
+
+    from deploycraft.cli import app
+
+    result = CliRunner().invoke(app, ["schema", *map(str, args)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_schema_output_replaces_only_its_own_file(tmp_path):
+    recipe = write_recipe(tmp_path / "mine.yaml", smoke_recipe())
+    before = recipe.read_text()
+    (tmp_path / "notes.json").write_text('{"title": "mine"}\n')
+    (tmp_path / "file").write_text("mine")
+    for out, needle in (
+        (recipe, "mine.yaml exists and was not written by `deploycraft schema`"),
+        (tmp_path / "notes.json", "notes.json exists and was not written by `deploycraft schema`"),
+        (tmp_path, f"{tmp_path} is a folder"),
+        (tmp_path / "file" / "x.json", f"{tmp_path / 'file'} is a file"),
+        ("/proc/deploycraft-nope/x.json", "cannot create /proc/deploycraft-nope"),
+    ):
+        code, stdout, stderr = _schema_in_process("-o", out)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+        assert lines[0].startswith("error: --output: ") and needle in lines[0] and "fix:" in lines[0]
+    assert recipe.read_text() == before and (tmp_path / "notes.json").read_text() == '{"title": "mine"}\n'
+    out = tmp_path / "new" / "recipe.schema.json"  # a missing folder is made
+    assert _schema_in_process("-o", out)[0] == 0
+    assert "stages" in json.loads(out.read_text())["properties"]
+    out.write_text(out.read_text().replace('"Recipe name;', '"Older text;'))  # an earlier version's: replaced
+    assert _schema_in_process("-o", out)[0] == 0
+    assert "Older text" not in out.read_text()
+
+
 def test_models_lists_params_and_macs_of_one_family():
     proc = run_cli("models", "--family", "wrn")
     assert proc.returncode == 0, proc.stderr
