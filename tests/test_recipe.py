@@ -114,6 +114,33 @@ def test_untrained_model_is_rejected():
     assert err.field == "model.weights" and "untrained" in err.message
 
 
+@pytest.mark.parametrize("train", [None, {"enabled": False}, {"epochs": 0}])
+def test_a_reset_classifier_no_stage_trains_is_rejected(tmp_path, train):
+    """A checkpoint's classifier dropped and a new one started, with no training after it: the run would ship
+    a classifier at chance."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")  # the schema checks that the file exists; its content is preflight's
+    raw = smoke_recipe(model={"weights": str(weights), "reset_classifier": True})
+    if train is None:
+        del raw["stages"][0]
+    else:
+        raw["stages"][0].update(train)
+    err = _error(raw)
+    assert err.field == "model.reset_classifier" and "untrained classifier" in err.message
+    assert "train stage" in err.fix
+
+
+def test_a_reset_classifier_trained_by_train_or_distill_is_accepted(tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    raw = smoke_recipe(model={"weights": str(weights), "reset_classifier": True})
+    assert build_recipe(raw).model.reset_classifier  # the train stage fine-tunes it
+    raw["stages"][0] = {"type": "distill", "epochs": 1, "teacher": {"arch": "resnet20", "weights": str(weights)}}
+    assert build_recipe(raw).stages[0].type == "distill"  # distillation from a teacher trains it too
+    raw["stages"][:1] = [{"type": "prune", "channel_ratio": 0.2}, {"type": "distill", "epochs": 1}]
+    assert _error(raw).field == "model.reset_classifier"  # without a teacher the teacher is that model itself
+
+
 def test_unknown_stage_type():
     raw = smoke_recipe()
     raw["stages"][1]["type"] = "quantise"
