@@ -213,6 +213,24 @@ def _checkpoint_widths(obj: Any, path: Path, field: str) -> dict[str, dict[str, 
     return widths or {}
 
 
+def _check_bn_variances(state: dict[str, torch.Tensor], model: nn.Module, path: Path, field: str) -> None:
+    """A BatchNorm running variance below zero (finite, so the NaN check passes) turns the layer's output into
+    NaN at the first eval-mode forward pass: a damaged or edited file, refused where it is loaded."""
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        key = f"{name}.running_var" if name else "running_var"
+        v = state.get(key)
+        if v is not None and v.is_floating_point() and bool((v < 0).any()):
+            raise UserError(
+                f"checkpoint {path} holds a negative BatchNorm running variance in {key} (min {float(v.min()):.3g}, "
+                f"{int((v < 0).sum())} of {v.numel()} values): a variance is never negative, the file is damaged",
+                field=field,
+                fix="use an intact checkpoint (e.g. of an earlier epoch), or save the state dict again from the "
+                "trained model",
+            )
+
+
 def load_checkpoint(
     model: nn.Module, path: Path, strict: bool = True, reset_classifier: bool = False, field: str = "model.weights"
 ) -> nn.Module:
@@ -236,6 +254,7 @@ def load_checkpoint(
             field=field,
             fix="use the checkpoint of an epoch before training diverged",
         )
+    _check_bn_variances(state, model, path, field)
     _adapt_first_conv(state, model)
     section = field.rpartition(".")[0] or "model"  # model, or stages.N.teacher
     own = model.state_dict()

@@ -154,6 +154,9 @@ CHECKPOINTS = {
     ),
     "spec_not_a_dict": ({"format": "deploycraft.model/1", "spec": [1, 2]}, "spec is not a mapping"),
     "nan_weights": ({"state_dict": "nan"}, "NaN or infinite"),
+    "inf_buffer": ({"state_dict": "inf"}, "NaN or infinite values in layer1.0.bn1.running_mean"),
+    # finite, so the NaN check passes; the quantize stage's histograms failed on the NaNs it makes
+    "negative_bn_variance": ({"state_dict": "negvar"}, "negative BatchNorm running variance in bn1.running_var"),
 }
 
 
@@ -162,6 +165,10 @@ def test_bad_checkpoint(tmp_path, case):
     obj, needle = CHECKPOINTS[case]
     if obj == {"state_dict": "nan"}:
         obj = _state(**{"conv1.weight": torch.full_like(_state()["conv1.weight"], float("nan"))})
+    elif obj == {"state_dict": "inf"}:
+        obj = _state(**{"layer1.0.bn1.running_mean": torch.full((16,), float("inf"))})
+    elif obj == {"state_dict": "negvar"}:
+        obj = _state(**{"bn1.running_var": torch.full((16,), -1.0)})
     _both(tmp_path, _checkpoint(tmp_path, obj), "model.weights", needle)
 
 
