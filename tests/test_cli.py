@@ -114,6 +114,20 @@ def test_models_lists_params_and_macs_of_one_family():
     assert "0.69 M" in rows["wrn_16_2"] and "0.101 G" in rows["wrn_16_2"]
 
 
+@pytest.mark.parametrize("size", ["-3", "0", "1025"])
+def test_models_refuses_a_size_that_is_no_resolution(size):
+    line = _one_line_error(run_cli("models", "--family", "wrn", "--size", size))
+    assert line.startswith(f"error: --size: {size} is not an input resolution") and "8 to 1024" in line
+
+
+def test_models_marks_a_size_too_small_for_a_model():
+    proc = run_cli("models", "--family", "densenet", "--size", "8")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line.strip()}
+    assert rows["densenet121"].split()[-1] == "n/a" and rows["densenet_bc_100_12"].endswith(" G")
+    assert "too small an input" in proc.stdout
+
+
 def test_version():
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("deploycraft ")
