@@ -281,7 +281,15 @@ def load_checkpoint(
             field=f"{section}.arch",
             fix="choose the architecture the checkpoint was trained with",
         )
-    missing = [k for k in own if k not in state and not (reset_classifier and k in head_keys)]
+    # BatchNorm's batch counter (PyTorch >= 0.4.1) is absent from older files, torchvision's original
+    # downloads among them: torch's strict loading accepts them and keeps the module's own counter (its
+    # _load_from_state_dict fills the key in), so these keys alone may be missing here too.
+    counters = {
+        f"{n}.num_batches_tracked" if n else "num_batches_tracked"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    }
+    missing = [k for k in own if k not in state and not (reset_classifier and k in head_keys) and k not in counters]
     unexpected = [k for k in state if k not in own]
     if strict and (missing or unexpected):
         parts = []

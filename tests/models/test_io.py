@@ -65,6 +65,25 @@ def test_classifier_mismatch_and_reset(tmp_path):
     assert model.fc.out_features == 10
 
 
+def test_checkpoint_without_batchnorm_counters_loads_under_strict_as_torch_does(tmp_path):
+    """Files from before PyTorch 0.4.1 (torchvision's original downloads among them) have no
+    num_batches_tracked; torch's strict loading accepts them, keeping each BN's own counter."""
+    src = create_model("resnet18", num_classes=10)
+    src.train()(torch.randn(2, 3, 32, 32))  # running statistics that differ from a fresh build
+    old = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = _save(old, tmp_path / "c.pth")
+    ours = load_checkpoint(create_model("resnet18", num_classes=10), path, strict=True)
+    theirs = create_model("resnet18", num_classes=10)
+    theirs.load_state_dict(dict(old), strict=True)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+    # any other key missing is still refused under strict
+    del old["layer1.0.bn1.running_mean"]
+    with pytest.raises(UserError) as info:
+        load_checkpoint(create_model("resnet18", num_classes=10), _save(old, tmp_path / "d.pth"), strict=True)
+    assert "1 missing key(s) (layer1.0.bn1.running_mean)" in info.value.message
+
+
 def test_wrong_architecture(tmp_path):
     path = _save(create_model("resnet18", num_classes=10).state_dict(), tmp_path / "c.pth")
     with pytest.raises(UserError) as info:
