@@ -128,7 +128,7 @@ MERGE_TAG = "tag:yaml.org,2002:merge"
 
 class _NoDuplicatesLoader(yaml.SafeLoader):
     """Safe loading that also rejects duplicate keys (a silent override in plain YAML), merges ``<<: *anchor``
-    keys with bounded work."""
+    keys with bounded work, and reads YAML 1.2 floats such as 1e-3 as numbers."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -205,6 +205,23 @@ def _construct_mapping(loader: _NoDuplicatesLoader, node: yaml.MappingNode, deep
 
 
 _NoDuplicatesLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+# YAML 1.1, which PyYAML implements, reads 1e-3 and 1.5e3 as strings (its floats need a dot, and a sign
+# after the e: 1.0e-3); YAML 1.2 and JSON read them as numbers, as users write learning rates. Plain scalars
+# with an exponent resolve to floats here; everything else keeps PyYAML's resolution.
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+_NoDuplicatesLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """Writes recipes that the recipe loader reads back as they were: a string such as '1e-3' is quoted."""
+
+
+RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.dump(obj, Dumper=RecipeDumper, sort_keys=False)
 
 
 def _check_events(text: str, source: str) -> None:
