@@ -90,6 +90,20 @@ def _input_shape(path: Path, proto: onnx.ModelProto) -> tuple[int, ...]:
     return tuple(d.dim_value for d in dims)
 
 
+def _check_batch(path: Path, proto: onnx.ModelProto, batch_sizes: list[int]) -> None:
+    """A graph exported with a fixed batch runs that batch size only: one line naming it, before timing."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    other = next((b for b in batch_sizes if fixed and b != fixed), None)
+    if other is not None:
+        raise UserError(
+            f"{path} has its batch fixed at {fixed} (its input is {'x'.join(str(d.dim_value) for d in dims)}), "
+            f"so it cannot run batch {other}",
+            field="--batch",
+            fix=f"give --batch {fixed} (the default is --batch 1), or export the model with a dynamic batch dimension",
+        )
+
+
 def _package_shape(path: Path) -> tuple[int, ...]:
     """The input shape an AOTInductor package of ours records (deploycraft.input in its metadata)."""
     import zipfile
@@ -147,6 +161,8 @@ def bench_onnx(
                 fix="compare models of one input shape",
             )
         shape = shapes.pop()
+        for p, proto in protos.items():
+            _check_batch(p, proto, batch_sizes)
         runners = {}
         for p in paths:
             for r in runtimes:

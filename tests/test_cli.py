@@ -238,6 +238,33 @@ def test_bench_json_write_failure_is_one_line_after_the_timings(tmp_path, tiny_r
     assert "batch 1:" in stdout
 
 
+def test_bench_names_a_fixed_batch_before_timing(tmp_path, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from deploycraft import benchmarking
+
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 1, 1])],
+    )
+    path = tmp_path / "b2.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    real = benchmarking.measure
+    monkeypatch.setattr(benchmarking, "measure", lambda *a, **k: (_ for _ in ()).throw(AssertionError("timed")))
+    for args, batch in (((), 1), (("-b", "2", "-b", "4"), 4)):
+        code, stdout, stderr = _bench_in_process(path, *args)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+        assert lines[0].startswith("error: --batch: ") and "batch fixed at 2 (its input is 2x3x8x8)" in lines[0]
+        assert f"cannot run batch {batch}" in lines[0] and "give --batch 2" in lines[0]
+    monkeypatch.setattr(benchmarking, "measure", real)
+    code, stdout, stderr = _bench_in_process(path, "-b", "2")
+    assert code == 0 and "batch 2:" in stdout, stderr
+
+
 def test_bench_missing_file_is_a_user_error(tmp_path):
     line = _one_line_error(run_cli("bench", tmp_path / "nope.onnx"))
     assert "does not exist" in line
