@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -35,6 +37,43 @@ def test_resized_layers_are_recorded_and_rebuilt(tmp_path):
     assert torch.equal(model(x), again(x))
     rebuilt = apply_widths(create_model("resnet20", num_classes=10), diff)
     assert rebuilt.layer1[0].conv1.out_channels == 8
+
+
+def _pruned(tmp_path) -> tuple[nn.Module, Path]:
+    """A resnet20 with one block's inner width halved and another block removed, as a run folder's
+    deploy/torch/ holds it (spec.json + weights.pt)."""
+    model = create_model("resnet20", num_classes=10)
+    block = model.layer1[0]
+    block.conv1 = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+    block.bn1 = nn.BatchNorm2d(8)
+    block.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    model.layer2[1] = nn.Identity()
+    return model.eval(), save_model(model, tmp_path / "deploy" / "torch", "resnet20", {"num_classes": 10})
+
+
+def test_a_pruned_models_weights_are_named_as_such_with_the_way_to_load_them(tmp_path):
+    import subprocess
+    import sys
+
+    model, folder = _pruned(tmp_path)
+    with pytest.raises(UserError) as info:
+        load_checkpoint(create_model("resnet20", num_classes=10), folder / "weights.pt")
+    err = info.value
+    assert err.field == "model.weights" and "holds a pruned resnet20 (4 layer(s) resized or removed" in err.message
+    assert "layer1.0.conv1.weight is (8, 16, 3, 3), the model has (16, 16, 3, 3)" in err.message
+    # the fix's command packs spec and weights into one file, which loads as the pruned model
+    command = err.fix.split("weights file: ", 1)[1].split(", then set", 1)[0]
+    assert command.startswith('python -c "')
+    subprocess.run([sys.executable, "-c", command[len('python -c "') : -1]], cwd=tmp_path, check=True)
+    again = load_checkpoint(create_model("resnet20", num_classes=10), tmp_path / "pruned.pt")
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(model(x), again.eval()(x))
+    # depth pruning alone (keys missing, no shape differs) is named too
+    only_depth = create_model("resnet20", num_classes=10)
+    only_depth.layer2[1] = nn.Identity()
+    folder = save_model(only_depth, tmp_path / "depth", "resnet20", {"num_classes": 10})
+    with pytest.raises(UserError, match=r"holds a pruned resnet20 \(1 layer\(s\) .* missing key"):
+        load_checkpoint(create_model("resnet20", num_classes=10), folder / "weights.pt")
 
 
 def _save(obj, path):
