@@ -15,7 +15,7 @@ import torch
 
 from deploycraft.artifacts import write_json
 from deploycraft.errors import UserError
-from deploycraft.outputs import WRITTEN_BY, check_outside_runs, check_writable_folder, owned_json
+from deploycraft.outputs import WRITTEN_BY, check_output_file, owned_json, write_error
 from deploycraft.runtime import CPU_RUNTIMES, available, cpu_runtimes, onnx_runner
 from deploycraft.runtime.bench import measure, physical_cores
 
@@ -26,18 +26,7 @@ RESULT_KEYS = {"threads", "runtimes", "input", "results", "ceiling"}  # what ben
 def check_json_output(path: Path) -> None:
     """``--json``: a new file (missing folders above it are created) or one an earlier `deploycraft bench`
     wrote, in a folder that can be written; checked before the timing, so no result is lost to it."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder", field="--json", fix=f"give a file name, e.g. {path / 'bench.json'}")
-    check_outside_runs(path, "--json", "give a file outside the deploy/ and stages/ of every run folder")
-    if path.exists() or path.is_symlink():
-        if not owned_json(path, WRITER, _earlier_results):
-            raise UserError(
-                f"{path} exists and was not written by `deploycraft bench`; it is not overwritten",
-                field="--json",
-                fix="give a new file name (a JSON file an earlier bench wrote is replaced)",
-            )
-    check_writable_folder(path.parent, "--json", fix="give a file in a folder you can write to")
+    check_output_file(path, "--json", WRITER, lambda p: owned_json(p, WRITER, _earlier_results), example="bench.json")
 
 
 def _earlier_results(obj: dict) -> bool:
@@ -57,12 +46,7 @@ def write_results(path: Path, results: dict) -> None:
     try:
         write_json(Path(path), {WRITTEN_BY: WRITER, **results})
     except OSError as exc:
-        why = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc.strerror or exc)
-        raise UserError(
-            f"cannot write {path} ({why}); the timings are printed above",
-            field="--json",
-            fix="give a file in a folder you can write to",
-        ) from None
+        raise write_error(path, exc, "--json", "; the timings are printed above") from None
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -104,6 +88,20 @@ def _input_shape(path: Path, proto: onnx.ModelProto) -> tuple[int, ...]:
             fix="export with static C, H, W",
         )
     return tuple(d.dim_value for d in dims)
+
+
+def _check_batch(path: Path, proto: onnx.ModelProto, batch_sizes: list[int]) -> None:
+    """A graph exported with a fixed batch runs that batch size only: one line naming it, before timing."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    other = next((b for b in batch_sizes if fixed and b != fixed), None)
+    if other is not None:
+        raise UserError(
+            f"{path} has its batch fixed at {fixed} (its input is {'x'.join(str(d.dim_value) for d in dims)}), "
+            f"so it cannot run batch {other}",
+            field="--batch",
+            fix=f"give --batch {fixed} (the default is --batch 1), or export the model with a dynamic batch dimension",
+        )
 
 
 def _package_shape(path: Path) -> tuple[int, ...]:
@@ -163,6 +161,8 @@ def bench_onnx(
                 fix="compare models of one input shape",
             )
         shape = shapes.pop()
+        for p, proto in protos.items():
+            _check_batch(p, proto, batch_sizes)
         runners = {}
         for p in paths:
             for r in runtimes:

@@ -126,15 +126,34 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML."), set_: List
 
 
 @app.command()
-def schema(output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file.")) -> None:
+def schema(
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Write to this file (a new file, its folder created if missing, or one an earlier `schema -o` wrote).",
+    ),
+) -> None:
     """Print the recipe's JSON Schema (every field, its type, default and description)."""
-    from deploycraft.recipe import json_schema
+    from deploycraft.artifacts import atomic_write_text
+    from deploycraft.outputs import check_output_file, write_error
+    from deploycraft.recipe import is_schema_file, json_schema
 
     text = json.dumps(json_schema(), indent=2)
-    if output:
-        output.write_text(text + "\n")
-    else:
+    if not output:
         typer.echo(text)
+        return
+    try:
+        check_output_file(output, "--output", "deploycraft schema", is_schema_file, example="recipe.schema.json")
+        try:
+            atomic_write_text(output, text + "\n")
+        except OSError as exc:
+            raise write_error(output, exc, "--output") from None
+    except UserError as exc:
+        _fail(exc)
+
+
+MIN_SIZE, MAX_SIZE = 8, 1024  # data.image_size's bounds
 
 
 @app.command()
@@ -148,6 +167,15 @@ def models(
     from deploycraft.models.profile import count_macs, count_params
     from deploycraft.models.registry import create_model, list_models, model_info
 
+    if size is not None and not MIN_SIZE <= size <= MAX_SIZE:
+        _fail(
+            UserError(
+                f"{size} is not an input resolution",
+                field="--size",
+                fix=f"give a side length from {MIN_SIZE} to {MAX_SIZE} pixels (data.image_size's range), or leave "
+                "--size out for each model's default",
+            )
+        )
     names = list_models(family)
     if not names:
         _fail(
@@ -155,15 +183,21 @@ def models(
         )
     w = max(len(n) for n in names) + 2
     typer.echo(f"{'model':<{w}}{'family':<12}{'input':>6}{'classes':>9}{'params':>12}{'MACs':>11}")
+    too_small = False
     for name in names:
         info = model_info(name)
-        res = size or (32 if info.input_style == "cifar" else 224)
+        res = size if size is not None else (32 if info.input_style == "cifar" else 224)
         classes = 10 if info.input_style == "cifar" else 1000
         with torch.device("meta"):  # shapes only: no weights initialised, no arithmetic done
             m = create_model(name, num_classes=classes)
+        try:
+            macs = f"{count_macs(m, (3, res, res)) / 1e9:>9.3f} G"
+        except RuntimeError:  # its downsampling leaves nothing of so small an input
+            macs, too_small = f"{'n/a':>9}  ", True
+        typer.echo(f"{name:<{w}}{info.family:<12}{res:>6}{classes:>9}{count_params(m) / 1e6:>10.2f} M{macs}")
+    if too_small:
         typer.echo(
-            f"{name:<{w}}{info.family:<12}{res:>6}{classes:>9}{count_params(m) / 1e6:>10.2f} M"
-            f"{count_macs(m, (3, res, res)) / 1e9:>9.3f} G"
+            f"n/a: {size}x{size} pixels are too small an input for the model (its downsampling leaves no pixels)"
         )
 
 

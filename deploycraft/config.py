@@ -61,7 +61,8 @@ class ModelConfig(Strict):
     reset_classifier: bool = Field(
         False,
         description="Drop the checkpoint's classifier and start a new one with num_classes (fine-tuning a "
-        "checkpoint to a new label set).",
+        "checkpoint to a new label set): a train stage with epochs >= 1, or a distill stage with a teacher, must "
+        "then train it.",
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,

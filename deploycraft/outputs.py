@@ -1,10 +1,11 @@
-"""Output paths the user names on the command line (`run -o`, `diagnose -o`, `bench --json`): checked before
-the work.
+"""Output paths the user names on the command line (`run -o`, `diagnose -o`, `bench --json`, `schema -o`):
+checked before the work.
 
 A command that measures for minutes must not lose its results to a path it cannot write at the end, and
 must not overwrite what the user owns. ``check_writable_folder`` makes sure a folder can be made and
 written to, by doing it (permissions alone do not tell: root may write anywhere but not create a folder in
-/proc), and leaves nothing behind. ``owned_json`` recognises a JSON file deploycraft wrote by its content.
+/proc), and leaves nothing behind. ``owned_json`` recognises a JSON file deploycraft wrote by its content;
+``check_output_file`` refuses a file path that is a folder, or a file the command did not write.
 
 Kept out of artifacts.py: that module is part of every stage's code fingerprint, and these checks have
 nothing to do with a stage's result.
@@ -75,6 +76,29 @@ def owned_json(path: Path, writer: str, legacy: Callable[[dict[str, Any]], bool]
     if WRITTEN_BY in obj:
         return obj[WRITTEN_BY] == writer
     return legacy is not None and legacy(obj)
+
+
+def check_output_file(path: Path, field: str, writer: str, owned: Callable[[Path], bool], example: str) -> None:
+    """A file a command is about to write at ``path`` (the option ``field``): not a folder, and either new (the
+    missing folders above it can be created) or one ``owned`` recognises as ``writer``'s earlier output; else
+    one UserError, and nothing is touched."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder", field=field, fix=f"give a file name, e.g. {path / example}")
+    check_outside_runs(path, field, "give a file outside the deploy/ and stages/ of every run folder")
+    if (path.exists() or path.is_symlink()) and not owned(path):
+        raise UserError(
+            f"{path} exists and was not written by `{writer}`; it is not overwritten",
+            field=field,
+            fix=f"give a new file name (a file an earlier `{writer}` wrote is replaced)",
+        )
+    check_writable_folder(path.parent, field, fix="give a file in a folder you can write to")
+
+
+def write_error(path: Path, exc: OSError, field: str, note: str = "") -> UserError:
+    """The one line for a file that could not be written at the end (``note``: what the user still has)."""
+    why = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc.strerror or exc)
+    return UserError(f"cannot write {path} ({why}){note}", field=field, fix="give a file in a folder you can write to")
 
 
 RUN_STATES = ("running", "completed", "failed", "interrupted")

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from deploycraft import __version__
 from deploycraft import artifacts as af
@@ -34,7 +33,7 @@ from deploycraft.fingerprint import fingerprint
 from deploycraft.machine import hardware, versions
 from deploycraft.outputs import check_outside_runs, check_run_json
 from deploycraft.progress import log, set_log_file
-from deploycraft.recipe import Recipe
+from deploycraft.recipe import Recipe, dump_yaml
 from deploycraft.stages import STAGES, StageOutput
 
 DEFAULT_BASE = Path("artifacts")
@@ -212,7 +211,7 @@ class Pipeline:
         try:
             written = {
                 "recipe.yaml": af.atomic_write_text(
-                    run.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
+                    run.root / "recipe.yaml", dump_yaml(self.recipe.model_dump(mode="json"))
                 )
             }
             af.write_json(run.root / "run.json", status)

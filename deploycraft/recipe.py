@@ -118,11 +118,83 @@ class Recipe(Strict):
 # --------------------------------------------------------------------------------------------
 
 
+# A recipe is a page of settings: these bounds stop a hostile file (an alias "billion laughs", a
+# thousand-level nesting) before it costs memory or a RecursionError, and leave real recipes far inside.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_NODES = 20_000
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _NoDuplicatesLoader(yaml.SafeLoader):
-    """Safe loading that also rejects duplicate keys (a silent override in plain YAML)."""
+    """Safe loading that also rejects duplicate keys (a silent override in plain YAML), merges ``<<: *anchor``
+    keys with bounded work, and reads YAML 1.2 floats such as 1e-3 as numbers."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._merged_pairs = 0  # key-value pairs copied by merge keys, over the whole document
+        self._flattening: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Resolve the merge keys of ``node`` (the YAML merge rule: the mapping's own keys win, then the merged
+        mappings in the order listed). One pair per key is kept, and the pairs merges copy are counted over the
+        document, so aliases of aliases cannot multiply them (merges are plain data, like the aliases they use)."""
+        if not any(k.tag == MERGE_TAG for k, _ in node.value):
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:value":  # as SafeLoader does: a plain '=' key
+                    key_node.tag = "tag:yaml.org,2002:str"
+            return
+        if id(node) in self._flattening:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a merge key (<<) refers to the mapping that contains it", node.start_mark
+            )
+        self._flattening.add(id(node))
+        try:
+            own, merged = [], []
+            for key_node, value_node in node.value:
+                if key_node.tag != MERGE_TAG:
+                    if key_node.tag == "tag:yaml.org,2002:value":  # as SafeLoader does: a plain '=' key
+                        key_node.tag = "tag:yaml.org,2002:str"
+                    own.append((key_node, value_node))
+                    continue
+                subs = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for sub in subs:
+                    if not isinstance(sub, yaml.MappingNode):
+                        raise yaml.constructor.ConstructorError(
+                            None,
+                            None,
+                            f"a merge key (<<) takes a mapping or a list of mappings, not a {sub.id}",
+                            sub.start_mark,
+                        )
+                    if sub.tag != yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG:  # merging reads no tag: refuse it
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"could not determine a constructor for the tag {sub.tag!r}", sub.start_mark
+                        )
+                    self.flatten_mapping(sub)
+                    self._merged_pairs += len(sub.value)
+                    if self._merged_pairs > MAX_NODES:
+                        raise UserError(
+                            f"the recipe's merge keys (<<) copy more than {MAX_NODES:,} values",
+                            fix="write the values out instead of merging aliases of aliases",
+                        )
+                    merged.extend(sub.value)
+            seen = {_key_id(k) for k, _ in own}
+            kept = []
+            for key_node, value_node in merged:
+                if _key_id(key_node) not in seen:
+                    seen.add(_key_id(key_node))
+                    kept.append((key_node, value_node))
+            node.value = kept + own
+        finally:
+            self._flattening.discard(id(node))
 
 
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _key_id(node: yaml.Node) -> Any:
+    return (node.tag, node.value) if isinstance(node, yaml.ScalarNode) else id(node)
+
+
+def _construct_mapping(loader: _NoDuplicatesLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)  # merged keys are overridden by the mapping's own, not duplicates of them
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
@@ -134,12 +206,22 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 
 _NoDuplicatesLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
+# YAML 1.1, which PyYAML implements, reads 1e-3 and 1.5e3 as strings (its floats need a dot, and a sign
+# after the e: 1.0e-3); YAML 1.2 and JSON read them as numbers, as users write learning rates. Plain scalars
+# with an exponent resolve to floats here; everything else keeps PyYAML's resolution.
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+_NoDuplicatesLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+.0123456789"))
 
-# A recipe is a page of settings: these bounds stop a hostile file (an alias "billion laughs", a
-# thousand-level nesting) before it costs memory or a RecursionError, and leave real recipes far inside.
-MAX_RECIPE_BYTES = 1 << 20
-MAX_DEPTH = 32
-MAX_NODES = 20_000
+
+class RecipeDumper(yaml.SafeDumper):
+    """Writes recipes that the recipe loader reads back as they were: a string such as '1e-3' is quoted."""
+
+
+RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.dump(obj, Dumper=RecipeDumper, sort_keys=False)
 
 
 def _check_events(text: str, source: str) -> None:
@@ -206,6 +288,9 @@ def parse_yaml(text: str, source: str) -> Any:
         data = yaml.load(text, Loader=_NoDuplicatesLoader)  # noqa: S506 - a SafeLoader subclass
         _check_size(data, source)
         return data
+    except UserError as exc:
+        exc.source = exc.source or source
+        raise
     except RecursionError:
         raise UserError(
             "the YAML nests too deeply to read", source=source, fix="a recipe is a few levels of settings"
@@ -405,3 +490,19 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def json_schema() -> dict:
     return Recipe.model_json_schema()
+
+
+def is_schema_file(path: Path) -> bool:
+    """Whether ``path`` holds a recipe JSON Schema as `deploycraft schema -o` writes it, of this version or an
+    earlier one: an object titled Recipe, with its definitions under $defs and a stages property. `schema -o`
+    replaces such a file and nothing else."""
+    from deploycraft.outputs import read_json_object
+
+    obj = read_json_object(path)
+    return (
+        obj is not None
+        and obj.get("title") == "Recipe"
+        and isinstance(obj.get("$defs"), dict)
+        and isinstance(obj.get("properties"), dict)
+        and "stages" in obj["properties"]
+    )

@@ -72,12 +72,60 @@ def test_validate_and_schema(tmp_path):
     assert "stages" in schema["properties"]
 
 
+def _schema_in_process(*args):
+    from typer.testing import CliRunner
+
+    from deploycraft.cli import app
+
+    result = CliRunner().invoke(app, ["schema", *map(str, args)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_schema_output_replaces_only_its_own_file(tmp_path):
+    recipe = write_recipe(tmp_path / "mine.yaml", smoke_recipe())
+    before = recipe.read_text()
+    (tmp_path / "notes.json").write_text('{"title": "mine"}\n')
+    (tmp_path / "file").write_text("mine")
+    for out, needle in (
+        (recipe, "mine.yaml exists and was not written by `deploycraft schema`"),
+        (tmp_path / "notes.json", "notes.json exists and was not written by `deploycraft schema`"),
+        (tmp_path, f"{tmp_path} is a folder"),
+        (tmp_path / "file" / "x.json", f"{tmp_path / 'file'} is a file"),
+        ("/proc/deploycraft-nope/x.json", "cannot create /proc/deploycraft-nope"),
+    ):
+        code, stdout, stderr = _schema_in_process("-o", out)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+        assert lines[0].startswith("error: --output: ") and needle in lines[0] and "fix:" in lines[0]
+    assert recipe.read_text() == before and (tmp_path / "notes.json").read_text() == '{"title": "mine"}\n'
+    out = tmp_path / "new" / "recipe.schema.json"  # a missing folder is made
+    assert _schema_in_process("-o", out)[0] == 0
+    assert "stages" in json.loads(out.read_text())["properties"]
+    out.write_text(out.read_text().replace('"Recipe name;', '"Older text;'))  # an earlier version's: replaced
+    assert _schema_in_process("-o", out)[0] == 0
+    assert "Older text" not in out.read_text()
+
+
 def test_models_lists_params_and_macs_of_one_family():
     proc = run_cli("models", "--family", "wrn")
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line.strip()}
     assert set(rows) == {"wrn_16_2", "wrn_16_4", "wrn_16_8", "wrn_28_10", "wrn_40_4"}
     assert "0.69 M" in rows["wrn_16_2"] and "0.101 G" in rows["wrn_16_2"]
+
+
+@pytest.mark.parametrize("size", ["-3", "0", "1025"])
+def test_models_refuses_a_size_that_is_no_resolution(size):
+    line = _one_line_error(run_cli("models", "--family", "wrn", "--size", size))
+    assert line.startswith(f"error: --size: {size} is not an input resolution") and "8 to 1024" in line
+
+
+def test_models_marks_a_size_too_small_for_a_model():
+    proc = run_cli("models", "--family", "densenet", "--size", "8")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line.strip()}
+    assert rows["densenet121"].split()[-1] == "n/a" and rows["densenet_bc_100_12"].endswith(" G")
+    assert "too small an input" in proc.stdout
 
 
 def test_version():
@@ -188,6 +236,33 @@ def test_bench_json_write_failure_is_one_line_after_the_timings(tmp_path, tiny_r
     assert code == 2 and "Traceback" not in stderr and len(lines) == 1, stderr
     assert "--json" in lines[0] and "Permission denied" in lines[0] and "printed above" in lines[0]
     assert "batch 1:" in stdout
+
+
+def test_bench_names_a_fixed_batch_before_timing(tmp_path, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from deploycraft import benchmarking
+
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 1, 1])],
+    )
+    path = tmp_path / "b2.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    real = benchmarking.measure
+    monkeypatch.setattr(benchmarking, "measure", lambda *a, **k: (_ for _ in ()).throw(AssertionError("timed")))
+    for args, batch in (((), 1), (("-b", "2", "-b", "4"), 4)):
+        code, stdout, stderr = _bench_in_process(path, *args)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+        assert lines[0].startswith("error: --batch: ") and "batch fixed at 2 (its input is 2x3x8x8)" in lines[0]
+        assert f"cannot run batch {batch}" in lines[0] and "give --batch 2" in lines[0]
+    monkeypatch.setattr(benchmarking, "measure", real)
+    code, stdout, stderr = _bench_in_process(path, "-b", "2")
+    assert code == 0 and "batch 2:" in stdout, stderr
 
 
 def test_bench_missing_file_is_a_user_error(tmp_path):

@@ -114,6 +114,33 @@ def test_untrained_model_is_rejected():
     assert err.field == "model.weights" and "untrained" in err.message
 
 
+@pytest.mark.parametrize("train", [None, {"enabled": False}, {"epochs": 0}])
+def test_a_reset_classifier_no_stage_trains_is_rejected(tmp_path, train):
+    """A checkpoint's classifier dropped and a new one started, with no training after it: the run would ship
+    a classifier at chance."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")  # the schema checks that the file exists; its content is preflight's
+    raw = smoke_recipe(model={"weights": str(weights), "reset_classifier": True})
+    if train is None:
+        del raw["stages"][0]
+    else:
+        raw["stages"][0].update(train)
+    err = _error(raw)
+    assert err.field == "model.reset_classifier" and "untrained classifier" in err.message
+    assert "train stage" in err.fix
+
+
+def test_a_reset_classifier_trained_by_train_or_distill_is_accepted(tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    raw = smoke_recipe(model={"weights": str(weights), "reset_classifier": True})
+    assert build_recipe(raw).model.reset_classifier  # the train stage fine-tunes it
+    raw["stages"][0] = {"type": "distill", "epochs": 1, "teacher": {"arch": "resnet20", "weights": str(weights)}}
+    assert build_recipe(raw).stages[0].type == "distill"  # distillation from a teacher trains it too
+    raw["stages"][:1] = [{"type": "prune", "channel_ratio": 0.2}, {"type": "distill", "epochs": 1}]
+    assert _error(raw).field == "model.reset_classifier"  # without a teacher the teacher is that model itself
+
+
 def test_unknown_stage_type():
     raw = smoke_recipe()
     raw["stages"][1]["type"] = "quantise"
@@ -172,6 +199,30 @@ def test_overrides_by_index_and_type():
     assert r.data.image_size == 24
     assert r.stages[3].batch_sizes == [1, 4]
     assert r.model.weights is None
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("5E-4", 5e-4), ("-2e+1", -20.0), ("1.5e3", 1500.0)])
+def test_floats_with_an_exponent_are_numbers_in_files_and_overrides(tmp_path, text, value):
+    """YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and JSON, and users, read it as a number."""
+    raw = smoke_recipe(data={"mean": ["M", 0.5, 0.5]})
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    path.write_text(path.read_text().replace("- M", f"- {text}"))
+    assert load_recipe(path).data.mean == [value, 0.5, 0.5]
+    raw = smoke_recipe()
+    apply_override(raw, f"stages.train.lr={text.lstrip('-')}")
+    assert build_recipe(raw).stages[0].lr == abs(value)
+    # what is no number stays a string: a name, a version, a hex integer
+    for other, expected in (("1e", "1e"), ("e3", "e3"), ("1e3x", "1e3x"), ("0x1e3", 0x1E3), ("12", 12)):
+        apply_override(raw, f"description={other}")
+        assert raw["description"] == expected
+
+
+def test_the_run_folder_recipe_reads_back_as_written():
+    """A string that looks like such a float (a description '1e3') is quoted in the run folder's recipe.yaml."""
+    from deploycraft.recipe import dump_yaml, parse_yaml
+
+    data = {"description": "1e3", "mean": [1e-10, 5e-4], "name": "2.5E-1"}
+    assert parse_yaml(dump_yaml(data), "recipe.yaml") == data
 
 
 @pytest.mark.parametrize(

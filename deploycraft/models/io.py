@@ -213,11 +213,58 @@ def _checkpoint_widths(obj: Any, path: Path, field: str) -> dict[str, dict[str, 
     return widths or {}
 
 
+def _check_bn_variances(state: dict[str, torch.Tensor], model: nn.Module, path: Path, field: str) -> None:
+    """A BatchNorm running variance below zero (finite, so the NaN check passes) turns the layer's output into
+    NaN at the first eval-mode forward pass: a damaged or edited file, refused where it is loaded."""
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        key = f"{name}.running_var" if name else "running_var"
+        v = state.get(key)
+        if v is not None and v.is_floating_point() and bool((v < 0).any()):
+            raise UserError(
+                f"checkpoint {path} holds a negative BatchNorm running variance in {key} (min {float(v.min()):.3g}, "
+                f"{int((v < 0).sum())} of {v.numel()} values): a variance is never negative, the file is damaged",
+                field=field,
+                fix="use an intact checkpoint (e.g. of an earlier epoch), or save the state dict again from the "
+                "trained model",
+            )
+
+
+def _spec_beside(path: Path) -> dict | None:
+    """The deploycraft model spec in the folder of a plain weights file (a run folder's deploy/torch/ or a
+    stage's model/), where it records resized or removed layers: the weights are a pruned model's."""
+    try:
+        spec = read_json(Path(path).parent / "spec.json")
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(spec, dict) and spec.get("format") == SPEC_FORMAT and isinstance(spec.get("widths"), dict)
+    return spec if ok and spec["widths"] else None
+
+
+def _pruned_error(path: Path, spec: dict, detail: str, field: str) -> UserError:
+    """A pruned model's plain weights.pt loaded as model.weights: its shapes are not the architecture's; the
+    supported way to load it is one deploycraft weights file holding the spec and the state dict."""
+    folder = Path(path).parent.as_posix()
+    pack = (
+        f"python -c \"import json, torch; d = '{folder}'; s = json.load(open(d + '/spec.json')); "
+        f"torch.save({{'format': s['format'], 'spec': s, 'model': torch.load(d + '/weights.pt', "
+        f"weights_only=True)}}, 'pruned.pt')\""
+    )
+    return UserError(
+        f"checkpoint {path} holds a pruned {spec.get('arch')} ({len(spec['widths'])} layer(s) resized or removed, "
+        f"recorded in the spec.json beside it), not the architecture's own shapes: {detail}",
+        field=field,
+        fix=f"load it with its spec as one deploycraft weights file: {pack}, then set {field}: pruned.pt",
+    )
+
+
 def load_checkpoint(
     model: nn.Module, path: Path, strict: bool = True, reset_classifier: bool = False, field: str = "model.weights"
 ) -> nn.Module:
     obj = read_checkpoint(path, field)
-    if isinstance(obj, dict) and obj.get("format") == SPEC_FORMAT and "spec" in obj:
+    packed = isinstance(obj, dict) and obj.get("format") == SPEC_FORMAT and "spec" in obj
+    if packed:
         widths = _checkpoint_widths(obj, path, field)
         if widths:
             try:
@@ -236,6 +283,7 @@ def load_checkpoint(
             field=field,
             fix="use the checkpoint of an epoch before training diverged",
         )
+    _check_bn_variances(state, model, path, field)
     _adapt_first_conv(state, model)
     section = field.rpartition(".")[0] or "model"  # model, or stages.N.teacher
     own = model.state_dict()
@@ -256,13 +304,24 @@ def load_checkpoint(
                 field=f"{section}.num_classes",
                 fix=f"set {section}.num_classes to the checkpoint's class count, or {section}.reset_classifier=true",
             )
+        detail = f"{k} is {tuple(state[k].shape)}, the model has {tuple(own[k].shape)}"
+        spec = None if packed else _spec_beside(path)
+        if spec is not None:
+            raise _pruned_error(path, spec, detail, field)
         raise UserError(
-            f"checkpoint {path} does not fit the model: {k} is {tuple(state[k].shape)}, the model has "
-            f"{tuple(own[k].shape)}",
+            f"checkpoint {path} does not fit the model: {detail}",
             field=f"{section}.arch",
             fix="choose the architecture the checkpoint was trained with",
         )
-    missing = [k for k in own if k not in state and not (reset_classifier and k in head_keys)]
+    # BatchNorm's batch counter (PyTorch >= 0.4.1) is absent from older files, torchvision's original
+    # downloads among them: torch's strict loading accepts them and keeps the module's own counter (its
+    # _load_from_state_dict fills the key in), so these keys alone may be missing here too.
+    counters = {
+        f"{n}.num_batches_tracked" if n else "num_batches_tracked"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    }
+    missing = [k for k in own if k not in state and not (reset_classifier and k in head_keys) and k not in counters]
     unexpected = [k for k in state if k not in own]
     if strict and (missing or unexpected):
         parts = []
@@ -275,6 +334,9 @@ def load_checkpoint(
                 f"{len(unexpected)} unexpected key(s) ({', '.join(unexpected[:3])}"
                 f"{', ...' if len(unexpected) > 3 else ''})"
             )
+        spec = None if packed else _spec_beside(path)
+        if spec is not None:
+            raise _pruned_error(path, spec, "; ".join(parts), field)
         raise UserError(
             f"checkpoint {path} does not match {type(model).__name__}: {'; '.join(parts)}",
             field=field,

@@ -12,6 +12,14 @@ from deploycraft.models.registry import create_model
 from deploycraft.stages.base import Stage, StageOutput, register_stage
 
 
+def trains_model(recipe) -> bool:
+    """Whether a stage of the recipe trains every weight of the starting model, its classifier included: an
+    enabled train stage with epochs > 0 (epochs: 0 keeps the loaded weights), or an enabled distill stage with
+    a teacher checkpoint of its own (without one the teacher is the starting model itself)."""
+    train, distill = recipe.stage("train"), recipe.stage("distill")
+    return (recipe.enabled("train") and train.epochs > 0) or (recipe.enabled("distill") and distill.teacher is not None)
+
+
 @register_stage
 class InitStage(Stage):
     type = "init"
@@ -20,13 +28,23 @@ class InitStage(Stage):
 
     @classmethod
     def check(cls, recipe, index: int) -> None:
-        trains = recipe.enabled("train") and recipe.stage("train").epochs > 0
         deploys = any(recipe.enabled(t) for t in ("quantize", "export", "verify"))
-        if not trains and recipe.model.weights is None and deploys:
+        if not deploys or trains_model(recipe):
+            return
+        if recipe.model.weights is None:
             raise UserError(
-                "the model would be untrained: no enabled train stage with epochs > 0 and no checkpoint",
+                "the model would be untrained: no enabled train stage with epochs > 0 (nor a distill stage with a "
+                "teacher) and no checkpoint",
                 field="model.weights",
                 fix="add a train stage, or set model.weights to a trained checkpoint",
+            )
+        if recipe.model.reset_classifier:
+            raise UserError(
+                "starts a new, randomly initialised classifier, and no enabled train stage with epochs > 0 (nor a "
+                "distill stage with a teacher) trains it: the model would be deployed with an untrained classifier",
+                field="model.reset_classifier",
+                fix="add a train stage with epochs >= 1 to fine-tune it, or remove model.reset_classifier to keep "
+                "the checkpoint's classifier",
             )
 
     @classmethod
