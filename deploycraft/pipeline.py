@@ -385,6 +385,8 @@ class Pipeline:
                     fields["calibration_sha256"] = calibration
                 if cfg is not None and (files := config_file_digests(cfg)):
                     fields["files_sha256"] = files
+                if derived := STAGES[type_].derived(r, cfg):
+                    fields["derived"] = derived
                 key = af.sha256_json(fields)
                 stage_dir = self.run.stage_dir(index, type_, key)
                 decision = {"dir": stage_dir.name, "record": self._reuse(type_, stage_dir, key)}

@@ -222,3 +222,26 @@ def test_too_many_blocks_is_a_user_error(tmp_path):
     raw["stages"] = raw["stages"][:2]
     with pytest.raises(UserError, match="remove_blocks"):
         Pipeline(build_recipe(raw), tmp_path / "run").execute()
+
+
+def test_prune_reruns_when_a_later_stage_changes_its_defaults(tmp_path):
+    """round_to and latency_precision default by whether an INT8 CPU deployment follows: disabling the
+    quantize stage changes the pruned widths, so the prune stage must not be reused (the review's case)."""
+    raw = chain(round_to=None, finetune=None, steps=1, target_macs=0.8)
+    raw["stages"] = [raw["stages"][0], raw["stages"][1], raw["stages"][3]]  # train, prune, quantize
+    out = tmp_path / "run"
+
+    def prune_record():
+        status = json.loads((out / "run.json").read_text())
+        entry = next(s for s in status["stages"] if s["type"] == "prune")
+        record = json.loads((out / "stages" / entry["dir"] / "stage.json").read_text())
+        return entry["cached"], record["output"]["metrics"]["round_to"]
+
+    Pipeline(build_recipe(raw), out).execute()
+    assert prune_record() == (False, 16)
+    raw["stages"][2]["enabled"] = False
+    Pipeline(build_recipe(raw), out).execute()
+    assert prune_record() == (False, 8)
+    raw["stages"][2]["enabled"] = True
+    Pipeline(build_recipe(raw), out).execute()
+    assert prune_record() == (True, 16)

@@ -7,6 +7,8 @@ A stage is a class registered by ``@register_stage`` with
 - ``rank``: where it may stand in the chain (stages of equal rank may come in either order);
 - ``reads``: the top-level recipe fields its result depends on (they join its cache key);
 - ``reads_calibration``: whether it reads the calibration images (the file's content joins its cache key);
+- ``derived(recipe, config)``: settings whose defaults it takes from elsewhere in the recipe (they join its
+  cache key too; every file its config names joins it by content);
 - ``check(recipe, index)``: rules about the recipe as a whole, run by ``validate`` and ``run`` alike;
 - ``preflight(pre, index)``: checks that need files or the built model, also before anything runs;
 - ``run(ctx, workdir) -> StageOutput``: the work, reading the current model and deployables from the
@@ -68,6 +70,12 @@ class Stage:
     @classmethod
     def preflight(cls, pre: Preflight, index: int) -> None:
         """Checks that need the file system or a built model, before any stage runs (validate runs them too)."""
+
+    @classmethod
+    def derived(cls, recipe: Recipe, config: StageConfig | None) -> dict[str, Any]:
+        """Settings whose defaults the stage takes from elsewhere in the recipe (a later stage, say): they join
+        its cache key, so that a change there re-runs it. Empty for most stages."""
+        return {}
 
     def runs_data_parallel(self) -> bool:
         """Whether every rank of a data-parallel launch runs this stage with this config."""

@@ -264,6 +264,16 @@ class PruneStage(Stage):
     report_order = 2
     reads = ("device", "target")
     reads_calibration = True
+
+    @classmethod
+    def derived(cls, recipe, config) -> dict:
+        """round_to and latency_precision default by whether an INT8 CPU deployment follows (a later quantize
+        stage, enabled, and the target): disabling quantize changes the pruned widths."""
+        return {
+            "round_to": config.round_to or default_round_to(recipe),
+            "latency_precision": latency_precision(config, recipe),
+        }
+
     config: PruneConfig
 
     @classmethod
