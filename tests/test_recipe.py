@@ -261,3 +261,12 @@ def test_recipe_reference_is_current():
     assert (REPO / "docs" / "recipe.md").read_text() == render(), (
         "run: python -m deploycraft.recipe_docs > docs/recipe.md"
     )
+
+
+def test_a_fixed_export_batch_is_refused_with_the_reason():
+    """export.dynamic_batch: false always failed at run time (every file is checked at several batch
+    sizes): the recipe is refused up front, naming the field."""
+    raw = smoke_recipe()
+    raw["stages"][2]["dynamic_batch"] = False
+    err = _error(raw)
+    assert err.field == "stages.2.dynamic_batch" and "fixed batch cannot pass through the chain" in err.message

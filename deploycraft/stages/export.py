@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from deploycraft.config import StageConfig
 from deploycraft.deployables import build_aoti_package, build_deployable, build_fp16_onnx, onnx_metadata
@@ -59,7 +59,24 @@ class ExportConfig(StageConfig):
         "batch of 256 images (verify measures it on the whole held-out split).",
     )
     opset: int = Field(17, ge=13, le=21, description="ONNX opset.")
-    dynamic_batch: bool = Field(True, description="Make the batch dimension dynamic.")
+    dynamic_batch: bool = Field(
+        True,
+        description="The batch dimension stays dynamic; only true is accepted: every file is checked at several "
+        "batch sizes on its way (the export check, quantize's agreement, verify's batch_sizes), so a fixed batch "
+        "could not pass. Fix the batch when you convert the shipped file for a runtime that needs one.",
+    )
+
+    @field_validator("dynamic_batch")
+    @classmethod
+    def _dynamic(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError(
+                "a fixed batch cannot pass through the chain (every file is checked at several batch sizes); "
+                "leave dynamic_batch at true and fix the batch when converting the shipped file for a runtime "
+                "that needs one"
+            )
+        return value
+
     rtol: float = Field(1e-4, gt=0, description="Largest allowed max|onnx - torch| / max|torch| on a check batch.")
 
     @property
