@@ -281,7 +281,12 @@ def _md_header(report: dict[str, Any]) -> list[str]:
 
 def _md_plot(report: dict[str, Any]) -> list[str]:
     lines: list[str] = []
-    if Path(report["run_dir"], "plots", "accuracy_vs_latency.png").is_file():
+    plots = report.get("plots")  # the plots this report's run drew (reports before the list: the file)
+    if (
+        "plots/accuracy_vs_latency.png" in plots
+        if plots is not None
+        else Path(report["run_dir"], "plots", "accuracy_vs_latency.png").is_file()
+    ):
         lines += ["", "## Accuracy vs latency", "", "![accuracy vs latency](plots/accuracy_vs_latency.png)"]
     return lines
 
@@ -447,8 +452,12 @@ def write_report(ctx, shipped: bool = True) -> tuple[dict[str, Any], dict[str, d
         log(f"[yellow]note: {faster_words(report).replace('**', '')}[/]")
     written = {}
     plot = ctx.run.plots / "accuracy_vs_latency.png"
+    report["plots"] = []
     if plot_accuracy_latency(report, plot):
         written["plots/accuracy_vs_latency.png"] = af.file_entry(plot)
+        report["plots"].append("plots/accuracy_vs_latency.png")
+    else:  # an earlier run's plot does not describe this report
+        plot.unlink(missing_ok=True)
     written["report.json"] = af.write_json(ctx.run.root / "report.json", report)
     written["report.md"] = af.atomic_write_text(ctx.run.root / "report.md", render_markdown(report))
     return report, written

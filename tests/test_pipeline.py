@@ -251,13 +251,17 @@ def test_a_recipe_without_verify_ships_nothing(tmp_path):
     """Nothing unverified ships: without a verify stage the run completes, its files stay under stages/,
     deploy/ is left out, and the report says "not verified" rather than "passed"."""
     raw = smoke_recipe()
-    raw["stages"] = raw["stages"][:3]  # train, quantize, export
     out = tmp_path / "run"
+    _run(raw, out)  # verified first: deploy/ filled, the accuracy-vs-latency plot drawn
+    assert (out / "deploy").is_dir() and (out / "plots" / "accuracy_vs_latency.png").is_file()
+    raw["stages"] = raw["stages"][:3]  # train, quantize, export
     _run(raw, out)
     report = json.loads((out / "report.json").read_text())
-    assert report["status"] == "not verified" and report["shipped"] is False
+    assert report["status"] == "not verified" and report["shipped"] is False and report["plots"] == []
     assert not (out / "deploy").exists()
-    assert "the recipe has no verify stage" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "the recipe has no verify stage" in text and "Accuracy vs latency" not in text
+    assert not (out / "plots" / "accuracy_vs_latency.png").exists()  # the earlier run's plot is not shown
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
     assert run_cli("inspect", out).returncode == 0
 

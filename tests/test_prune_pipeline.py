@@ -35,7 +35,7 @@ def pruned_run(tmp_path_factory):
 
 
 def test_report_has_pruned_and_unpruned_models(pruned_run):
-    _, report = pruned_run
+    out, report = pruned_run
     assert set(report["models"]) >= {
         "fp32_torch",
         "pruned_fp32_torch",
@@ -49,6 +49,10 @@ def test_report_has_pruned_and_unpruned_models(pruned_run):
     assert m["unpruned_int8_onnx"]["macs"] == m["fp32_torch"]["macs"]
     gated = {g["name"] for g in report["gates"]}
     assert gated == {"accuracy_drop:fp32_onnx", "accuracy_drop:int8_onnx"}  # comparisons are not gated
+    # report.md's model line describes the shipped (pruned) model, the unpruned one beside it
+    main = m[report["main"]]
+    line = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("Model: "))
+    assert f"{main['macs'] / 1e6:.1f} M MACs per image (before pruning" in line
 
 
 def test_predicted_vs_measured_speedup(pruned_run):

@@ -658,11 +658,12 @@ class VerifyStage(Stage):
                 ),
             ]
         first = next(iter(models.values()), {})
-        if first.get("macs"):
-            lines += [
-                "",
-                f"Model: {first['params'] / 1e6:.2f} M parameters, {first['macs'] / 1e6:.1f} M MACs per image.",
-            ]
+        main = models.get(report.get("main")) or first  # the shipped model (pruned, where the run prunes)
+        if main.get("macs"):
+            line = f"Model: {main['params'] / 1e6:.2f} M parameters, {main['macs'] / 1e6:.1f} M MACs per image"
+            if first.get("macs") and first["macs"] != main["macs"]:
+                line += f" (before pruning {first['params'] / 1e6:.2f} M, {first['macs'] / 1e6:.1f} M)"
+            lines += ["", line + "."]
         for h in report.get("headline", []):
             lines += [
                 "",
