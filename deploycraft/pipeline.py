@@ -37,6 +37,7 @@ from deploycraft.recipe import Recipe, dump_yaml
 from deploycraft.stages import STAGES, StageOutput
 
 DEFAULT_BASE = Path("artifacts")
+SHIPPING = ".shipping.json"  # what deploy/ holds, between its rename and the manifest
 
 
 def default_run_dir(recipe: Recipe, base: Path = DEFAULT_BASE) -> Path:
@@ -209,11 +210,11 @@ class Pipeline:
             "stages": [],
         }
         try:
-            written = {
-                "recipe.yaml": af.atomic_write_text(
-                    run.root / "recipe.yaml", dump_yaml(self.recipe.model_dump(mode="json"))
-                )
-            }
+            recipe_text = dump_yaml(self.recipe.model_dump(mode="json"))
+            earlier = run.root / "recipe.yaml"
+            if earlier.is_file() and earlier.read_text(errors="replace") != recipe_text:
+                self._withdraw_results()
+            written = {"recipe.yaml": af.atomic_write_text(earlier, recipe_text)}
             af.write_json(run.root / "run.json", status)
             log(f"[bold]deploycraft run[/] {self.recipe.name} -> {run.root}")
         except OSError as exc:
@@ -252,6 +253,7 @@ class Pipeline:
                 },
                 files,
             )
+            (run.root / SHIPPING).unlink(missing_ok=True)
         except BaseException as exc:
             disarm()
             status.pop("finished", None)
@@ -477,6 +479,9 @@ class Pipeline:
             for rel, text in serving.items():
                 files[rel] = af.atomic_write_text(tmp / Path(rel).relative_to("deploy"), text)
         self._retire_deploy()
+        # deploy/ lands before the manifest that lists it: until then this record says what was shipped, so
+        # that an interruption in between does not make the next run keep the shipped files as someone's
+        af.write_json(root / SHIPPING, {rel: files[rel] for rel in files if rel.startswith("deploy/")})
         tmp.rename(self.run.deploy)
         report, written = write_report(ctx, shipped=True)
         files.update(written)
@@ -531,6 +536,18 @@ class Pipeline:
             "deploy/deployable.json": json.dumps(desc, indent=2) + "\n",
         }
 
+    def _withdraw_results(self) -> None:
+        """The recipe changed since the folder's last run: its report, plot, manifest and deploy/ describe the
+        earlier recipe, and must not be read as this run's if it fails or is stopped. They are withdrawn (the
+        files they came from stay under stages/, and running the earlier recipe again restores them)."""
+        root = self.run.root
+        if not any((root / f).exists() for f in ("report.md", "report.json", "manifest.json", "deploy")):
+            return
+        self._retire_deploy()
+        for rel in ("report.md", "report.json", "plots/accuracy_vs_latency.png", "manifest.json", SHIPPING):
+            (root / rel).unlink(missing_ok=True)
+        log("[dim]the recipe changed: the earlier run's report and deploy/ are withdrawn (its stages stay)[/]")
+
     def _retire_deploy(self) -> None:
         """Remove the old deploy/ if it holds exactly what the last manifest says deploycraft put there;
         otherwise (someone edited or added files) keep it as deploy.kept-<time>/ and say so."""
@@ -538,6 +555,11 @@ class Pipeline:
         if not deploy.exists():
             return
         listed = af.manifest_files(self.run.root) or {}
+        try:  # shipped by a run stopped before its manifest was written
+            pending = af.read_json(self.run.root / SHIPPING)
+            listed = {**listed, **{rel: e for rel, e in pending.items() if isinstance(e, dict)}}
+        except (OSError, ValueError, AttributeError):
+            pass
         changed = []
         for p in sorted(deploy.rglob("*")):
             if p.is_dir():

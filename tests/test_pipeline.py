@@ -218,6 +218,8 @@ def test_ctrl_c_while_the_run_writes_its_own_records_resumes(tmp_path, monkeypat
     status = json.loads((out / "run.json").read_text())
     assert status["status"] == "completed" and all(s["cached"] for s in status["stages"])
     assert run_cli("inspect", out).returncode == 0
+    # deploy/ had landed before the stop, its manifest not: the files are still known as shipped, not kept
+    assert not list(out.glob("deploy.kept-*")) and not (out / ".shipping.json").exists()
 
 
 def test_a_teacher_checkpoint_rewritten_in_place_reruns_distill(tmp_path):
@@ -264,6 +266,30 @@ def test_a_recipe_without_verify_ships_nothing(tmp_path):
     assert not (out / "plots" / "accuracy_vs_latency.png").exists()  # the earlier run's plot is not shown
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
     assert run_cli("inspect", out).returncode == 0
+
+
+def test_a_changed_recipe_that_fails_leaves_no_earlier_report_as_current(tmp_path, monkeypatch):
+    """The earlier recipe's report, manifest and deploy/ are withdrawn when a changed recipe starts: a run
+    that then fails does not leave them looking like its own (the files stay under stages/)."""
+    out = tmp_path / "run"
+    raw = smoke_recipe()
+    _run(raw, out)
+    changed = smoke_recipe()
+    changed["stages"][3]["repeats"] = 6
+
+    def boom(self, ctx, workdir):
+        raise RuntimeError("simulated crash in verify")
+
+    monkeypatch.setattr(STAGES["verify"], "run", boom)
+    with pytest.raises(StageFailure):
+        _run(changed, out)
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    for gone in ("report.md", "report.json", "manifest.json", "deploy", "plots/accuracy_vs_latency.png"):
+        assert not (out / gone).exists(), gone
+    monkeypatch.undo()
+    _run(raw, out)  # the earlier recipe again: everything reused, its results back
+    status = json.loads((out / "run.json").read_text())
+    assert all(s["cached"] for s in status["stages"]) and (out / "deploy").is_dir() and (out / "report.md").is_file()
 
 
 def test_failure_text_that_looks_like_markup_is_recorded(tmp_path, monkeypatch):
