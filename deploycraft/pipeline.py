@@ -37,6 +37,7 @@ from deploycraft.recipe import Recipe, dump_yaml
 from deploycraft.stages import STAGES, StageOutput
 
 DEFAULT_BASE = Path("artifacts")
+RESULT_NEUTRAL_DATA = ("download", "num_workers")  # data fields left out of every stage's cache key
 SHIPPING = ".shipping.json"  # what deploy/ holds, between its rename and the manifest
 
 
@@ -315,7 +316,9 @@ class Pipeline:
         r = self.recipe
         return {
             "seed": r.seed,
-            "data": r.data.model_dump(mode="json"),
+            # how the data is fetched and decoded (download, worker processes) changes no result: the
+            # augmentation is drawn in the main process from the seed
+            "data": r.data.model_dump(mode="json", exclude=set(RESULT_NEUTRAL_DATA)),
             "data_fingerprint": data_fingerprint(r),
         }
 

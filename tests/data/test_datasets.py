@@ -333,3 +333,25 @@ def test_an_empty_class_folder_is_named_when_the_classes_do_not_fit(tmp_path):
     assert info.value.field == "model.num_classes" and "the data has 3 classes" in info.value.message
     assert f"{tmp_path / 'train' / 'zempty'} holds no images" in info.value.message
     assert info.value.fix.startswith("remove the empty class folder(s), or set model.num_classes: 3")
+
+
+def test_worker_processes_change_no_batch_and_no_cache_key(tmp_path):
+    """data.num_workers (and data.download) only change how images are fetched: the same augmented batches
+    come out (the augmentation is drawn in the main process), so they stay out of every stage's key."""
+    from deploycraft.data.transforms import Augment
+    from deploycraft.pipeline import Pipeline
+    from deploycraft.recipe import build_recipe
+    from tests.conftest import smoke_recipe
+
+    make_imagefolder(tmp_path)
+    epochs = []
+    for workers in (0, 1):
+        dm = DataModule(DataConfig(dataset="imagefolder", root=tmp_path, image_size=16, num_workers=workers), seed=3)
+        epochs.append(list(dm.train_epoch(4, epoch=1, augment=Augment())))
+    assert len(epochs[0]) == len(epochs[1]) == 3
+    for (xa, ya), (xb, yb) in zip(*epochs, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    raw = smoke_recipe(data={"dataset": "imagefolder", "root": str(tmp_path), "image_size": 16})
+    base = Pipeline(build_recipe(raw), tmp_path / "run")._base()
+    raw["data"].update(num_workers=1, download=False)
+    assert Pipeline(build_recipe(raw), tmp_path / "run")._base() == base
