@@ -382,7 +382,7 @@ class Pipeline:
                 fields = {
                     **base,
                     "previous": previous,
-                    "stage": cfg.model_dump(mode="json") if cfg is not None else None,
+                    "stage": STAGES[type_].key_config(cfg) if cfg is not None else None,
                     "reads": self._reads(type_),
                     "code": code["sha256"],
                 }

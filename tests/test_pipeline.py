@@ -292,6 +292,27 @@ def test_a_changed_recipe_that_fails_leaves_no_earlier_report_as_current(tmp_pat
     assert all(s["cached"] for s in status["stages"]) and (out / "deploy").is_dir() and (out / "report.md").is_file()
 
 
+def test_settings_the_chosen_method_ignores_do_not_rerun_a_stage(smoke_run, tmp_path):
+    """PTQ ignores the QAT settings (and only the percentile calibrator reads ``percentile``): changing them
+    reuses the quantize stage; changing one it reads does not."""
+    from deploycraft.stages.quantize import QuantizeStage
+
+    _, out = smoke_run
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(out, run)
+    (run / ".lock").unlink(missing_ok=True)
+    raw = _with_ceiling()
+    raw["stages"][1]["qat"] = {"epochs": 5, "lr": 0.5}
+    _run(raw, run)
+    assert {s["type"]: s["cached"] for s in json.loads((run / "run.json").read_text())["stages"]}["quantize"]
+    cfg = build_recipe(raw).stage("quantize")
+    key = QuantizeStage.key_config(cfg)
+    assert "qat" not in key and ("percentile" in key) == (cfg.calibrator == "percentile")
+    assert "qat" in QuantizeStage.key_config(cfg.model_copy(update={"method": "qat"}))
+
+
 def test_failure_text_that_looks_like_markup_is_recorded(tmp_path, monkeypatch):
     """gloo's "[/path/pair.cc:537] Connection closed by peer" is no closing tag: run.json and log.txt get it."""
 

@@ -7,6 +7,7 @@ A stage is a class registered by ``@register_stage`` with
 - ``rank``: where it may stand in the chain (stages of equal rank may come in either order);
 - ``reads``: the top-level recipe fields its result depends on (they join its cache key);
 - ``reads_calibration``: whether it reads the calibration images (the file's content joins its cache key);
+- ``key_config(config)``: its settings as they join the cache key (less those its method ignores);
 - ``derived(recipe, config)``: settings whose defaults it takes from elsewhere in the recipe (they join its
   cache key too; every file its config names joins it by content);
 - ``check(recipe, index)``: rules about the recipe as a whole, run by ``validate`` and ``run`` alike;
@@ -70,6 +71,12 @@ class Stage:
     @classmethod
     def preflight(cls, pre: Preflight, index: int) -> None:
         """Checks that need the file system or a built model, before any stage runs (validate runs them too)."""
+
+    @classmethod
+    def key_config(cls, config: StageConfig) -> dict[str, Any]:
+        """The settings that join the stage's cache key: all of them, less those its chosen method ignores
+        (changing an ignored setting must not re-run the stage)."""
+        return config.model_dump(mode="json")
 
     @classmethod
     def derived(cls, recipe: Recipe, config: StageConfig | None) -> dict[str, Any]:

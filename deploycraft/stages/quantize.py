@@ -656,6 +656,17 @@ class QuantizeStage(Stage):
     report_order = 4
     reads = ("device", "target")  # QAT trains on the recipe's device
     reads_calibration = True
+
+    @classmethod
+    def key_config(cls, config) -> dict:
+        """PTQ ignores the QAT settings, and only the percentile calibrator reads ``percentile``."""
+        out = config.model_dump(mode="json")
+        if config.method == "ptq":
+            out.pop("qat")
+        if config.calibrator != "percentile":
+            out.pop("percentile")
+        return out
+
     config: QuantizeConfig
 
     @classmethod
