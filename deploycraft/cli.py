@@ -306,12 +306,39 @@ def bench(
             _fail(exc)
 
 
+def _kind(exc: BaseException) -> set[str]:
+    """The class names of a command-line parsing exception (click's, which typer vendors in newer releases:
+    matched by name, not by import)."""
+    return {c.__name__ for c in type(exc).__mro__}
+
+
 def entrypoint() -> None:
+    """The console script: every error one line, usage errors (a missing argument, a value of the wrong
+    type) included, where click would draw them in a box."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except UserError as exc:  # pragma: no cover - commands catch their own
         typer.echo(f"error: {exc.one_line()}", err=True)
         sys.exit(2)
+    except Exception as exc:
+        kind = _kind(exc)
+        if "ClickException" not in kind and "Abort" not in kind:
+            raise
+        ctx = getattr(exc, "ctx", None)
+        if "NoArgsIsHelpError" in kind:  # `deploycraft` alone: its help
+            typer.echo(ctx.get_help() if ctx is not None else exc.format_message(), err=True)
+            sys.exit(2)
+        if "Abort" in kind:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        text = " ".join(exc.format_message().split())
+        if "UsageError" in kind:
+            command = ctx.command_path if ctx is not None else "deploycraft"
+            typer.echo(f"error: {command}: {text} — fix: see `{command} --help`", err=True)
+        else:
+            typer.echo(f"error: {text}", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

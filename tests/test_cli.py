@@ -268,3 +268,19 @@ def test_bench_names_a_fixed_batch_before_timing(tmp_path, monkeypatch):
 def test_bench_missing_file_is_a_user_error(tmp_path):
     line = _one_line_error(run_cli("bench", tmp_path / "nope.onnx"))
     assert "does not exist" in line
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run"], "Missing argument"),
+        (["bench", "m.onnx", "--batch", "abc"], "Invalid value for '--batch'"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+)
+def test_usage_errors_are_one_line(args, needle):
+    """A missing argument or a value of the wrong type: one line naming the command, exit 2 (no box)."""
+    proc = run_cli(*args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "deploycraft" in lines[0] and needle in lines[0] and "--help" in lines[0]
