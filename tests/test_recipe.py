@@ -74,6 +74,17 @@ def test_teacher_in_chans_must_match_the_data(tmp_path):
     assert err.field == "stages.1.teacher.in_chans" and "data.channels is 1" in err.message
 
 
+def test_a_teacher_with_a_reset_classifier_is_refused(tmp_path):
+    weights = tmp_path / "t.pt"
+    weights.write_bytes(b"x")
+    raw = smoke_recipe()
+    raw["stages"].insert(
+        1, {"type": "distill", "teacher": {"arch": "resnet20", "weights": str(weights), "reset_classifier": True}}
+    )
+    err = _error(raw)
+    assert err.field == "stages.1.teacher.reset_classifier" and "teaches nothing" in err.message
+
+
 @pytest.mark.parametrize("key", ["num_classes", "in_chans", "weights"])
 def test_model_fields_are_refused_in_kwargs(key):
     err = _error(smoke_recipe(model={"arch": "resnet20", "kwargs": {key: 5, "shortcut": "A"}}))

@@ -109,6 +109,13 @@ class DistillStage(Stage):
                 field=f"stages.{index}.teacher",
                 fix="add a prune stage before distill, or set stages.distill.teacher to a trained checkpoint",
             )
+        if cfg.teacher is not None and cfg.teacher.reset_classifier:
+            raise UserError(
+                "a teacher with a new (random) classifier teaches nothing: its soft targets are its trained "
+                "classifier's",
+                field=f"stages.{index}.teacher.reset_classifier",
+                fix="remove it, and give a teacher trained on the student's classes",
+            )
         channels = recipe.data.channels
         if cfg.teacher is not None and cfg.teacher.in_chans not in (None, channels):
             raise UserError(
