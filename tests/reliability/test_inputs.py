@@ -429,11 +429,16 @@ def test_killed_run_is_reported_interrupted(tmp_path):
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("stages/*-train-*")):
+    # A loaded machine (CI, other test workers) can take minutes to import torch and read the data:
+    # wait long, and kill the run only once its train stage has started.
+    deadline = time.time() + 600
+    while time.time() < deadline and child.poll() is None and not list(out.glob("stages/*-train-*")):
         time.sleep(0.2)
+    started = bool(list(out.glob("stages/*-train-*")))
+    still_running = child.poll() is None
     child.send_signal(signal.SIGKILL)
     child.wait()
+    assert started and still_running, f"the run's train stage did not start (exit {child.returncode})"
     proc = run_cli("inspect", out)
     assert proc.returncode == 0 and "interrupted" in proc.stdout.splitlines()[0]
 
