@@ -249,3 +249,20 @@ def test_prune_reruns_when_a_later_stage_changes_its_defaults(tmp_path):
     raw["stages"][2]["enabled"] = True
     Pipeline(build_recipe(raw), out).execute()
     assert prune_record() == (True, 16)
+
+
+def test_latency_precision_joins_the_prune_key_only_with_a_latency_target():
+    """Toggling the quantize stage must not re-run a prune stage whose widths it cannot change: with an
+    explicit round_to and a MAC target, latency_precision (unused) stays out of the key."""
+    from deploycraft.stages.prune import PruneStage
+
+    def derived(quantize_enabled: bool, **prune):
+        raw = chain(round_to=8, finetune=None, steps=1, **prune)
+        raw["stages"][3]["enabled"] = quantize_enabled
+        recipe = build_recipe(raw)
+        return PruneStage.derived(recipe, recipe.stages[1])
+
+    assert derived(True, target_macs=0.8) == derived(False, target_macs=0.8) == {"round_to": 8}
+    latency = {"target_macs": None, "target_latency_ms": 5.0}
+    assert derived(True, **latency) == {"round_to": 8, "latency_precision": "int8"}
+    assert derived(False, **latency) == {"round_to": 8, "latency_precision": "fp32"}

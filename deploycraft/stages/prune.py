@@ -268,11 +268,12 @@ class PruneStage(Stage):
     @classmethod
     def derived(cls, recipe, config) -> dict:
         """round_to and latency_precision default by whether an INT8 CPU deployment follows (a later quantize
-        stage, enabled, and the target): disabling quantize changes the pruned widths."""
-        return {
-            "round_to": config.round_to or default_round_to(recipe),
-            "latency_precision": latency_precision(config, recipe),
-        }
+        stage, enabled, and the target): disabling quantize changes the pruned widths. latency_precision
+        joins only where a latency target uses it."""
+        derived = {"round_to": config.round_to or default_round_to(recipe)}
+        if config.target_latency_ms is not None:
+            derived["latency_precision"] = latency_precision(config, recipe)
+        return derived
 
     config: PruneConfig
 
