@@ -667,6 +667,16 @@ class QuantizeStage(Stage):
             out.pop("percentile")
         return out
 
+    @classmethod
+    def derived(cls, recipe, config) -> dict:
+        """QAT's crop_padding and hflip, unless set under ``qat``, come from the last train or distill stage:
+        the values it trains with join the key (an explicit ``hflip: true`` and one inherited as false
+        dump alike)."""
+        if config is None or config.method != "qat":
+            return {}
+        resolved, _ = qat_settings(recipe, config.qat)
+        return {"qat": {k: getattr(resolved, k) for k in AUGMENTATION}}
+
     config: QuantizeConfig
 
     @classmethod

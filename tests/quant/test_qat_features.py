@@ -239,3 +239,26 @@ def test_qat_fine_tunes_with_the_augmentation_the_model_was_trained_with():
         "augmentation": {"crop_padding": 0, "hflip": False, "from": "the train stage"},
     })  # fmt: skip
     assert "no crops and no flips (as in the train stage)" in line
+
+
+def test_qat_key_tells_an_explicit_flip_from_an_inherited_one():
+    """qat.hflip: true set in the recipe and hflip left unset (inherited as false from the train stage) dump
+    alike; the augmentation QAT trains with joins the cache key, so the second recipe cannot reuse the first's
+    quantize stage. PTQ ignores it."""
+    from deploycraft.stages.quantize import QuantizeStage
+
+    def key_fields(qat):
+        raw = smoke_recipe()
+        raw["stages"][0].update(crop_padding=0, hflip=False)
+        raw["stages"][1].update(method="qat", qat=qat)
+        recipe = build_recipe(raw)
+        cfg = recipe.stage("quantize")
+        return QuantizeStage.key_config(cfg), QuantizeStage.derived(recipe, cfg)
+
+    explicit, inherited = key_fields({"hflip": True}), key_fields({})
+    assert explicit[0] == inherited[0]  # the same dump ...
+    assert explicit[1] == {"qat": {"crop_padding": 0, "hflip": True}}  # ... different training
+    assert inherited[1] == {"qat": {"crop_padding": 0, "hflip": False}}
+    raw = smoke_recipe()
+    recipe = build_recipe(raw)
+    assert QuantizeStage.derived(recipe, recipe.stage("quantize")) == {}
