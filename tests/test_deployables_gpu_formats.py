@@ -266,3 +266,27 @@ def test_a_package_is_loaded_in_a_child_process_once_per_run(tmp_path, monkeypat
     path.write_bytes(b"another package")  # rewritten (size and time change): loaded again
     aoti.check_loads(path)
     assert len(calls) == 2
+
+
+def test_export_key_holds_the_batch_the_aoti_package_serves():
+    """The AOTInductor package (and TensorRT profile) are built for the verify stage's largest batch: a new
+    batch size there must re-run export when those formats are asked for, and only then."""
+    from deploycraft.recipe import build_recipe
+    from deploycraft.stages.export import ExportStage
+    from tests.conftest import smoke_recipe
+
+    def derived(fmt, batch_sizes, max_batch=None):
+        raw = smoke_recipe()
+        export = next(s for s in raw["stages"] if s["type"] == "export")
+        export.update(format=fmt, max_batch=max_batch)
+        next(s for s in raw["stages"] if s["type"] == "verify")["batch_sizes"] = batch_sizes
+        recipe = build_recipe(raw)
+        return ExportStage.derived(recipe, recipe.stage("export"))
+
+    eval_batch = build_recipe(smoke_recipe()).stage("verify").eval_batch_size
+    assert derived("onnx", [1, 8]) == derived("onnx", [1, 1024]) == {}
+    assert derived(["onnx", "aoti"], [1, 8]) == {"max_batch": max(8, eval_batch)}
+    assert derived(["onnx", "aoti"], [1, 1024]) == {"max_batch": 1024}
+    assert derived(["onnx", "aoti"], [1, 1024], max_batch=16) == {"max_batch": 16}
+    trt = derived(["onnx", "tensorrt"], [1, 4096])
+    assert trt == {"max_batch": 4096, "trt_batch_sizes": [1, 4096]}

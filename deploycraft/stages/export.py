@@ -84,6 +84,20 @@ class ExportConfig(StageConfig):
         return ["onnx"] + [f for f in ([self.format] if isinstance(self.format, str) else self.format) if f != "onnx"]
 
 
+def max_batch(recipe, cfg: ExportConfig) -> int:
+    """The largest batch the AOTInductor package and TensorRT profile serve: max_batch, else the verify
+    stage's largest (timed batch or evaluation batch), else 256."""
+    if cfg.max_batch is not None:
+        return cfg.max_batch
+    v = recipe.stage("verify")
+    return max(max(v.batch_sizes), v.eval_batch_size) if v is not None and v.enabled else 256
+
+
+def trt_batch_sizes(recipe) -> list[int]:
+    v = recipe.stage("verify")
+    return list(v.batch_sizes) if v is not None else [1]
+
+
 class ExportCheckError(RuntimeError):
     """The exported file does not meet its contract (outputs differ from torch)."""
 
@@ -96,6 +110,17 @@ class ExportStage(Stage):
     report_order = 5
     reads = ("device", "target")
     config: ExportConfig
+
+    @classmethod
+    def derived(cls, recipe, config) -> dict:
+        """AOTInductor packages and TensorRT engines are built for the verify stage's batch sizes (the
+        largest, unless max_batch is set; TensorRT's profile also takes each size): they join the key."""
+        if config is None or not {"aoti", "tensorrt"} & set(config.formats):
+            return {}
+        out: dict[str, Any] = {"max_batch": max_batch(recipe, config)}
+        if "tensorrt" in config.formats:
+            out["trt_batch_sizes"] = trt_batch_sizes(recipe)
+        return out
 
     @classmethod
     def check(cls, recipe, index: int) -> None:
@@ -208,10 +233,7 @@ class ExportStage(Stage):
         return metrics
 
     def _max_batch(self, ctx) -> int:
-        if self.config.max_batch is not None:
-            return self.config.max_batch
-        v = ctx.recipe.stage("verify")
-        return max(max(v.batch_sizes), v.eval_batch_size) if v is not None and v.enabled else 256
+        return max_batch(ctx.recipe, self.config)
 
     def _aoti(self, ctx, model, workdir: Path, check: torch.Tensor, reference: np.ndarray, artifacts: dict) -> dict:
         from deploycraft.runtime.aoti import AotiRunner
@@ -292,8 +314,7 @@ class ExportStage(Stage):
             log(f"  [yellow]TensorRT engines {sorted(planned.values())}: not built here ({why})[/]")
             return {"status": "not built here", "reason": why, "planned": planned}
         trt = trt_rt.import_tensorrt()
-        v = ctx.recipe.stage("verify")
-        batch_sizes = list(v.batch_sizes) if v is not None else [1]
+        batch_sizes = trt_batch_sizes(ctx.recipe)
         engines = {}
         for precision, source in sources.items():
             name = TRT_NAME[precision]
