@@ -46,8 +46,9 @@ def default_run_dir(recipe: Recipe, base: Path = DEFAULT_BASE) -> Path:
 
 
 def data_fingerprint(recipe: Recipe) -> dict[str, Any]:
-    """What identifies the data beyond its config: file digests, or the ImageFolder's file list with each
-    file's size and modification time (reading every image of a large folder at each run would cost minutes;
+    """What identifies the data beyond its config: file digests, or the list of the images an ImageFolder
+    split reads (each class folder's image files, a linked class folder followed) with each file's size and
+    modification time (reading every image of a large folder at each run would cost minutes;
     an image replaced in place gets a new time unless the copy preserved it, and a copied folder re-runs
     the stages that read it rather than trusting it)."""
     d = recipe.data
@@ -56,15 +57,18 @@ def data_fingerprint(recipe: Recipe) -> dict[str, Any]:
 
         return {"fashion-mnist": FILES}
     if d.dataset == "imagefolder":
+        from deploycraft.data.imagefolder import find_classes, image_files
+
         out = {}
         for split in (d.train_split, d.val_split):
             folder = Path(d.root) / split
             if folder.is_dir():
-                files = sorted(
+                files = [
                     (str(p.relative_to(folder)), st.st_size, st.st_mtime_ns)
-                    for p in folder.rglob("*")
-                    if p.is_file() and (st := p.stat())
-                )
+                    for name in find_classes(folder)
+                    for p in image_files(folder / name)
+                    if (st := p.stat())
+                ]
                 out[split] = af.sha256_json(files)
         return out
     return {"synthetic": True}

@@ -22,13 +22,15 @@ def find_classes(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def image_files(class_dir: Path) -> list[Path]:
+    """The images of one class folder (itself a link or not), sorted: what a split reads, and what its
+    fingerprint in the cache key covers."""
+    return sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def empty_classes(folder: Path) -> list[str]:
     """The class folders of a split that hold no image: each still counts as a class (a label index)."""
-    return [
-        name
-        for name in find_classes(folder)
-        if not any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in (folder / name).rglob("*"))
-    ]
+    return [name for name in find_classes(folder) if not image_files(folder / name)]
 
 
 def check_split_classes(train_dir: Path, val_dir: Path) -> None:
@@ -90,8 +92,7 @@ class ImageFolderSource(Dataset):
             cdir = folder / name
             if not cdir.is_dir():
                 continue  # a split may lack a class; the label index still follows the training split
-            files = sorted(p for p in cdir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            samples += [(p, idx) for p in files]
+            samples += [(p, idx) for p in image_files(cdir)]
         if not samples:
             raise UserError(
                 f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})",

@@ -170,6 +170,36 @@ def test_an_image_replaced_in_place_changes_the_data_fingerprint(tmp_path):
     assert image.stat().st_size == st.st_size and after["train"] != before["train"] and after["val"] == before["val"]
 
 
+def test_the_data_fingerprint_covers_exactly_the_images_a_split_reads(tmp_path):
+    """A class folder that is a link (images kept elsewhere) is read by the split, so an image replaced there
+    re-runs the stages; notes, hidden files and a class-less top-level file are not read, so they do not."""
+    import os
+    import shutil
+
+    from deploycraft.pipeline import data_fingerprint
+    from deploycraft.recipe import build_recipe
+    from tests.conftest import smoke_recipe
+
+    make_imagefolder(tmp_path / "store")
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        (root / split / "cat").symlink_to(tmp_path / "store" / split / "cat", target_is_directory=True)
+        shutil.copytree(tmp_path / "store" / split / "dog", root / split / "dog")
+    recipe = build_recipe(smoke_recipe(data={"dataset": "imagefolder", "root": str(root), "image_size": 16}))
+    before = data_fingerprint(recipe)
+    (root / "train" / "README.txt").write_text("where the images came from")
+    (root / "train" / "dog" / ".DS_Store").write_bytes(b"\0")
+    (root / "train" / "dog" / "notes.txt").write_text("checked")
+    assert data_fingerprint(recipe) == before
+    image = tmp_path / "store" / "train" / "cat" / "0.png"
+    st = image.stat()
+    image.write_bytes(image.read_bytes())
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    after = data_fingerprint(recipe)
+    assert after["train"] != before["train"] and after["val"] == before["val"]
+
+
 def test_broken_image_is_a_user_error(tmp_path):
     make_imagefolder(tmp_path)
     (tmp_path / "val" / "cat" / "broken.png").write_bytes(b"not a png")
