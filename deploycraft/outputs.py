@@ -120,8 +120,9 @@ MANAGED = ("deploy", "stages", ".deploy-new")  # a run folder's own subfolders (
 def check_outside_runs(path: Path, field: str, fix: str) -> None:
     """An output path must not lie inside a run folder's deploy/ or stages/ (or a kept deploy/): the run
     checks those against its records and manifest, and moves aside what it did not write there. Elsewhere in
-    a run folder is fine (`diagnose RUN_DIR` writes RUN_DIR/diagnose/ by default)."""
-    path = Path(path).absolute()
+    a run folder is fine (`diagnose RUN_DIR` writes RUN_DIR/diagnose/ by default). Links and ``..`` are
+    resolved first: where the files would land decides."""
+    path = Path(path).resolve()
     for parent in path.parents:
         top = path.relative_to(parent).parts[0]
         if (top in MANAGED or top.startswith("deploy.kept-")) and _is_run_folder(parent):

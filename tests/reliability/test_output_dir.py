@@ -106,4 +106,14 @@ def test_outputs_inside_a_run_folders_deploy_or_stages_are_refused(completed, tm
     one_line_error(run_cli("diagnose", run, "-o", run / "stages" / "diag"), "--output-dir", "inside stages/")
     onnx = next((run / "deploy").glob("*.onnx"))
     one_line_error(run_cli("bench", onnx, "--json", run / "deploy" / "b.json"), "--json", "inside deploy/")
+    # where the file would land decides: through a link into deploy/ it is refused ...
+    link = tmp_path / "to-deploy"
+    link.symlink_to(run / "deploy", target_is_directory=True)
+    one_line_error(run_cli("bench", onnx, "--json", link / "b.json"), "--json", "inside deploy/")
     assert snapshot(run) == before
+    # ... and a path that only passes through deploy/ on its way out (deploy/../bench.json) is not
+    out = run / "deploy" / ".." / "bench.json"
+    proc = run_cli("bench", onnx, "--json", out, "--repeats", "3", "--warmup", "1", "-r", "onnxruntime")
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "bench.json").is_file()
+    (run / "bench.json").unlink()
