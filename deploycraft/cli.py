@@ -73,6 +73,7 @@ def run(
     from deploycraft.recipe import load_recipe
 
     finished = False
+    pipeline = None
     with launch() as world:
         try:
             r = load_recipe(recipe, set_ or [])
@@ -97,8 +98,11 @@ def run(
         except KeyboardInterrupt as exc:
             what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
             if world.is_main and world.failure() is None:
-                if finished:  # while the summary was printed: the run itself is complete
-                    typer.echo(f"{what} after the run completed: its results are in {pipeline.run.root}", err=True)
+                ended = pipeline.finished if pipeline is not None else None
+                if finished or ended:  # while its folder was released or the summary printed: the run is complete
+                    typer.echo(
+                        f"{what} after the run {ended or 'completed'}: its results are in {pipeline.run.root}", err=True
+                    )
                 else:
                     typer.echo(f"{what}: run the same command again to resume from the last completed stage", err=True)
             raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None

@@ -180,6 +180,7 @@ class Pipeline:
         self.source = source
         self.world = world or World()
         self._current = "setup"  # what is running, for the one-line error of an internal failure
+        self.finished: str | None = None  # the run's status once its records are all written
 
     def preflight(self) -> None:
         """Every check that can fail before a stage runs, before anything is written."""
@@ -217,10 +218,9 @@ class Pipeline:
         try:
             recipe_text = dump_yaml(self.recipe.model_dump(mode="json"))
             earlier = run.root / "recipe.yaml"
-            if earlier.is_file() and earlier.read_text(errors="replace") != recipe_text:
-                self._withdraw_results()
+            recipe_changed = earlier.is_file() and earlier.read_text(errors="replace") != recipe_text
+            af.write_json(run.root / "run.json", status)  # before anything is withdrawn: a stop reads "running"
             written = {"recipe.yaml": af.atomic_write_text(earlier, recipe_text)}
-            af.write_json(run.root / "run.json", status)
             log(f"[bold]deploycraft run[/] {self.recipe.name} -> {run.root}")
         except OSError as exc:
             full = _disk_full(exc)
@@ -236,6 +236,8 @@ class Pipeline:
         if self.recipe.threads:
             torch.set_num_threads(self.recipe.threads)
         try:
+            if recipe_changed:
+                self._withdraw_results("the recipe changed")
             records = self._run_stages(ctx, status)
             gate_failures, files = self._finish(ctx, records)
             # the run's own records, last: a Ctrl-C while they are written leaves run.json "interrupted" and
@@ -259,6 +261,7 @@ class Pipeline:
                 files,
             )
             (run.root / SHIPPING).unlink(missing_ok=True)
+            self.finished = status["status"]  # a stop from here on finds the run's records complete
         except BaseException as exc:
             disarm()
             status.pop("finished", None)
@@ -374,6 +377,7 @@ class Pipeline:
             previous = af.sha256_json({**base, "model": model, "in_chans": ctx.in_chans})
             calibration = calibration_digest(r)
         records = []
+        withdrawn = False
         steps: list[tuple[str, Any]] = [("init", None)] + [(s.type, s) for s in r.stages]
         for index, (type_, cfg) in enumerate(steps):
             if cfg is not None and not cfg.enabled:
@@ -403,6 +407,9 @@ class Pipeline:
             stage_dir, record = self.run.stages / decision["dir"], decision["record"]
             if record is None:
                 if main:
+                    if not withdrawn:  # a stage computes anew: the earlier report may no longer be this run's
+                        self._withdraw_results(f"the {type_} stage runs again")
+                        withdrawn = True
                     stage_dir.mkdir(parents=True, exist_ok=True)
                     log(f"[bold cyan]▶ {type_}[/]")
                     status["stages"].append({"type": type_, "key": key, "dir": stage_dir.name, "cached": False})
@@ -543,17 +550,19 @@ class Pipeline:
             "deploy/deployable.json": json.dumps(desc, indent=2) + "\n",
         }
 
-    def _withdraw_results(self) -> None:
-        """The recipe changed since the folder's last run: its report, plot, manifest and deploy/ describe the
-        earlier recipe, and must not be read as this run's if it fails or is stopped. They are withdrawn (the
+    def _withdraw_results(self, why: str) -> None:
+        """The recipe changed since the folder's last run, or a stage computes anew (other data, weights,
+        calibration images, teacher or code): the folder's report, plot, manifest and deploy/ describe an
+        earlier run, and must not be read as this one's if it fails or is stopped. They are withdrawn (the
         files they came from stay under stages/, and running the earlier recipe again restores them)."""
         root = self.run.root
         if not any((root / f).exists() for f in ("report.md", "report.json", "manifest.json", "deploy")):
             return
+        log(f"[dim]{why}: the earlier run's report and deploy/ are withdrawn (its stages stay)[/]")
+        # the manifest goes last: a stop on the way leaves what remains of deploy/ listed in it
         self._retire_deploy()
-        for rel in ("report.md", "report.json", "plots/accuracy_vs_latency.png", "manifest.json", SHIPPING):
+        for rel in ("report.md", "report.json", "plots/accuracy_vs_latency.png", SHIPPING, "manifest.json"):
             (root / rel).unlink(missing_ok=True)
-        log("[dim]the recipe changed: the earlier run's report and deploy/ are withdrawn (its stages stay)[/]")
 
     def _retire_deploy(self) -> None:
         """Remove the old deploy/ if it holds exactly what the last manifest says deploycraft put there;

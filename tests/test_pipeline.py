@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import deploycraft.artifacts as af
 from deploycraft.artifacts import sha256_file
 from deploycraft.errors import GateFailure, StageFailure
 from deploycraft.pipeline import Pipeline
@@ -290,6 +291,85 @@ def test_a_changed_recipe_that_fails_leaves_no_earlier_report_as_current(tmp_pat
     _run(raw, out)  # the earlier recipe again: everything reused, its results back
     status = json.loads((out / "run.json").read_text())
     assert all(s["cached"] for s in status["stages"]) and (out / "deploy").is_dir() and (out / "report.md").is_file()
+
+
+def test_new_weights_under_the_same_recipe_withdraw_the_earlier_results(tmp_path, monkeypatch):
+    """The same recipe text with other inputs (here the checkpoint model.weights names, rewritten in place):
+    the stages run again, so the earlier report, manifest and deploy/ are withdrawn before the first of them,
+    and a run that then fails does not leave them looking like its own."""
+    from deploycraft.models import create_model
+
+    weights = tmp_path / "w.pt"
+    torch.manual_seed(1)
+    torch.save(create_model("resnet20", num_classes=10).state_dict(), weights)
+    raw = smoke_recipe(model={"weights": str(weights)})
+    out = tmp_path / "run"
+    _run(raw, out)
+    assert (out / "deploy").is_dir() and (out / "report.md").is_file()
+    torch.manual_seed(2)
+    torch.save(create_model("resnet20", num_classes=10).state_dict(), weights)
+
+    def boom(self, ctx, workdir):
+        raise RuntimeError("simulated crash in train")
+
+    monkeypatch.setattr(STAGES["train"], "run", boom)
+    with pytest.raises(StageFailure):
+        _run(raw, out)
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    for gone in ("report.md", "report.json", "manifest.json", "deploy", "plots/accuracy_vs_latency.png"):
+        assert not (out / gone).exists(), gone
+    monkeypatch.undo()
+    _run(raw, out)
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "completed" and (out / "deploy").is_dir() and (out / "report.md").is_file()
+    assert run_cli("inspect", out).returncode == 0
+
+
+def test_a_stop_while_earlier_results_are_withdrawn_reads_interrupted(tmp_path, monkeypatch):
+    """Ctrl-C while a changed recipe's run withdraws the earlier deploy/: run.json says "interrupted", not the
+    earlier run's "completed" beside a half-removed deploy/, and the same command finishes the run."""
+    from deploycraft.pipeline import Pipeline as P
+
+    out = tmp_path / "run"
+    _run(smoke_recipe(), out)
+    changed = smoke_recipe()
+    changed["stages"][3]["repeats"] = 6
+
+    def ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "_retire_deploy", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        _run(changed, out)
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    _run(changed, out)
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    assert run_cli("inspect", out).returncode == 0
+
+
+def test_a_stop_after_the_records_are_written_reports_a_completed_run(tmp_path, monkeypatch):
+    """Ctrl-C while the finished run releases its folder: run.json and the manifest are already complete, so
+    the CLI says the run completed (exit 130 for the stop) and inspect agrees."""
+    from typer.testing import CliRunner
+
+    from deploycraft.cli import app
+
+    recipe = write_recipe(tmp_path / "r.yaml", smoke_recipe())
+    out = tmp_path / "run"
+    real = af.RunDir.unlock
+
+    def ctrl_c(self):
+        real(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(af.RunDir, "unlock", ctrl_c)
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(out)])
+    assert result.exit_code == 130, result.output
+    assert "interrupted after the run completed: its results are in" in result.output
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    monkeypatch.undo()
+    assert run_cli("inspect", out).returncode == 0
 
 
 def test_settings_the_chosen_method_ignores_do_not_rerun_a_stage(smoke_run, tmp_path):
