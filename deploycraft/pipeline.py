@@ -39,6 +39,7 @@ from deploycraft.stages import STAGES, StageOutput
 DEFAULT_BASE = Path("artifacts")
 RESULT_NEUTRAL_DATA = ("download", "num_workers")  # data fields left out of every stage's cache key
 SHIPPING = ".shipping.json"  # what deploy/ holds, between its rename and the manifest
+STAGING = ".deploy-new"  # deploy/ as it is copied and checked, before its rename
 
 
 def default_run_dir(recipe: Recipe, base: Path = DEFAULT_BASE) -> Path:
@@ -462,6 +463,7 @@ class Pipeline:
             # nothing unverified ships: deploy/ stays empty (an earlier run's, which this recipe no longer
             # produces, is retired as always); every file stays where its stage wrote it
             self._retire_deploy()
+            shutil.rmtree(root / STAGING, ignore_errors=True)  # a copy a stopped run left half-made
             why = "a verify gate failed" if failures else "the recipe has no verify stage (add one to ship)"
             log(f"[yellow]nothing shipped: {why}, so deploy/ is left out; the files are under stages/[/]")
             report, written = write_report(ctx, shipped=False)
@@ -480,7 +482,7 @@ class Pipeline:
         serving = self._serving(ctx)
         if serving is not None:
             shipped[f"deploy/triton/{self.recipe.name}/1/model.onnx"] = serving.pop("source")
-        tmp = root / ".deploy-new"
+        tmp = root / STAGING
         if tmp.exists():
             shutil.rmtree(tmp)
         for rel, src in shipped.items():
@@ -561,6 +563,7 @@ class Pipeline:
         log(f"[dim]{why}: the earlier run's report and deploy/ are withdrawn (its stages stay)[/]")
         # the manifest goes last: a stop on the way leaves what remains of deploy/ listed in it
         self._retire_deploy()
+        shutil.rmtree(root / STAGING, ignore_errors=True)
         for rel in ("report.md", "report.json", "plots/accuracy_vs_latency.png", SHIPPING, "manifest.json"):
             (root / rel).unlink(missing_ok=True)
 

@@ -258,7 +258,10 @@ def test_a_recipe_without_verify_ships_nothing(tmp_path):
     _run(raw, out)  # verified first: deploy/ filled, the accuracy-vs-latency plot drawn
     assert (out / "deploy").is_dir() and (out / "plots" / "accuracy_vs_latency.png").is_file()
     raw["stages"] = raw["stages"][:3]  # train, quantize, export
+    (out / ".deploy-new").mkdir()
+    (out / ".deploy-new" / "model_int8.onnx").write_bytes(b"half copied by a stopped run")
     _run(raw, out)
+    assert not (out / ".deploy-new").exists()  # no unverified copy lingers either
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "not verified" and report["shipped"] is False and report["plots"] == []
     assert not (out / "deploy").exists()
