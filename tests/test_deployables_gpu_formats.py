@@ -290,3 +290,4 @@ def test_export_key_holds_the_batch_the_aoti_package_serves():
     assert derived(["onnx", "aoti"], [1, 1024], max_batch=16) == {"max_batch": 16}
     trt = derived(["onnx", "tensorrt"], [1, 4096])
     assert trt == {"max_batch": 4096, "trt_batch_sizes": [1, 4096]}
+    assert derived(["onnx", "tensorrt"], [4096, 1, 1]) == trt  # the same profile, the same key

@@ -266,3 +266,19 @@ def test_latency_precision_joins_the_prune_key_only_with_a_latency_target():
     latency = {"target_macs": None, "target_latency_ms": 5.0}
     assert derived(True, **latency) == {"round_to": 8, "latency_precision": "int8"}
     assert derived(False, **latency) == {"round_to": 8, "latency_precision": "fp32"}
+
+
+def test_prune_settings_its_objective_ignores_stay_out_of_the_key():
+    """latency_batch_size under a MAC target, or taylor_batches under L1 importance, change no pruned width:
+    the key stays; under a latency target (or Taylor importance) they join it."""
+    from deploycraft.stages.prune import PruneStage
+
+    def key(**prune):
+        raw = chain(round_to=8, finetune=None, steps=1, **prune)
+        return PruneStage.key_config(build_recipe(raw).stages[1])
+
+    macs = key(target_macs=0.8, importance="l1")
+    assert key(target_macs=0.8, importance="l1", latency_batch_size=8, latency_threads=1, taylor_batches=3) == macs
+    latency = {"target_macs": None, "target_latency_ms": 5.0}
+    assert key(**latency, latency_batch_size=8) != key(**latency)
+    assert key(target_macs=0.8, importance="taylor", taylor_batches=3) != key(target_macs=0.8, importance="taylor")

@@ -94,8 +94,10 @@ def max_batch(recipe, cfg: ExportConfig) -> int:
 
 
 def trt_batch_sizes(recipe) -> list[int]:
+    """The batch sizes of the TensorRT profile: the verify stage's, each once, in order (their order in the
+    recipe changes no engine)."""
     v = recipe.stage("verify")
-    return list(v.batch_sizes) if v is not None else [1]
+    return sorted(set(v.batch_sizes)) if v is not None else [1]
 
 
 class ExportCheckError(RuntimeError):

@@ -266,6 +266,17 @@ class PruneStage(Stage):
     reads_calibration = True
 
     @classmethod
+    def key_config(cls, config) -> dict:
+        """The latency_* settings matter only with a latency target, taylor_batches only to Taylor importance."""
+        out = config.model_dump(mode="json")
+        if config.target_latency_ms is None:
+            for name in ("latency_batch_size", "latency_precision", "latency_threads"):
+                out.pop(name)
+        if config.importance != "taylor":
+            out.pop("taylor_batches")
+        return out
+
+    @classmethod
     def derived(cls, recipe, config) -> dict:
         """round_to and latency_precision default by whether an INT8 CPU deployment follows (a later quantize
         stage, enabled, and the target): disabling quantize changes the pruned widths. latency_precision
