@@ -70,7 +70,8 @@ def data_fingerprint(recipe: Recipe) -> dict[str, Any]:
                     for p in image_files(folder / name)
                     if (st := p.stat())
                 ]
-                out[split] = af.sha256_json(files)
+                # the class folders too: they are the labels, an empty one included
+                out[split] = af.sha256_json({"classes": find_classes(folder), "files": files})
         return out
     return {"synthetic": True}
 
@@ -221,7 +222,6 @@ class Pipeline:
             earlier = run.root / "recipe.yaml"
             recipe_changed = earlier.is_file() and earlier.read_text(errors="replace") != recipe_text
             af.write_json(run.root / "run.json", status)  # before anything is withdrawn: a stop reads "running"
-            written = {"recipe.yaml": af.atomic_write_text(earlier, recipe_text)}
             log(f"[bold]deploycraft run[/] {self.recipe.name} -> {run.root}")
         except OSError as exc:
             full = _disk_full(exc)
@@ -239,6 +239,8 @@ class Pipeline:
         try:
             if recipe_changed:
                 self._withdraw_results("the recipe changed")
+            # after the withdrawal: a stop before its end finds the earlier recipe, and withdraws again
+            written = {"recipe.yaml": af.atomic_write_text(earlier, recipe_text)}
             records = self._run_stages(ctx, status)
             gate_failures, files = self._finish(ctx, records)
             # the run's own records, last: a Ctrl-C while they are written leaves run.json "interrupted" and
@@ -404,13 +406,15 @@ class Pipeline:
                 key = af.sha256_json(fields)
                 stage_dir = self.run.stage_dir(index, type_, key)
                 decision = {"dir": stage_dir.name, "record": self._reuse(type_, stage_dir, key)}
+                if decision["record"] is None and not withdrawn:
+                    # a stage computes anew: the earlier report may no longer be this run's (before the
+                    # decision is published, so that no other rank waits in the stage meanwhile)
+                    self._withdraw_results(f"the {type_} stage runs again")
+                    withdrawn = True
             decision = world.publish(decision)
             stage_dir, record = self.run.stages / decision["dir"], decision["record"]
             if record is None:
                 if main:
-                    if not withdrawn:  # a stage computes anew: the earlier report may no longer be this run's
-                        self._withdraw_results(f"the {type_} stage runs again")
-                        withdrawn = True
                     stage_dir.mkdir(parents=True, exist_ok=True)
                     log(f"[bold cyan]▶ {type_}[/]")
                     status["stages"].append({"type": type_, "key": key, "dir": stage_dir.name, "cached": False})
@@ -558,12 +562,12 @@ class Pipeline:
         earlier run, and must not be read as this one's if it fails or is stopped. They are withdrawn (the
         files they came from stay under stages/, and running the earlier recipe again restores them)."""
         root = self.run.root
+        shutil.rmtree(root / STAGING, ignore_errors=True)  # a copy a stopped run left half-made
         if not any((root / f).exists() for f in ("report.md", "report.json", "manifest.json", "deploy")):
             return
         log(f"[dim]{why}: the earlier run's report and deploy/ are withdrawn (its stages stay)[/]")
         # the manifest goes last: a stop on the way leaves what remains of deploy/ listed in it
         self._retire_deploy()
-        shutil.rmtree(root / STAGING, ignore_errors=True)
         for rel in ("report.md", "report.json", "plots/accuracy_vs_latency.png", SHIPPING, "manifest.json"):
             (root / rel).unlink(missing_ok=True)
 

@@ -198,6 +198,12 @@ def test_the_data_fingerprint_covers_exactly_the_images_a_split_reads(tmp_path):
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     after = data_fingerprint(recipe)
     assert after["train"] != before["train"] and after["val"] == before["val"]
+    # an empty class folder is a label: renaming it renumbers the classes after it
+    (root / "train" / "aaa").mkdir()
+    with_empty = data_fingerprint(recipe)
+    assert with_empty["train"] != after["train"]
+    (root / "train" / "aaa").rename(root / "train" / "zzz")
+    assert data_fingerprint(recipe)["train"] != with_empty["train"]
 
 
 def test_broken_image_is_a_user_error(tmp_path):
