@@ -122,7 +122,12 @@ def check_outside_runs(path: Path, field: str, fix: str) -> None:
     checks those against its records and manifest, and moves aside what it did not write there. Elsewhere in
     a run folder is fine (`diagnose RUN_DIR` writes RUN_DIR/diagnose/ by default). Links and ``..`` are
     resolved first: where the files would land decides."""
-    path = Path(path).resolve()
+    try:
+        path = Path(path).resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop (RuntimeError before Python 3.13)
+        raise UserError(
+            f"{path} cannot be resolved ({exc})", field=field, fix="give a path without a link loop"
+        ) from None
     for parent in path.parents:
         top = path.relative_to(parent).parts[0]
         if (top in MANAGED or top.startswith("deploy.kept-")) and _is_run_folder(parent):

@@ -265,6 +265,10 @@ def test_a_recipe_without_verify_ships_nothing(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "not verified" and report["shipped"] is False and report["plots"] == []
     assert not (out / "deploy").exists()
+    (out / ".deploy-new").mkdir()  # again, under the same recipe: nothing is withdrawn, nothing ships
+    (out / ".deploy-new" / "model_int8.onnx").write_bytes(b"half copied by a stopped run")
+    _run(raw, out)
+    assert not (out / ".deploy-new").exists()
     text = (out / "report.md").read_text()
     assert "the recipe has no verify stage" in text and "Accuracy vs latency" not in text
     assert not (out / "plots" / "accuracy_vs_latency.png").exists()  # the earlier run's plot is not shown
@@ -345,6 +349,7 @@ def test_a_stop_while_earlier_results_are_withdrawn_reads_interrupted(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         _run(changed, out)
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert "repeats: 6" not in (out / "recipe.yaml").read_text()  # the next run sees the change and withdraws
     monkeypatch.undo()
     _run(changed, out)
     assert json.loads((out / "run.json").read_text())["status"] == "completed"

@@ -117,3 +117,6 @@ def test_outputs_inside_a_run_folders_deploy_or_stages_are_refused(completed, tm
     assert proc.returncode == 0, proc.stderr
     assert (run / "bench.json").is_file()
     (run / "bench.json").unlink()
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)  # a link to itself: one line, not a traceback
+    one_line_error(run_cli("bench", onnx, "--json", loop / "b.json"), "--json", "link loop")
