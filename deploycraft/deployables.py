@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from deploycraft.artifacts import atomic_path
 from deploycraft.data.transforms import InputSpec, prepare_batch
+from deploycraft.machine import u8s8_pairs_saturate
 from deploycraft.onnx_io import export_onnx, op_counts, quant_dtypes
 from deploycraft.progress import bar
 from deploycraft.quant.bias_correction import correct_biases
@@ -56,7 +57,8 @@ class QuantSettings:
     calibrator: str = "percentile"
     percentile: float = 99.99
     per_channel: bool = True
-    reduce_range: bool = False
+    # 7-bit weights; by default where this CPU's INT8 kernels would saturate 8-bit ones (machine.py)
+    reduce_range: bool = field(default_factory=u8s8_pairs_saturate)
     batch_size: int = 64
     weight_bits: int = 8  # every conv and linear layer's weights, 2-8 bits
     ends_bits: int | None = 8  # the first conv and the classifier (None: weight_bits like the rest)

@@ -70,6 +70,27 @@ _INTERESTING_FLAGS = (
 )
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux: /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((x for x in text.splitlines() if x.startswith(("flags", "Features"))), "")
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
+
+
+def u8s8_pairs_saturate() -> bool:
+    """Whether this CPU's INT8 conv kernels saturate: on x86-64 with AVX2 but without VNNI, ONNX Runtime
+    (MLAS) and OpenVINO (oneDNN) multiply u8 activations by s8 weights with VPMADDUBSW, which adds each
+    pair of products in int16 with saturation (255 * 127 * 2 > 32767), so a conv's sums are not the exact
+    ones; 7-bit weights (reduce_range) keep every pair within int16. VNNI sums in int32."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = cpu_flags()
+    return "avx2" in flags and not ({"avx512_vnni", "avx_vnni"} & flags)
+
+
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"machine": platform.machine(), "system": platform.system(), "logical_cpus": os.cpu_count()}
     try:

@@ -131,3 +131,33 @@ def test_auto_keeps_a_file_whose_other_runtime_cannot_run_it(tmp_path, monkeypat
     other = targets["onnxruntime-cpu"]["other_runtimes"]["openvino"]
     assert "Argument shapes are inconsistent" in other["error"] and other["shortfalls"]
     assert "not compared" in (out / "log.txt").read_text()
+
+
+def test_reduce_range_auto_follows_the_machines_int8_kernels(monkeypatch):
+    """auto: 7-bit weights for a CPU target where this machine's INT8 kernels saturate u8 x s8 pair sums
+    (x86 without VNNI), 8-bit elsewhere and for TensorRT; explicit values win. The machine's answer joins the
+    quantize key, so a run folder moved between such CPUs quantizes again."""
+    import deploycraft.stages.quantize as q
+    from deploycraft.recipe import build_recipe
+    from deploycraft.stages.quantize import QuantizeConfig, QuantizeStage
+    from tests.conftest import smoke_recipe
+
+    keys = {}
+    for saturates in (True, False):
+        monkeypatch.setattr(q, "u8s8_pairs_saturate", lambda s=saturates: s)
+        auto = QuantizeConfig()
+        assert auto.reduce_range == "auto"
+        assert auto.settings_for("onnxruntime-cpu").reduce_range is saturates
+        assert auto.settings_for("openvino-cpu").reduce_range is saturates
+        assert auto.settings_for("tensorrt").reduce_range is False
+        assert QuantizeConfig(reduce_range=False).settings_for("onnxruntime-cpu").reduce_range is False
+        assert QuantizeConfig(reduce_range=True).settings_for("tensorrt").reduce_range is True
+        recipe = build_recipe(smoke_recipe())
+        keys[saturates] = QuantizeStage.derived(recipe, recipe.stage("quantize"))
+        explicit = smoke_recipe()
+        explicit["stages"][1]["reduce_range"] = True
+        recipe = build_recipe(explicit)
+        assert "u8s8_pairs_saturate" not in QuantizeStage.derived(recipe, recipe.stage("quantize"))
+    assert keys[True] != keys[False]
+    with pytest.raises(ValueError):
+        QuantizeConfig(reduce_range="sometimes")

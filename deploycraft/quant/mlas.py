@@ -70,21 +70,12 @@ def kernels_imitated() -> bool:
     saturates pairs of products to int16, so their sums are not the exact ones; on other CPUs (ARM) it picks
     other kernels. There the imitation is only close."""
     import platform
-    from pathlib import Path
+
+    from deploycraft.machine import cpu_flags
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        flags = next(
-            (
-                line.split(":", 1)[1].split()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("flags")
-            ),
-            [],
-        )
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "avx2" in flags and "fma" in flags and ("avx512_vnni" in flags or "avx_vnni" in flags)
 
 

@@ -43,6 +43,7 @@ from deploycraft.deployables import (
 from deploycraft.distill import Distiller, check_stages
 from deploycraft.errors import UserError
 from deploycraft.evaluate import top1, torch_predictor
+from deploycraft.machine import u8s8_pairs_saturate
 from deploycraft.models.io import read_spec
 from deploycraft.names import ARTIFACT_FILE, INT8_NAME
 from deploycraft.onnx_io import quant_dtypes, relative_error
@@ -151,8 +152,11 @@ class QuantizeConfig(StageConfig):
     num_calibration: int = Field(512, ge=1, description="Calibration images used.")
     batch_size: int = Field(64, ge=1, description="Calibration batch size.")
     per_channel: bool = Field(True, description="Per-output-channel weight scales (else one per tensor).")
-    reduce_range: bool = Field(
-        False, description="7-bit weights, for x86 CPUs without VNNI where U8S8 products can saturate."
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto",
+        description="7-bit weights, for x86 CPUs without VNNI, whose INT8 kernels (ONNX Runtime's and "
+        "OpenVINO's) add pairs of u8 x s8 products in int16 with saturation. auto: on for a CPU target when the "
+        "machine running the recipe is such a CPU (AVX2, no VNNI), else off.",
     )
     opset: int = Field(17, ge=13, le=21, description="ONNX opset of the QDQ model (per-channel Q/DQ needs >= 13).")
     weight_bits: int = Field(
@@ -257,13 +261,18 @@ class QuantizeConfig(StageConfig):
             )
         return data
 
-    @property
-    def settings(self) -> QuantSettings:
+    def resolved_reduce_range(self, target: str) -> bool:
+        """reduce_range as it applies to ``target``'s files built on this machine."""
+        if self.reduce_range != "auto":
+            return self.reduce_range
+        return target != "tensorrt" and u8s8_pairs_saturate()
+
+    def settings_for(self, target: str) -> QuantSettings:
         return QuantSettings(
             self.calibrator,
             self.percentile,
             self.per_channel,
-            self.reduce_range,
+            self.resolved_reduce_range(target),
             self.batch_size,
             self.weight_bits,
             8 if self.ends_at_8_bits else None,
@@ -278,7 +287,7 @@ STATE_SUFFIX = {"onnxruntime-cpu": "", "tensorrt": "", "openvino-cpu": "_openvin
 
 def load_quantized(float_model: torch.nn.Module, target: str, cfg: QuantizeConfig, state_path: Path):
     """Rebuild the calibrated simulation: same placement, then the saved scales and weights."""
-    qmodel = quantized_module(float_model, target, cfg.settings)
+    qmodel = quantized_module(float_model, target, cfg.settings_for(target))
     qmodel.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
     for _, q in act_quantizers(qmodel):
         q.mode = "quantize"
@@ -671,11 +680,17 @@ class QuantizeStage(Stage):
     def derived(cls, recipe, config) -> dict:
         """QAT's crop_padding and hflip, unless set under ``qat``, come from the last train or distill stage:
         the values it trains with join the key (an explicit ``hflip: true`` and one inherited as false
-        dump alike)."""
-        if config is None or config.method != "qat":
+        dump alike). reduce_range: auto follows the machine (a run folder moved to a CPU with VNNI, or
+        without, quantizes again)."""
+        if config is None:
             return {}
-        resolved, _ = qat_settings(recipe, config.qat)
-        return {"qat": {k: getattr(resolved, k) for k in AUGMENTATION}}
+        out: dict[str, Any] = {}
+        if config.reduce_range == "auto":
+            out["u8s8_pairs_saturate"] = u8s8_pairs_saturate()
+        if config.method == "qat":
+            resolved, _ = qat_settings(recipe, config.qat)
+            out["qat"] = {k: getattr(resolved, k) for k in AUGMENTATION}
+        return out
 
     config: QuantizeConfig
 
@@ -809,7 +824,7 @@ class QuantizeStage(Stage):
             ptq_path,
             data.sample_input(2),
             target=target,
-            settings=cfg.settings,
+            settings=cfg.settings_for(target),
             calibration=(images, data.spec),
             opset=cfg.opset,
             metadata=metadata,
@@ -863,6 +878,7 @@ class QuantizeStage(Stage):
             if hasattr(m, "weight_scale"):
                 by_bits.setdefault(m.bits, []).append(mod_name)
         metrics["weight_bits"] = {str(b): by_bits[b] for b in sorted(by_bits)}
+        metrics["reduce_range"] = cfg.resolved_reduce_range(target)
         metrics["int4_initializers"] = sum(t.data_type == onnx.TensorProto.INT4 for t in built.proto.graph.initializer)
         if qat_metrics is not None:
             metrics["qat"] = qat_metrics
@@ -997,7 +1013,7 @@ class QuantizeStage(Stage):
             return  # rank 0 left this target out
         payload = ctx.world.broadcast_bytes(None)
         obj = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-        qmodel = quantized_module(model, target, self.config.settings)
+        qmodel = quantized_module(model, target, self.config.settings_for(target))
         for _, q in act_quantizers(qmodel):
             q.mode = "quantize"
         sensitivity.apply_fallback(qmodel, list(obj["fallback"]))
@@ -1204,6 +1220,11 @@ class QuantizeStage(Stage):
                 lines.append(
                     f"Weights: {'; '.join(parts)}; {t.get('int4_initializers', 0)} stored as INT4; "
                     f"file {t['bytes'] / 1e3:.1f} kB (the verify table gives its accuracy and latency)."
+                )
+            if t.get("reduce_range"):
+                lines.append(
+                    "8-bit weights use 7 bits (±63, `reduce_range`): on x86 CPUs without VNNI the INT8 kernels "
+                    "add pairs of u8 × s8 products in int16 with saturation, which 7-bit weights never reach."
                 )
             h = t.get("held_out")
             if h:

@@ -254,7 +254,7 @@ def _comparisons(ctx, workdir: Path) -> dict[ModelName, tuple[Path, dict[str, An
                 path,
                 data.sample_input(2),
                 target=art.target,
-                settings=qcfg.settings,
+                settings=qcfg.settings_for(art.target),
                 calibration=(images, data.spec),
                 opset=qcfg.opset,
             )

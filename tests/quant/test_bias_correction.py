@@ -91,8 +91,8 @@ def test_the_file_computes_the_corrected_simulation(trained, tmp_path):
 def test_the_recipe_setting_reaches_the_calibration_and_the_report():
     from deploycraft.stages.quantize import QuantizeConfig, QuantizeStage
 
-    assert QuantizeConfig(bias_correction=True).settings.bias_correction
-    assert not QuantizeConfig().settings.bias_correction
+    assert QuantizeConfig(bias_correction=True).settings_for("onnxruntime-cpu").bias_correction
+    assert not QuantizeConfig().settings_for("onnxruntime-cpu").bias_correction
     q = {"calibrator": "percentile", "percentile": 99.99, "calibration": "x", "target": "t", "targets": {}}
     lines = QuantizeStage.report_section({"stages": {"quantize": {**q, "bias_correction": True}}})
     assert "biases corrected for the mean shift of each layer's output" in "\n".join(lines)

@@ -11,6 +11,7 @@ from onnx import numpy_helper
 from deploycraft.config import DataConfig
 from deploycraft.data import build_data
 from deploycraft.deployables import QuantSettings, build_deployable
+from deploycraft.machine import u8s8_pairs_saturate
 from deploycraft.quant import fidelity
 from deploycraft.stages.quantize import QuantizeStage
 
@@ -178,8 +179,13 @@ def test_the_float64_simulation_follows_the_file_element_for_element(built, data
     f = fidelity.compare(qmodel, proto, runtime, x)
     assert len(f["taps"]) >= 30
     errors = [r["rel_error"] for r in f["taps"]]
-    if target == "openvino-cpu" or mlas.kernels_imitated():
+    if mlas.kernels_imitated() or (target == "openvino-cpu" and not u8s8_pairs_saturate()):
         assert max(errors) < 1e-6 and max(r["off"] for r in f["taps"]) == 0.0
+    elif target == "openvino-cpu":
+        # x86 without VNNI: oneDNN halves the s8 weights to keep its int16 pair sums from saturating, so
+        # odd weights round (measured on a 2.0 GHz Xeon with AVX-512, no VNNI: median 0.29 %, max 0.89 %
+        # with 7-bit weights; 11.7 % and 14.9 % with 8-bit ones, which also saturate)
+        assert max(errors) < 0.02 and np.median(errors) < 0.01, errors
     else:  # another CPU's ONNX Runtime kernels (ARM, x86 without VNNI): ties only, as the plain float64 copy
         assert sum(e < 1e-6 for e in errors) >= 12 and np.median(errors) < 1e-3, errors
     exact = exact_simulation(qmodel, runtime)

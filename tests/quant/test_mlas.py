@@ -10,6 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from deploycraft.machine import u8s8_pairs_saturate
 from deploycraft.quant import mlas
 from deploycraft.quant.modules import ActQuantizer, QuantConv2d
 
@@ -103,7 +104,10 @@ def test_qlinearconv_requantizes_as_onnx_runtime(per_channel, ties, tmp_path):
     where the float32 multiplier decides (the plain float64 division misses hundreds)."""
     torch.manual_seed(0)
     cin, cout = 64, 32
-    conv = QuantConv2d.from_float(torch.nn.Conv2d(cin, cout, 3, padding=1), per_channel=per_channel)
+    # 7-bit weights where this CPU's u8 x s8 pair sums saturate (no VNNI): the requantization is tested here
+    conv = QuantConv2d.from_float(
+        torch.nn.Conv2d(cin, cout, 3, padding=1), per_channel=per_channel, reduce_range=u8s8_pairs_saturate()
+    )
     sx, zx, zy = 0.05, 7, 131
     x = torch.randint(0, 256, (4, cin, 12, 12), dtype=torch.uint8)
     with torch.no_grad():
