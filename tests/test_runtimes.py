@@ -61,6 +61,10 @@ def test_ctrl_c_after_openvino_models_are_released_is_a_keyboard_interrupt(tmp_p
     build_deployable(tiny_resnet, "fp32", path, torch.randn(2, 3, 16, 16))
     code = (
         "import gc, signal, sys, threading, time, numpy as np\n"
+        # Python's own handler, unblocked: a child inherits its parent's signal mask and dispositions, and a
+        # pytest-xdist worker had SIGINT blocked once (the signal stayed pending, the child slept and exited 0)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
         "from deploycraft.runtime.openvino import OvRunner\n"
         "a = OvRunner(sys.argv[1], threads=1); b = OvRunner(sys.argv[1], threads=1)\n"
         "a(np.zeros((1, 3, 16, 16), np.float32)); del a; gc.collect(); del b; gc.collect()\n"
