@@ -96,8 +96,7 @@ def hardware() -> dict[str, Any]:
     try:
         text = Path("/proc/cpuinfo").read_text()
         models = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
-        flags_line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-        flags = set(flags_line.split(":", 1)[1].split()) if ":" in flags_line else set()
+        flags = cpu_flags()
         info["cpu_model"] = models[0] if models else platform.processor()
         info["cpu_flags"] = [f for f in _INTERESTING_FLAGS if f in flags]
         cores = {(line.split(":")[1].strip()) for line in text.splitlines() if line.startswith("core id")}
