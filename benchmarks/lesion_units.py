@@ -23,6 +23,7 @@ import torch
 from deploycraft import diagnostics as dg
 from deploycraft.data import build_data
 from deploycraft.diagnose_command import load_target, settings_from_options
+from deploycraft.runtime.bench import physical_cores
 from deploycraft.stages.diagnose import recalibration_batches
 
 
@@ -32,7 +33,7 @@ def main() -> int:
     ap.add_argument("units", help="comma-separated unit names, as the lesion table names them")
     ap.add_argument("--images", type=int, default=10_000, help="held-out images (at most the split)")
     ap.add_argument("--recalibrate-images", type=int, default=2000, help="0: as deleted only")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=physical_cores(), help="torch threads (default: physical cores)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -46,10 +47,11 @@ def main() -> int:
     recalibrate, _ = recalibration_batches(data, settings)
     model = target.model.eval()
     wanted = args.units.split(",")
-    units = [u for u in dg.lesion_units(model, val[0][0][:2]) if u.name in wanted]
+    every = dg.lesion_units(model, val[0][0][:2])
+    units = [u for u in every if u.name in wanted]
     missing = sorted(set(wanted) - {u.name for u in units})
     if missing:
-        names = ", ".join(u.name for u in dg.lesion_units(model, val[0][0][:2]))
+        names = ", ".join(u.name for u in every)
         raise SystemExit(f"no lesion unit named {', '.join(missing)}; the model's units: {names}")
     start = time.perf_counter()
     out = dg.lesion_study(model, val, units=units, recalibrate=recalibrate)
